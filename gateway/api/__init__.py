@@ -1,0 +1,1 @@
+"""HTTP handlers of the data plane (OpenAI-compatible) and of operations."""

@@ -1,0 +1,67 @@
+"""Every answer gets an `x-request-id`, and every failure the OpenAI error shape."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+
+from aiohttp import web
+from aiohttp.typedefs import Handler
+
+from gateway.errors import (
+    GatewayError,
+    InternalError,
+    InvalidRequest,
+    MethodNotAllowed,
+    NotFound,
+    RequestTooLarge,
+    error_response,
+)
+from gateway.keys import REQUEST_ID
+from gateway.observability.logging import get_logger
+
+__all__ = ["attach_request_id", "errors_middleware", "new_request_id"]
+
+log = get_logger("gateway.api")
+
+
+def new_request_id() -> str:
+    """A fresh id; the gateway never reuses a client's, as it keys billing records."""
+    return "req_" + os.urandom(12).hex()
+
+
+def _from_http_exception(exc: web.HTTPException) -> GatewayError:
+    if exc.status == 404:
+        return NotFound("no such route")
+    if exc.status == 405:
+        return MethodNotAllowed("method not allowed on this route")
+    if exc.status == 413:
+        return RequestTooLarge("request body is larger than the configured limit")
+    return InvalidRequest(exc.reason or "bad request")
+
+
+@web.middleware
+async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Give the request its id and turn every raised error into an OpenAI-shaped answer."""
+    request[REQUEST_ID] = new_request_id()
+    try:
+        return await handler(request)
+    except GatewayError as exc:
+        return error_response(exc)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error_response(_from_http_exception(exc))
+    except asyncio.CancelledError:
+        raise
+    except Exception:
+        log.exception("unhandled error", request_id=request[REQUEST_ID], path=request.path)
+        return error_response(InternalError("internal error"))
+
+
+async def attach_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare` hook: streamed answers get the header before their first byte."""
+    request_id = request.get(REQUEST_ID)
+    if request_id is None:
+        request_id = request[REQUEST_ID] = new_request_id()
+    response.headers["x-request-id"] = request_id

@@ -1,0 +1,59 @@
+"""`create_app`: wire routes, middlewares and the long-lived clients of one gateway process."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+
+import aiohttp
+from aiohttp import web
+
+from gateway.api import inference, models, ops
+from gateway.api.middleware import attach_request_id, errors_middleware
+from gateway.config.schema import Settings
+from gateway.keys import CONFIG, HTTP, STORE, STORE_URL
+from gateway.state import ConfigHolder
+from gateway.store.client import connect_store
+
+__all__ = ["create_app"]
+
+
+async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
+    client = connect_store(app[STORE_URL])
+    app[STORE] = client
+    yield
+    await client.aclose()
+
+
+async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
+    proxy = app[CONFIG].snapshot.settings.proxy
+    connector = aiohttp.TCPConnector(
+        limit=proxy.max_connections,
+        limit_per_host=0,
+        keepalive_timeout=proxy.keepalive,
+        ttl_dns_cache=60,
+    )
+    session = aiohttp.ClientSession(
+        connector=connector,
+        auto_decompress=True,
+        skip_auto_headers=("User-Agent",),
+        timeout=aiohttp.ClientTimeout(total=None),
+    )
+    app[HTTP] = session
+    yield
+    await session.close()
+
+
+def create_app(
+    settings: Settings, store_url: str, config_path: str | None = None
+) -> web.Application:
+    """The gateway application for `settings`, talking to the store at `store_url`."""
+    app = web.Application(
+        middlewares=[errors_middleware],
+        client_max_size=settings.server.max_body_bytes,
+    )
+    app[CONFIG] = ConfigHolder(settings, config_path)
+    app[STORE_URL] = store_url
+    app.cleanup_ctx.extend([_store_ctx, _http_ctx])
+    app.on_response_prepare.append(attach_request_id)
+    app.add_routes([*inference.routes, *models.routes, *ops.routes])
+    return app

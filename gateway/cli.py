@@ -1,0 +1,130 @@
+"""The `inference-gateway` command: serve, check-config, mock-upstream."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from collections.abc import Sequence
+
+from aiohttp import web
+
+from gateway.config import ConfigError, Settings, load_settings
+from gateway.observability.logging import configure_logging, get_logger
+
+__all__ = ["main"]
+
+
+def _new_loop() -> asyncio.AbstractEventLoop:
+    """uvloop where installed: a faster event loop for the same asyncio code."""
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def _load_or_exit(path: str) -> Settings:
+    try:
+        return load_settings(path)
+    except ConfigError as exc:
+        print(str(exc), file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+def _serve(args: argparse.Namespace) -> int:
+    from gateway.app import create_app
+    from gateway.store.embedded import EmbeddedStore, EmbeddedStoreError
+
+    configure_logging(args.log_level)
+    log = get_logger("gateway.cli")
+    settings = _load_or_exit(args.config)
+    host = args.host or settings.server.host
+    port = settings.server.port if args.port is None else args.port
+    store: EmbeddedStore | None = None
+    store_url = settings.store.url
+    if store_url == "embedded":
+        store = EmbeddedStore(settings.store.data_dir, appendfsync=settings.store.appendfsync)
+        try:
+            store_url = store.start()
+        except EmbeddedStoreError as exc:
+            log.error("embedded store failed to start", error=str(exc))
+            return 1
+        log.info("embedded store started", data_dir=str(store.data_dir), pid=store.pid)
+    try:
+        app = create_app(settings, store_url, args.config)
+
+        async def announce(_app: web.Application) -> None:
+            log.info(
+                "gateway listening",
+                url=f"http://{host}:{port}",
+                models=[m.name for m in settings.models],
+                pid=os.getpid(),
+            )
+
+        app.on_startup.append(announce)
+        web.run_app(app, host=host, port=port, access_log=None, print=None, loop=_new_loop())
+    finally:
+        if store is not None:
+            store.stop()
+            log.info("embedded store stopped")
+    return 0
+
+
+def _check_config(args: argparse.Namespace) -> int:
+    settings = _load_or_exit(args.config)
+    print(f"{args.config}: ok ({len(settings.models)} models)")
+    return 0
+
+
+def _mock_upstream(args: argparse.Namespace) -> int:
+    from gateway.mock_upstream import MockOptions, run_mock_upstream
+
+    api_key = os.environ.get(args.api_key_env) if args.api_key_env else None
+    options = MockOptions(
+        tokenizer=args.tokenizer,
+        ttft=args.ttft,
+        token_delay=args.token_delay,
+        default_max_tokens=args.max_tokens,
+        api_key=api_key,
+    )
+    run_mock_upstream(args.host, args.port, options)
+    return 0
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="inference-gateway",
+        description="OpenAI-compatible reverse proxy that meters every call inline.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", required=True, help="path of the YAML config file")
+    serve.add_argument("--host", help="override server.host")
+    serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--log-level", default="info")
+    serve.set_defaults(func=_serve)
+
+    check = sub.add_parser("check-config", help="validate a config file; exit 1 if invalid")
+    check.add_argument("--config", required=True)
+    check.set_defaults(func=_check_config)
+
+    mock = sub.add_parser("mock-upstream", help="run the demo OpenAI-compatible model server")
+    mock.add_argument("--host", default="127.0.0.1")
+    mock.add_argument("--port", type=int, default=9000)
+    mock.add_argument("--tokenizer", default="o200k_base", choices=["o200k_base", "cl100k_base"])
+    mock.add_argument("--ttft", type=float, default=0.0, help="seconds before the first token")
+    mock.add_argument("--token-delay", type=float, default=0.0, help="seconds between tokens")
+    mock.add_argument("--max-tokens", type=int, default=16, help="tokens when none are asked")
+    mock.add_argument("--api-key-env", help="require the key held in this environment variable")
+    mock.set_defaults(func=_mock_upstream)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `inference-gateway` script."""
+    args = _parser().parse_args(argv)
+    code: int = args.func(args)
+    return code

@@ -1,0 +1,214 @@
+"""The config file's shape (SPEC section 7), as frozen pydantic models.
+
+The models are the immutable snapshot the gateway serves from: a reload validates a new one
+and swaps a single reference, so a request never sees half of an edit.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Literal
+from urllib.parse import urlsplit
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+
+from gateway.config.types import Duration, Micros, RateLimit
+from gateway.metering.encodings import ENCODINGS
+
+__all__ = [
+    "BillingConfig",
+    "ModelConfig",
+    "NotificationsConfig",
+    "PricingConfig",
+    "ProxyConfig",
+    "RateLimitsConfig",
+    "ServerConfig",
+    "Settings",
+    "StoreConfig",
+    "TimeoutsConfig",
+    "UpstreamConfig",
+]
+
+STORE_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class ServerConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=8080, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=256)
+    admin_token_env: str = "GATEWAY_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+
+
+class StoreConfig(_Frozen):
+    url: str = "embedded"
+    data_dir: str = "./var/store"
+    # Every acknowledged top-up and settlement must survive a crash of the embedded store.
+    appendfsync: Literal["always", "everysec"] = "always"
+
+    @field_validator("url")
+    @classmethod
+    def _known_scheme(cls, value: str) -> str:
+        if value == "embedded":
+            return value
+        scheme = urlsplit(value).scheme
+        if scheme not in STORE_SCHEMES:
+            raise ValueError(f"expected 'embedded' or a URL with scheme {', '.join(STORE_SCHEMES)}")
+        return value
+
+
+class TimeoutsConfig(_Frozen):
+    connect: Duration = 5.0
+    first_byte: Duration = 120.0
+    idle: Duration = 60.0
+
+
+class ProxyConfig(_Frozen):
+    timeouts: TimeoutsConfig = TimeoutsConfig()
+    # Shorter than common upstream servers' keep-alive (uvicorn closes idle ones after 5 s), so
+    # a pooled connection is never reused just as the upstream closes it.
+    keepalive: Duration = 4.0
+    max_connections: int = Field(default=1024, ge=1)
+
+
+class BillingConfig(_Frozen):
+    currency: str = "USD"
+    grace_period: Duration = 15 * 86400.0
+    retention_period: Duration = 15 * 86400.0
+    hold_output_tokens: int = Field(default=1024, ge=0)
+    enforcement: Literal["postpaid", "strict"] = "postpaid"
+    sweep_interval: Duration = 5.0
+
+
+class RateLimitsConfig(_Frozen):
+    requests: RateLimit | None = None
+    tokens: RateLimit | None = None
+
+
+class WebhookSink(_Frozen):
+    url: str
+    secret_env: str | None = None
+
+
+class SmtpConfig(_Frozen):
+    host: str = "127.0.0.1"
+    port: int = Field(default=25, ge=1, le=65535)
+    sender: str = "billing@example.com"
+
+
+class SmsConfig(_Frozen):
+    url: str
+    token_env: str | None = None
+
+
+class NotificationPrices(_Frozen):
+    sms: Micros = 0
+    email: Micros = 0
+    http: Micros = 0
+    traffic_per_gb: Micros = 0
+
+
+class NotificationsConfig(_Frozen):
+    webhooks: tuple[WebhookSink, ...] = ()
+    smtp: SmtpConfig | None = None
+    sms: SmsConfig | None = None
+    prices: NotificationPrices = NotificationPrices()
+
+
+class PricingConfig(_Frozen):
+    """Prices per one million tokens, held as integer micro-units after parsing."""
+
+    input_per_million: Micros
+    output_per_million: Micros
+
+
+class UpstreamConfig(_Frozen):
+    url: str
+    model: str | None = None  # the upstream's own name for the model; the public name if unset
+    api_key_env: str | None = None
+    weight: int = Field(default=1, ge=1, le=1000)
+    # Resolved from `api_key_env` at load time; never printed (SecretStr shows stars).
+    api_key: SecretStr | None = Field(default=None, exclude=True)
+
+    @field_validator("url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        parts = urlsplit(value)
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            raise ValueError("expected an http:// or https:// URL such as http://127.0.0.1:9000/v1")
+        return value.rstrip("/")
+
+    @model_validator(mode="after")
+    def _read_api_key(self) -> UpstreamConfig:
+        if self.api_key_env is None or self.api_key is not None:
+            return self
+        secret = os.environ.get(self.api_key_env)
+        if secret is None:
+            raise ValueError(f"environment variable {self.api_key_env} (api_key_env) is not set")
+        object.__setattr__(self, "api_key", SecretStr(secret))
+        return self
+
+
+class ModelConfig(_Frozen):
+    name: str = Field(min_length=1)
+    tokenizer: str = "o200k_base"
+    billing: Literal["tokens", "dedicated"] = "tokens"
+    pricing: PricingConfig | None = None
+    hold_output_tokens: int | None = Field(default=None, ge=0)
+    rate_limits: RateLimitsConfig | None = None
+    upstreams: tuple[UpstreamConfig, ...]
+
+    @field_validator("tokenizer")
+    @classmethod
+    def _known_tokenizer(cls, value: str) -> str:
+        if value not in ENCODINGS:
+            raise ValueError(f"expected one of {', '.join(ENCODINGS)}")
+        return value
+
+    @field_validator("upstreams")
+    @classmethod
+    def _some_upstream(cls, value: tuple[UpstreamConfig, ...]) -> tuple[UpstreamConfig, ...]:
+        if not value:
+            raise ValueError("expected at least one upstream")
+        return value
+
+    @model_validator(mode="after")
+    def _priced_if_billed(self) -> ModelConfig:
+        if self.billing == "tokens" and self.pricing is None:
+            raise ValueError("a model with billing 'tokens' needs pricing")
+        return self
+
+    def upstream_model(self, upstream: UpstreamConfig) -> str:
+        """The name the upstream knows this model by."""
+        return upstream.model or self.name
+
+
+class Settings(_Frozen):
+    server: ServerConfig = ServerConfig()
+    store: StoreConfig = StoreConfig()
+    proxy: ProxyConfig = ProxyConfig()
+    billing: BillingConfig = BillingConfig()
+    rate_limits: RateLimitsConfig = RateLimitsConfig(requests="600/minute", tokens="1000000/minute")
+    notifications: NotificationsConfig = NotificationsConfig()
+    models: tuple[ModelConfig, ...] = ()
+
+    @field_validator("models")
+    @classmethod
+    def _unique_names(cls, models: tuple[ModelConfig, ...]) -> tuple[ModelConfig, ...]:
+        seen: set[str] = set()
+        for model in models:
+            if model.name in seen:
+                raise ValueError(f"model name {model.name!r} appears more than once")
+            seen.add(model.name)
+        return models
+
+    def model(self, name: str) -> ModelConfig | None:
+        """The configured model clients call `name`, if any."""
+        for model in self.models:
+            if model.name == name:
+                return model
+        return None

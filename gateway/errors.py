@@ -1,0 +1,120 @@
+"""Errors a client can see, each with its status and OpenAI-shaped JSON body.
+
+Handlers raise these; one middleware turns them into responses, so the shape
+`{"error": {"message", "type", "param", "code"}}` is written in one place.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+import orjson
+from aiohttp import web
+
+__all__ = [
+    "GatewayError",
+    "InternalError",
+    "InvalidRequest",
+    "LedgerUnavailable",
+    "MethodNotAllowed",
+    "ModelNotFound",
+    "NotFound",
+    "RequestTooLarge",
+    "UpstreamTimeout",
+    "UpstreamUnavailable",
+    "error_body",
+    "error_response",
+]
+
+
+def error_body(message: str, type_: str, code: str, param: str | None = None) -> bytes:
+    """The JSON bytes of an OpenAI-shaped error."""
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
+
+
+class GatewayError(Exception):
+    """Base of every error the gateway answers with; subclasses fix status, type and code."""
+
+    status: ClassVar[int] = 500
+    type: ClassVar[str] = "server_error"
+    code: ClassVar[str] = "internal_error"
+
+    def __init__(self, message: str, *, param: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.param = param
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers (e.g. `Retry-After`)."""
+        return {}
+
+
+class InvalidRequest(GatewayError):
+    status = 400
+    type = "invalid_request_error"
+    code = "invalid_request"
+
+
+class NotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "not_found"
+
+
+class MethodNotAllowed(GatewayError):
+    status = 405
+    type = "invalid_request_error"
+    code = "method_not_allowed"
+
+
+class ModelNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "model_not_found"
+
+
+class RequestTooLarge(GatewayError):
+    status = 413
+    type = "invalid_request_error"
+    code = "request_too_large"
+
+
+class UpstreamUnavailable(GatewayError):
+    status = 502
+    type = "upstream_error"
+    code = "upstream_unavailable"
+
+
+class UpstreamTimeout(GatewayError):
+    status = 504
+    type = "upstream_error"
+    code = "upstream_timeout"
+
+
+class LedgerUnavailable(GatewayError):
+    """Redis did not answer: the gateway fails closed rather than serve unmetered."""
+
+    status = 503
+    type = "server_error"
+    code = "ledger_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+class InternalError(GatewayError):
+    status = 500
+    type = "server_error"
+    code = "internal_error"
+
+
+def error_response(exc: GatewayError) -> web.Response:
+    """Render `exc` as the HTTP answer a client sees."""
+    return web.Response(
+        status=exc.status,
+        body=error_body(exc.message, exc.type, exc.code, exc.param),
+        content_type="application/json",
+        headers=exc.headers(),
+    )

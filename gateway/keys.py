@@ -1,0 +1,19 @@
+"""Typed keys of the objects the aiohttp application carries."""
+
+from __future__ import annotations
+
+import aiohttp
+import redis.asyncio as aioredis
+from aiohttp import web
+
+from gateway.state import ConfigHolder
+
+__all__ = ["CONFIG", "HTTP", "REQUEST_ID", "STORE", "STORE_URL"]
+
+CONFIG = web.AppKey("config", ConfigHolder)
+STORE_URL = web.AppKey("store_url", str)
+STORE = web.AppKey("store", aioredis.Redis)
+HTTP = web.AppKey("http", aiohttp.ClientSession)
+
+# Key of the per-request id in `request` (a plain string key: aiohttp has no typed request keys).
+REQUEST_ID = "request_id"

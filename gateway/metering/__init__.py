@@ -1,0 +1,1 @@
+"""Token counting: offline tokenizers, prompt and completion counts, prices."""

@@ -1,0 +1,655 @@
+"""A small, deterministic OpenAI-compatible model server.
+
+It exists so the gateway can be demonstrated, tested and benchmarked against a real HTTP
+upstream without a GPU or a network: answers are cheap to produce, identical bytes for the
+same request, and their `usage` numbers are true (re-tokenizing the text gives the same
+counts). Request headers inject failures (`x-mock-status`, `x-mock-disconnect-after`) and
+latency (`x-mock-ttft`, `x-mock-token-delay`), and `GET /debug/last-request` shows what the
+gateway forwarded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import hmac
+import math
+import random
+import struct
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Final
+
+import orjson
+import tiktoken
+from aiohttp import web
+
+from gateway.metering.tokenizers import get_encoding
+
+__all__ = [
+    "CREATED",
+    "MOCK_MODEL_ID",
+    "WORDS",
+    "MockOptions",
+    "create_mock_app",
+    "run_mock_upstream",
+]
+
+CREATED: Final = 1700000000
+"""The fixed `created` timestamp of every answer, so equal requests give equal bytes."""
+
+MOCK_MODEL_ID: Final = "mock-model"
+SYSTEM_FINGERPRINT: Final = "fp_mock"
+DEFAULT_EMBEDDING_DIMENSIONS: Final = 8
+MAX_EMBEDDING_DIMENSIONS: Final = 4096
+MAX_BODY_BYTES: Final = 64 * 1024 * 1024
+
+# Every `" " + word` and `word.capitalize()` is exactly one token in both cl100k_base and
+# o200k_base, and both encodings split text at spaces before merging, so a text made of
+# these words has exactly as many tokens as it has words. `create_mock_app` re-checks this
+# for the encoding it uses; the tests check both encodings.
+WORDS: Final[tuple[str, ...]] = (
+    "the", "of", "and", "to", "in", "is", "it", "you", "that", "was", "for", "on", "are",
+    "with", "as", "they", "be", "at", "one", "have", "this", "from", "by", "word", "but",
+    "not", "what", "all", "we", "when", "your", "can", "there", "each", "which", "do", "how",
+    "will", "up", "other", "about", "out", "many", "then", "some", "would", "make", "like",
+    "time", "look", "two", "more", "write", "see", "number", "way", "could", "people",
+    "first", "water", "long", "day", "new", "work",
+)  # fmt: skip
+
+_TOKENS_PER_MESSAGE: Final = 3
+_TOKENS_PER_NAME: Final = 1
+_REPLY_PRIMING_TOKENS: Final = 3
+_EXCLUDED_FROM_SEED: Final = frozenset({"stream", "stream_options"})
+_SSE_DONE: Final = b"data: [DONE]\n\n"
+_PLACEHOLDER: Final = "\x00"
+_PLACEHOLDER_JSON: Final = orjson.dumps(_PLACEHOLDER)
+_JSON: Final = "application/json"
+
+
+@dataclass(frozen=True)
+class MockOptions:
+    """How the mock upstream counts tokens, paces streams and authenticates callers."""
+
+    tokenizer: str = "o200k_base"
+    """Encoding used to count prompt tokens (and to verify the word list)."""
+    ttft: float = 0.0
+    """Seconds before the first streamed chunk, and before a non-streamed answer."""
+    token_delay: float = 0.0
+    """Seconds between streamed token chunks."""
+    default_max_tokens: int = 16
+    """Completion length when the request names no limit."""
+    api_key: str | None = None
+    """If set, requests to /v1 must carry `Authorization: Bearer <api_key>`."""
+
+
+class _Reject(Exception):
+    """Abort handling a request with a ready-made response."""
+
+    def __init__(self, response: web.StreamResponse) -> None:
+        super().__init__(response.status)
+        self.response = response
+
+
+def _error_body(message: str, err_type: str, code: str, param: str | None = None) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": err_type, "param": param, "code": code}}
+    )
+
+
+def _json_response(payload: bytes, status: int = 200) -> web.Response:
+    return web.Response(body=payload, status=status, content_type=_JSON)
+
+
+def _bad_request(message: str, param: str | None = None) -> _Reject:
+    body = _error_body(message, "invalid_request_error", "invalid_request", param)
+    return _Reject(_json_response(body, 400))
+
+
+def _check_vocabulary(encoding: tiktoken.Encoding) -> None:
+    """Refuse to start if any word is not a single token in `encoding`."""
+    for word in WORDS:
+        for form in (" " + word, word.capitalize()):
+            if len(encoding.encode(form, disallowed_special=())) != 1:
+                raise RuntimeError(f"{form!r} is not one token in {encoding.name}")
+    sample = WORDS[0].capitalize() + "".join(" " + word for word in WORDS)
+    if len(encoding.encode(sample, disallowed_special=())) != len(WORDS) + 1:
+        raise RuntimeError(f"the word list does not tokenize word by word in {encoding.name}")
+
+
+# JSON string literals of each word in both forms, so a token chunk is three concatenations.
+_CAPITALIZED: Final = tuple(word.capitalize() for word in WORDS)
+_SPACED: Final = tuple(" " + word for word in WORDS)
+_CAPITALIZED_JSON: Final = tuple(orjson.dumps(w) for w in _CAPITALIZED)
+_SPACED_JSON: Final = tuple(orjson.dumps(w) for w in _SPACED)
+_WORD_INDICES: Final = range(len(WORDS))
+
+
+def _completion_words(digest: bytes, count: int) -> list[int]:
+    """Indices into WORDS for a completion of `count` tokens, seeded by the request digest."""
+    if count <= 0:
+        return []
+    # Pseudo-randomness here only picks filler words; it must be reproducible, not secure.
+    rng = random.Random(int.from_bytes(digest, "big"))  # noqa: S311
+    return rng.choices(_WORD_INDICES, k=count)
+
+
+def _completion_text(indices: list[int]) -> str:
+    if not indices:
+        return ""
+    return _CAPITALIZED[indices[0]] + "".join([_SPACED[i] for i in indices[1:]])
+
+
+def _header_float(request: web.Request, name: str, default: float) -> float:
+    raw = request.headers.get(name)
+    if raw is None:
+        return default
+    try:
+        value = float(raw)
+    except ValueError:
+        raise _bad_request(f"header {name} must be a number of seconds") from None
+    if not math.isfinite(value) or value < 0:
+        raise _bad_request(f"header {name} must be a non-negative number of seconds")
+    return value
+
+
+def _header_int(request: web.Request, name: str) -> int | None:
+    raw = request.headers.get(name)
+    if raw is None:
+        return None
+    try:
+        value = int(raw)
+    except ValueError:
+        raise _bad_request(f"header {name} must be an integer") from None
+    if value < 0:
+        raise _bad_request(f"header {name} must not be negative")
+    return value
+
+
+def _completion_limit(body: dict[str, Any]) -> int | None:
+    """The request's own completion limit: max_completion_tokens, else max_tokens."""
+    for key in ("max_completion_tokens", "max_tokens"):
+        value = body.get(key)
+        if value is None:
+            continue
+        if type(value) is not int or value < 0:
+            raise _bad_request(f"{key} must be a non-negative integer", key)
+        return value
+    return None
+
+
+def _check_n(body: dict[str, Any]) -> None:
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise _bad_request("the mock upstream only supports n=1", "n")
+
+
+def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
+    """(stream, include_usage) of a request."""
+    stream = body.get("stream") is True
+    options = body.get("stream_options")
+    include_usage = stream and isinstance(options, dict) and options.get("include_usage") is True
+    return stream, include_usage
+
+
+def _request_digest(body: dict[str, Any]) -> bytes:
+    """sha256 of the canonical request, ignoring how the answer is delivered."""
+    canonical = {k: v for k, v in body.items() if k not in _EXCLUDED_FROM_SEED}
+    try:
+        encoded = orjson.dumps(canonical, option=orjson.OPT_SORT_KEYS)
+    except orjson.JSONEncodeError as exc:
+        raise _bad_request(f"request body cannot be canonicalized: {exc}") from None
+    return hashlib.sha256(encoded).digest()
+
+
+def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+
+
+def _sse(payload: dict[str, Any]) -> bytes:
+    return b"data: " + orjson.dumps(payload) + b"\n\n"
+
+
+def _split_template(payload: dict[str, Any]) -> tuple[bytes, bytes]:
+    """Cut a serialized chunk at its placeholder string into (prefix, suffix)."""
+    prefix, _, suffix = _sse(payload).rpartition(_PLACEHOLDER_JSON)
+    return prefix, suffix
+
+
+def _drop_connection(request: web.Request) -> web.Response:
+    """Close the connection without an answer; aiohttp then finds the transport closed."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+    return web.Response(status=500)
+
+
+@dataclass(frozen=True)
+class _Generation:
+    """A validated completion request, ready to be answered."""
+
+    model: str
+    response_id: str
+    indices: list[int]
+    finish_reason: str
+    prompt_tokens: int
+    stream: bool
+    include_usage: bool
+
+
+class _MockServer:
+    """Request handlers sharing one encoding and the last-request record."""
+
+    def __init__(self, options: MockOptions) -> None:
+        self.options = options
+        self.encoding = get_encoding(options.tokenizer)
+        _check_vocabulary(self.encoding)
+        self._expected_auth = (
+            None if options.api_key is None else f"Bearer {options.api_key}".encode()
+        )
+        self._last_request: bytes = orjson.dumps(None)
+        self._models_body = orjson.dumps({"object": "list", "data": [self._model(MOCK_MODEL_ID)]})
+
+    # -- helpers -------------------------------------------------------------------------
+
+    @staticmethod
+    def _model(model_id: str) -> dict[str, Any]:
+        return {"id": model_id, "object": "model", "created": CREATED, "owned_by": "mock"}
+
+    def _count(self, text: str) -> int:
+        # encode_ordinary == encode(text, disallowed_special=()): special-token text is
+        # counted as ordinary text instead of raising.
+        return len(self.encoding.encode_ordinary(text)) if text else 0
+
+    def _count_json(self, value: Any) -> int:
+        return self._count(orjson.dumps(value).decode())
+
+    def _record(self, request: web.Request, raw_body: bytes) -> None:
+        headers: dict[str, str] = {}
+        for raw_name, raw_value in request.raw_headers:
+            name = raw_name.decode("utf-8", "replace")
+            value = raw_value.decode("utf-8", "replace")
+            headers[name] = f"{headers[name]}, {value}" if name in headers else value
+        self._last_request = orjson.dumps(
+            {
+                "method": request.method,
+                "path": request.path,
+                "query": request.query_string,
+                "headers": headers,
+                "body": raw_body.decode("utf-8", "replace"),
+            }
+        )
+
+    def _check_access(self, request: web.Request) -> None:
+        """Enforce the API key, then honour `x-mock-status`."""
+        if self._expected_auth is not None:
+            given = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(given, self._expected_auth):
+                message = "Incorrect API key provided." if given else "No API key provided."
+                body = _error_body(message, "invalid_request_error", "invalid_api_key")
+                raise _Reject(_json_response(body, 401))
+        forced = request.headers.get("x-mock-status")
+        if forced is not None:
+            try:
+                status = int(forced)
+            except ValueError:
+                status = 0
+            if not 400 <= status <= 599:
+                raise _bad_request("header x-mock-status must be an HTTP status in 400-599")
+            body = _error_body("mock failure", "server_error", "mock_failure")
+            raise _Reject(_json_response(body, status))
+
+    async def _read_body(self, request: web.Request) -> dict[str, Any]:
+        raw = await request.read()
+        self._record(request, raw)
+        self._check_access(request)
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError:
+            raise _bad_request("request body is not valid JSON") from None
+        if not isinstance(body, dict):
+            raise _bad_request("request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise _bad_request("you must provide a model parameter", "model")
+        return body
+
+    def _chat_prompt_tokens(self, body: dict[str, Any]) -> int:
+        """OpenAI's published count for gpt-4o / gpt-4 chat prompts (tiktoken cookbook).
+
+        Each message costs 3 tokens plus its string values (+1 for a `name`); a list
+        `content` counts the text of its `{"type": "text"}` parts; the reply is primed with
+        3 more. Non-string values such as `tool_calls`, and the request's `tools`, are
+        approximated by the token count of their compact JSON.
+        """
+        messages = body.get("messages")
+        if not isinstance(messages, list) or not messages:
+            raise _bad_request("messages must be a non-empty array", "messages")
+        total = _REPLY_PRIMING_TOKENS
+        for message in messages:
+            if not isinstance(message, dict):
+                raise _bad_request("each message must be an object", "messages")
+            total += _TOKENS_PER_MESSAGE
+            for key, value in message.items():
+                if isinstance(value, str):
+                    total += self._count(value)
+                    if key == "name":
+                        total += _TOKENS_PER_NAME
+                elif key == "content" and isinstance(value, list):
+                    for part in value:
+                        if isinstance(part, dict) and part.get("type") == "text":
+                            text = part.get("text")
+                            if isinstance(text, str):
+                                total += self._count(text)
+                elif value is not None:
+                    total += self._count_json(value)
+        tools = body.get("tools")
+        if tools:
+            total += self._count_json(tools)
+        return total
+
+    def _input_tokens(self, value: Any, param: str) -> int:
+        """Tokens of a prompt / embedding input: str, [str], [int] or [[int]]."""
+        if isinstance(value, str):
+            return self._count(value)
+        if isinstance(value, list) and value:
+            if all(isinstance(item, str) for item in value):
+                return sum(self._count(item) for item in value)
+            if all(type(item) is int for item in value):
+                return len(value)
+            if all(
+                isinstance(item, list) and item and all(type(t) is int for t in item)
+                for item in value
+            ):
+                return sum(len(item) for item in value)
+        raise _bad_request(
+            f"{param} must be a string, an array of strings, an array of token ids "
+            "or an array of token id arrays",
+            param,
+        )
+
+    def _generation(self, body: dict[str, Any], id_prefix: str, prompt_tokens: int) -> _Generation:
+        _check_n(body)
+        limit = _completion_limit(body)
+        count = self.options.default_max_tokens if limit is None else limit
+        digest = _request_digest(body)
+        stream, include_usage = _stream_flags(body)
+        return _Generation(
+            model=body["model"],
+            response_id=id_prefix + digest.hex()[:24],
+            indices=_completion_words(digest, count),
+            finish_reason="stop" if limit is None else "length",
+            prompt_tokens=prompt_tokens,
+            stream=stream,
+            include_usage=include_usage,
+        )
+
+    async def _dispatch(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except _Reject as rejected:
+            return rejected.response
+
+    # -- generation ----------------------------------------------------------------------
+
+    async def _answer(
+        self, request: web.Request, gen: _Generation, chat: bool
+    ) -> web.StreamResponse:
+        ttft = _header_float(request, "x-mock-ttft", self.options.ttft)
+        delay = _header_float(request, "x-mock-token-delay", self.options.token_delay)
+        disconnect_after = _header_int(request, "x-mock-disconnect-after")
+        if gen.stream:
+            return await self._stream(request, gen, chat, ttft, delay, disconnect_after)
+        if ttft > 0:
+            await asyncio.sleep(ttft)
+        if disconnect_after is not None:
+            return _drop_connection(request)
+        text = _completion_text(gen.indices)
+        choice: dict[str, Any]
+        if chat:
+            choice = {
+                "index": 0,
+                "message": {"role": "assistant", "content": text, "refusal": None},
+                "logprobs": None,
+                "finish_reason": gen.finish_reason,
+            }
+        else:
+            choice = {
+                "index": 0,
+                "text": text,
+                "logprobs": None,
+                "finish_reason": gen.finish_reason,
+            }
+        payload = {
+            "id": gen.response_id,
+            "object": "chat.completion" if chat else "text_completion",
+            "created": CREATED,
+            "model": gen.model,
+            "choices": [choice],
+            "usage": _usage(gen.prompt_tokens, len(gen.indices)),
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+        }
+        return _json_response(orjson.dumps(payload))
+
+    async def _stream(
+        self,
+        request: web.Request,
+        gen: _Generation,
+        chat: bool,
+        ttft: float,
+        delay: float,
+        disconnect_after: int | None,
+    ) -> web.StreamResponse:
+        object_name = "chat.completion.chunk" if chat else "text_completion"
+
+        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None) -> dict[str, Any]:
+            payload: dict[str, Any] = {
+                "id": gen.response_id,
+                "object": object_name,
+                "created": CREATED,
+                "model": gen.model,
+                "system_fingerprint": SYSTEM_FINGERPRINT,
+                "choices": choices,
+            }
+            if gen.include_usage:
+                payload["usage"] = usage
+            return payload
+
+        def choice(content: str | None, finish_reason: str | None) -> dict[str, Any]:
+            if chat:
+                delta = {} if content is None else {"content": content}
+                return {
+                    "index": 0,
+                    "delta": delta,
+                    "logprobs": None,
+                    "finish_reason": finish_reason,
+                }
+            return {
+                "index": 0,
+                "text": content or "",
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+
+        prefix, suffix = _split_template(chunk([choice(_PLACEHOLDER, None)], None))
+        indices = gen.indices
+        limit = len(indices) if disconnect_after is None else min(disconnect_after, len(indices))
+
+        resp = web.StreamResponse(headers={"Cache-Control": "no-cache"})
+        resp.content_type = "text/event-stream"
+        if ttft > 0:
+            await asyncio.sleep(ttft)
+        try:
+            await resp.prepare(request)
+            if chat:
+                opening = choice("", None)
+                opening["delta"] = {"role": "assistant", "content": ""}
+                await resp.write(_sse(chunk([opening], None)))
+            for position in range(limit):
+                if position and delay > 0:
+                    await asyncio.sleep(delay)
+                word = indices[position]
+                token = _SPACED_JSON[word] if position else _CAPITALIZED_JSON[word]
+                await resp.write(prefix + token + suffix)
+            if disconnect_after is not None:
+                _drop_connection(request)
+                return resp
+            await resp.write(_sse(chunk([choice(None, gen.finish_reason)], None)))
+            if gen.include_usage:
+                await resp.write(_sse(chunk([], _usage(gen.prompt_tokens, len(indices)))))
+            await resp.write(_SSE_DONE)
+        except ConnectionError:
+            # The client went away; aiohttp notices the closed transport on its own.
+            return resp
+        return resp
+
+    # -- handlers ------------------------------------------------------------------------
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
+        body = await self._read_body(request)
+        prompt_tokens = self._chat_prompt_tokens(body)
+        return await self._answer(request, self._generation(body, "chatcmpl-", prompt_tokens), True)
+
+    async def _completion(self, request: web.Request) -> web.StreamResponse:
+        body = await self._read_body(request)
+        prompt_tokens = self._input_tokens(body.get("prompt"), "prompt")
+        return await self._answer(request, self._generation(body, "cmpl-", prompt_tokens), False)
+
+    async def _embeddings(self, request: web.Request) -> web.StreamResponse:
+        body = await self._read_body(request)
+        raw_input = body.get("input")
+        prompt_tokens = self._input_tokens(raw_input, "input")
+        dimensions = body.get("dimensions", DEFAULT_EMBEDDING_DIMENSIONS)
+        if type(dimensions) is not int or not 1 <= dimensions <= MAX_EMBEDDING_DIMENSIONS:
+            raise _bad_request(
+                f"dimensions must be an integer in 1-{MAX_EMBEDDING_DIMENSIONS}", "dimensions"
+            )
+        encoding_format = body.get("encoding_format", "float")
+        if encoding_format not in ("float", "base64"):
+            raise _bad_request("encoding_format must be 'float' or 'base64'", "encoding_format")
+        items: list[Any] = [raw_input]  # one string or one token array
+        if isinstance(raw_input, list) and not all(type(t) is int for t in raw_input):
+            items = raw_input
+        data = [
+            {
+                "object": "embedding",
+                "index": index,
+                "embedding": _embedding(item, dimensions, encoding_format == "base64"),
+            }
+            for index, item in enumerate(items)
+        ]
+        payload = {
+            "object": "list",
+            "data": data,
+            "model": body["model"],
+            "usage": {"prompt_tokens": prompt_tokens, "total_tokens": prompt_tokens},
+        }
+        return _json_response(orjson.dumps(payload))
+
+    async def _models(self, request: web.Request) -> web.StreamResponse:
+        self._check_access(request)
+        return _json_response(self._models_body)
+
+    async def _one_model(self, request: web.Request) -> web.StreamResponse:
+        self._check_access(request)
+        return _json_response(orjson.dumps(self._model(request.match_info["model_id"])))
+
+    # -- routes (each converts a _Reject into its response) --------------------------------
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/chat/completions."""
+        return await self._dispatch(request, self._chat)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/completions."""
+        return await self._dispatch(request, self._completion)
+
+    async def embeddings(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/embeddings."""
+        return await self._dispatch(request, self._embeddings)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        """GET /v1/models."""
+        return await self._dispatch(request, self._models)
+
+    async def one_model(self, request: web.Request) -> web.StreamResponse:
+        """GET /v1/models/{model_id}."""
+        return await self._dispatch(request, self._one_model)
+
+    async def last_request(self, request: web.Request) -> web.StreamResponse:
+        """GET /debug/last-request: the most recent POST as received (null before any)."""
+        return _json_response(self._last_request)
+
+    async def healthz(self, request: web.Request) -> web.StreamResponse:
+        """GET /healthz."""
+        return _json_response(b'{"status":"ok"}')
+
+
+def _embedding(item: Any, dimensions: int, as_base64: bool) -> list[float] | str:
+    """A unit-length float32 vector derived from a hash of one input."""
+    key = item.encode() if isinstance(item, str) else orjson.dumps(item)
+    digest = hashlib.sha256(b"mock-embedding\x00" + key).digest()
+    rng = random.Random(int.from_bytes(digest, "big"))  # noqa: S311 - reproducible, not secure
+    values = [rng.uniform(-1.0, 1.0) for _ in range(dimensions)]
+    norm = math.sqrt(sum(v * v for v in values)) or 1.0
+    packed = struct.pack(f"<{dimensions}f", *(v / norm for v in values))
+    if as_base64:
+        return base64.b64encode(packed).decode("ascii")
+    return list(struct.unpack(f"<{dimensions}f", packed))
+
+
+def create_mock_app(options: MockOptions | None = None) -> web.Application:
+    """Build the mock upstream application; the tokenizer is loaded and checked here."""
+    opts = options if options is not None else MockOptions()
+    if opts.ttft < 0 or opts.token_delay < 0:
+        raise ValueError("ttft and token_delay must not be negative")
+    if opts.default_max_tokens < 0:
+        raise ValueError("default_max_tokens must not be negative")
+    server = _MockServer(opts)
+    app = web.Application(client_max_size=MAX_BODY_BYTES)
+    app.add_routes(
+        [
+            web.post("/v1/chat/completions", server.chat),
+            web.post("/v1/completions", server.completions),
+            web.post("/v1/embeddings", server.embeddings),
+            web.get("/v1/models", server.models),
+            web.get("/v1/models/{model_id:.+}", server.one_model),
+            web.get("/debug/last-request", server.last_request),
+            web.get("/healthz", server.healthz),
+        ]
+    )
+    return app
+
+
+def _event_loop() -> asyncio.AbstractEventLoop:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is absent on Windows
+        return asyncio.new_event_loop()
+    return uvloop.new_event_loop()
+
+
+def run_mock_upstream(host: str, port: int, options: MockOptions) -> None:
+    """Serve the mock upstream until SIGINT/SIGTERM (blocking)."""
+    app = create_mock_app(options)
+
+    def announce(*_: object) -> None:
+        print(f"mock upstream listening on http://{host}:{port}/v1", flush=True)
+
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        access_log=None,
+        print=announce,
+        handle_signals=True,
+        shutdown_timeout=1.0,
+        loop=_event_loop(),
+    )

@@ -1,0 +1,1 @@
+"""Forwarding calls to upstream model servers: selection, headers, timeouts, relaying."""

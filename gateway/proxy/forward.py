@@ -1,0 +1,204 @@
+"""Send a call to the first reachable upstream and relay its answer back as it arrives.
+
+Failover happens only while no upstream has been reached: once a request is sent, retrying it
+elsewhere could run (and bill) the generation twice. The answer is relayed chunk by chunk, so
+the first token leaves the gateway as soon as it arrives; each chunk is offered to an optional
+observer (the meter) without being copied or re-encoded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Literal
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from gateway.config.schema import TimeoutsConfig
+from gateway.errors import UpstreamTimeout, UpstreamUnavailable
+from gateway.proxy.headers import request_headers, response_headers
+from gateway.proxy.routing import Upstream
+
+__all__ = ["ChunkObserver", "RelayOutcome", "UpstreamCall", "open_upstream", "relay"]
+
+ChunkObserver = Callable[[bytes], None]
+RelayStatus = Literal["ok", "client_disconnected", "upstream_error", "upstream_timeout"]
+
+_CONNECT_FAILURES = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+
+
+@dataclass(slots=True)
+class UpstreamCall:
+    """An upstream answer whose headers have arrived and whose body is still to be read."""
+
+    response: aiohttp.ClientResponse
+    upstream: Upstream
+    started: float  # loop time when the call was sent
+    deadline_first_byte: float
+
+
+@dataclass(slots=True)
+class RelayOutcome:
+    """How relaying ended, for settlement and logs."""
+
+    status: RelayStatus = "ok"
+    streamed: bool = False
+    bytes_out: int = 0
+    first_chunk_at: float | None = None
+    body: bytes | None = field(default=None, repr=False)  # the whole body when not streamed
+
+
+async def open_upstream(
+    session: aiohttp.ClientSession,
+    candidates: tuple[Upstream, ...],
+    path: str,
+    body_for: Callable[[Upstream], bytes],
+    incoming: CIMultiDictProxy[str],
+    request_id: str,
+    timeouts: TimeoutsConfig,
+) -> UpstreamCall:
+    """POST to the first upstream that accepts a connection; raise 502/504 per SPEC section 6."""
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    deadline = started + timeouts.first_byte
+    client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect)
+    failures: list[str] = []
+    for upstream in candidates:
+        headers = request_headers(incoming, upstream.api_key, request_id)
+        try:
+            async with asyncio.timeout_at(deadline):
+                response = await session.request(
+                    "POST",
+                    upstream.base_url + path,
+                    data=body_for(upstream),
+                    headers=headers,
+                    timeout=client_timeout,
+                    allow_redirects=False,
+                )
+        except _CONNECT_FAILURES as exc:
+            failures.append(f"{upstream.label}: {exc.__class__.__name__}")
+            continue
+        except TimeoutError:
+            raise UpstreamTimeout(
+                f"upstream {upstream.label} sent no answer within {timeouts.first_byte:g}s"
+            ) from None
+        except aiohttp.ClientError as exc:
+            raise UpstreamUnavailable(
+                f"upstream {upstream.label} failed: {exc.__class__.__name__}"
+            ) from None
+        return UpstreamCall(response, upstream, started, deadline)
+    raise UpstreamUnavailable("no upstream could be reached (" + "; ".join(failures) + ")")
+
+
+def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
+    return response.content_type == "text/event-stream"
+
+
+async def relay(
+    request: web.Request,
+    call: UpstreamCall,
+    timeouts: TimeoutsConfig,
+    observe: ChunkObserver | None = None,
+) -> tuple[web.StreamResponse, RelayOutcome]:
+    """Relay the upstream answer to the client; never raises for failures after the first byte."""
+    upstream = call.response
+    outcome = RelayOutcome(streamed=_is_event_stream(upstream))
+    try:
+        if not outcome.streamed:
+            return await _relay_whole(call, timeouts, outcome, observe), outcome
+        return await _relay_stream(request, call, timeouts, outcome, observe), outcome
+    finally:
+        upstream.release()
+
+
+async def _relay_whole(
+    call: UpstreamCall,
+    timeouts: TimeoutsConfig,
+    outcome: RelayOutcome,
+    observe: ChunkObserver | None,
+) -> web.StreamResponse:
+    upstream = call.response
+    try:
+        async with asyncio.timeout_at(call.deadline_first_byte + timeouts.idle):
+            body = await upstream.read()
+    except TimeoutError:
+        upstream.close()
+        raise UpstreamTimeout(f"upstream {call.upstream.label} stalled while answering") from None
+    except aiohttp.ClientError as exc:
+        upstream.close()
+        raise UpstreamUnavailable(
+            f"upstream {call.upstream.label} failed while answering: {exc.__class__.__name__}"
+        ) from None
+    outcome.body = body
+    outcome.bytes_out = len(body)
+    if observe is not None:
+        observe(body)
+    return web.Response(
+        status=upstream.status, body=body, headers=response_headers(upstream.headers)
+    )
+
+
+async def _first_chunk(call: UpstreamCall) -> bytes:
+    """The first body chunk, read before the client sees a status: until then a failure can
+    still be a clean 502/504 that costs nothing."""
+    try:
+        async with asyncio.timeout_at(call.deadline_first_byte):
+            return await call.response.content.readany()
+    except TimeoutError:
+        call.response.close()
+        raise UpstreamTimeout(
+            f"upstream {call.upstream.label} sent no first token in time"
+        ) from None
+    except aiohttp.ClientError as exc:
+        call.response.close()
+        raise UpstreamUnavailable(
+            f"upstream {call.upstream.label} failed before its first token: "
+            f"{exc.__class__.__name__}"
+        ) from None
+
+
+async def _relay_stream(
+    request: web.Request,
+    call: UpstreamCall,
+    timeouts: TimeoutsConfig,
+    outcome: RelayOutcome,
+    observe: ChunkObserver | None,
+) -> web.StreamResponse:
+    upstream = call.response
+    chunk = await _first_chunk(call)
+    loop = asyncio.get_running_loop()
+    outcome.first_chunk_at = loop.time()
+    response = web.StreamResponse(
+        status=upstream.status, headers=response_headers(upstream.headers)
+    )
+    await response.prepare(request)
+    content = upstream.content
+    try:
+        async with asyncio.timeout(timeouts.idle) as deadline:
+            while chunk:
+                if observe is not None:
+                    observe(chunk)
+                try:
+                    await response.write(chunk)
+                except (ConnectionError, aiohttp.ClientConnectionResetError):
+                    outcome.status = "client_disconnected"
+                    break
+                outcome.bytes_out += len(chunk)
+                deadline.reschedule(loop.time() + timeouts.idle)
+                chunk = await content.readany()
+    except TimeoutError:
+        outcome.status = "upstream_timeout"
+    except (aiohttp.ClientError, asyncio.IncompleteReadError):
+        outcome.status = "upstream_error"
+    if outcome.status == "ok":
+        await response.write_eof()
+        return response
+    # Stop the upstream's generation, and end the client's stream without its last chunk so
+    # the client sees a truncated answer rather than a clean end.
+    upstream.close()
+    if request.transport is not None:
+        request.transport.close()
+    return response

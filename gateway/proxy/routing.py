@@ -1,0 +1,80 @@
+"""Which upstream serves a call: smooth weighted round-robin, then the others for failover."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+from math import gcd
+
+from gateway.config.schema import ModelConfig, Settings
+
+__all__ = ["ModelRoute", "RoutingTable", "Upstream"]
+
+
+@dataclass(frozen=True, slots=True)
+class Upstream:
+    """One upstream endpoint of one model, ready to call."""
+
+    base_url: str
+    model: str  # the upstream's name for the model
+    api_key: str | None
+    label: str  # host:port, for logs and metrics; never carries a secret
+
+
+def _weighted_schedule(weights: list[int]) -> list[int]:
+    """Indices in smooth weighted round-robin order (nginx's algorithm), one cycle long."""
+    divisor = 0
+    for weight in weights:
+        divisor = gcd(divisor, weight)
+    reduced = [w // divisor for w in weights]
+    current = [0] * len(reduced)
+    total = sum(reduced)
+    schedule: list[int] = []
+    for _ in range(total):
+        for i, weight in enumerate(reduced):
+            current[i] += weight
+        best = max(range(len(current)), key=current.__getitem__)
+        current[best] -= total
+        schedule.append(best)
+    return schedule
+
+
+class ModelRoute:
+    """A model's upstreams and the position of its round-robin."""
+
+    __slots__ = ("_counter", "_orders", "config", "upstreams")
+
+    def __init__(self, config: ModelConfig) -> None:
+        self.config = config
+        self.upstreams = tuple(
+            Upstream(
+                base_url=u.url,
+                model=config.upstream_model(u),
+                api_key=u.api_key.get_secret_value() if u.api_key is not None else None,
+                label=u.url.split("://", 1)[-1].split("/", 1)[0],
+            )
+            for u in config.upstreams
+        )
+        schedule = _weighted_schedule([u.weight for u in config.upstreams])
+        n = len(self.upstreams)
+        # For each slot: the picked upstream first, then every other one once, for failover.
+        self._orders = [
+            tuple(self.upstreams[(first + k) % n] for k in range(n)) for first in schedule
+        ]
+        self._counter = itertools.count()
+
+    def candidates(self) -> tuple[Upstream, ...]:
+        """Upstreams to try for the next call, in order."""
+        return self._orders[next(self._counter) % len(self._orders)]
+
+
+class RoutingTable:
+    """Routes for every configured model of one config snapshot."""
+
+    __slots__ = ("routes",)
+
+    def __init__(self, settings: Settings) -> None:
+        self.routes = {model.name: ModelRoute(model) for model in settings.models}
+
+    def get(self, name: str) -> ModelRoute | None:
+        return self.routes.get(name)

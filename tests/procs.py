@@ -1,0 +1,109 @@
+"""Real processes for tests: the gateway and the mock upstream, started as the CLI starts them."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["Proc", "free_port", "start_gateway", "start_mock", "wait_http"]
+
+
+def free_port() -> int:
+    """A TCP port on loopback that nothing listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0) -> None:
+    """Poll `url` until it answers (any status), or fail with the process's output."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            raise RuntimeError(f"process exited with {proc.returncode} before {url} answered")
+        try:
+            with urllib.request.urlopen(url, timeout=0.5):
+                return
+        except urllib.error.HTTPError:
+            return  # it answered, with an error status
+        except OSError:
+            time.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+class Proc:
+    """A child process with its URL; stopped with SIGTERM (then SIGKILL) on close."""
+
+    def __init__(self, popen: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+        self.popen = popen
+        self.url = url
+        self.log_path = log_path
+
+    @property
+    def pid(self) -> int:
+        return self.popen.pid
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        if self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            try:
+                self.popen.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.popen.kill()
+                self.popen.wait(timeout=5)
+        return self.popen.returncode
+
+
+def _spawn(args: list[str], log_path: Path, env: dict[str, str] | None) -> subprocess.Popen[bytes]:
+    full_env = {**os.environ, **(env or {})}
+    with open(log_path, "ab") as log:
+        return subprocess.Popen(
+            [sys.executable, "-m", "gateway", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+        )
+
+
+def start_mock(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Proc:
+    """Start `inference-gateway mock-upstream` on a free loopback port."""
+    port = free_port()
+    log_path = tmp / f"mock-{port}.log"
+    popen = _spawn(["mock-upstream", "--port", str(port), *extra], log_path, env)
+    proc = Proc(popen, f"http://127.0.0.1:{port}", log_path)
+    wait_http(proc.url + "/healthz", popen)
+    return proc
+
+
+def start_gateway(
+    tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None, wait: bool = True
+) -> Proc:
+    """Write `config` as YAML and start `inference-gateway serve` on a free port."""
+    port = free_port()
+    config = {**config, "server": {**config.get("server", {}), "host": "127.0.0.1", "port": port}}
+    path = tmp / f"gateway-{port}.yaml"
+    path.write_text(yaml.safe_dump(config))
+    log_path = tmp / f"gateway-{port}.log"
+    popen = _spawn(["serve", "--config", str(path)], log_path, env)
+    proc = Proc(popen, f"http://127.0.0.1:{port}", log_path)
+    if wait:
+        try:
+            wait_http(proc.url + "/healthz", popen)
+        except (RuntimeError, TimeoutError) as exc:
+            proc.stop(signal.SIGKILL)
+            raise RuntimeError(f"{exc}\n--- gateway log ---\n{proc.log()}") from None
+    return proc
