@@ -7,10 +7,12 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from gateway.admin import create_admin_app
 from gateway.api import inference, models, ops
 from gateway.api.middleware import attach_request_id, errors_middleware
 from gateway.config.schema import Settings
-from gateway.keys import CONFIG, HTTP, STORE, STORE_URL
+from gateway.keys import CONFIG, HTTP, LEDGER, STORE, STORE_URL
+from gateway.ledger import Ledger
 from gateway.state import ConfigHolder
 from gateway.store.client import connect_store
 
@@ -20,6 +22,7 @@ __all__ = ["create_app"]
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     client = connect_store(app[STORE_URL])
     app[STORE] = client
+    app[LEDGER] = Ledger(client)
     yield
     await client.aclose()
 
@@ -56,4 +59,5 @@ def create_app(
     app.cleanup_ctx.extend([_store_ctx, _http_ctx])
     app.on_response_prepare.append(attach_request_id)
     app.add_routes([*inference.routes, *models.routes, *ops.routes])
+    app.add_subapp("/admin", create_admin_app())
     return app

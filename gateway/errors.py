@@ -12,12 +12,22 @@ import orjson
 from aiohttp import web
 
 __all__ = [
+    "AccountCleared",
+    "AccountExists",
+    "AccountFrozen",
+    "AccountInArrears",
+    "AccountNotFound",
+    "AdminUnauthorized",
     "GatewayError",
+    "IdempotencyConflict",
+    "InsufficientBalance",
     "InternalError",
+    "InvalidApiKey",
     "InvalidRequest",
     "LedgerUnavailable",
     "MethodNotAllowed",
     "ModelNotFound",
+    "ModelNotSubscribed",
     "NotFound",
     "RequestTooLarge",
     "UpstreamTimeout",
@@ -102,6 +112,66 @@ class LedgerUnavailable(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
+
+
+class InvalidApiKey(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "invalid_api_key"
+
+
+class AdminUnauthorized(GatewayError):
+    status = 401
+    type = "invalid_request_error"
+    code = "unauthorized"
+
+
+class InsufficientBalance(GatewayError):
+    status = 402
+    type = "insufficient_quota"
+    code = "insufficient_balance"
+
+
+class ModelNotSubscribed(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "model_not_subscribed"
+
+
+class AccountFrozen(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "account_frozen"
+
+
+class AccountCleared(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "account_cleared"
+
+
+class AccountInArrears(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "account_in_arrears"
+
+
+class AccountNotFound(GatewayError):
+    status = 404
+    type = "invalid_request_error"
+    code = "account_not_found"
+
+
+class AccountExists(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "account_exists"
+
+
+class IdempotencyConflict(GatewayError):
+    status = 409
+    type = "invalid_request_error"
+    code = "idempotency_conflict"
 
 
 class InternalError(GatewayError):

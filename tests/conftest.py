@@ -10,6 +10,7 @@ import pytest
 import redis
 
 from gateway.store.embedded import EmbeddedStore
+from tests.admin import ADMIN_TOKEN, Admin
 from tests.procs import Proc, start_gateway, start_mock
 
 UPSTREAM_KEY = "sk-upstream-test-secret"
@@ -73,7 +74,7 @@ def gateway_config(
     return {"store": {"url": valkey.url}, "models": models, **sections}
 
 
-GATEWAY_ENV = {"UPSTREAM_KEY": UPSTREAM_KEY}
+GATEWAY_ENV = {"UPSTREAM_KEY": UPSTREAM_KEY, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN}
 
 
 @pytest.fixture(scope="session")
@@ -106,3 +107,22 @@ def make_gateway(tmp_path: Path, valkey: EmbeddedStore) -> Iterator[Callable[...
     yield make
     for proc in started:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def admin(gateway: Proc) -> Admin:
+    """The admin API of the shared gateway."""
+    return Admin(gateway.url)
+
+
+@pytest.fixture(scope="session")
+def api_key(admin: Admin) -> str:
+    """A key of a well-funded account subscribed to the shared gateway's models."""
+    _, key = admin.funded(["mock-model", "mapped"], amount="1000000.00")
+    return key
+
+
+@pytest.fixture(scope="session")
+def auth(api_key: str) -> dict[str, str]:
+    """Headers that authenticate a data-plane call on the shared gateway."""
+    return {"Authorization": f"Bearer {api_key}"}

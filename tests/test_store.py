@@ -14,6 +14,7 @@ import redis
 
 from gateway.store.embedded import EmbeddedStore
 from tests.conftest import GATEWAY_ENV, model_entry
+from tests.admin import Admin
 from tests.procs import Proc, free_port, start_gateway
 
 
@@ -101,7 +102,8 @@ async def test_embedded_gateway_serves_calls(tmp_path: Path, mock_a: Proc) -> No
     gw = _embedded_gateway(tmp_path, mock_a)
     try:
         body = orjson.dumps({"model": "mock-model", "messages": [{"role": "user", "content": "x"}]})
-        async with aiohttp.ClientSession() as session:
+        _, key = Admin(gw.url).funded(["mock-model"])
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
             async with session.get(gw.url + "/readyz") as r:
                 assert r.status == 200
             async with session.post(gw.url + "/v1/chat/completions", data=body) as r:

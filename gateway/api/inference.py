@@ -1,73 +1,241 @@
-"""The OpenAI-compatible model calls: find the model, forward, relay the answer."""
+"""The OpenAI-compatible model calls: admit and hold, forward, relay while metering, settle.
+
+One Redis round trip admits a call (key, state, subscription and hold in one script) and one
+settles it (debit, release, usage record in one script). A call that fails before its first
+byte reaches the client costs nothing; one that ends early is billed for what was produced.
+"""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 from aiohttp import web
 
+from gateway.accounts.apikeys import ParsedKey, parse_api_key
 from gateway.api.body import parse_call_body, read_body
-from gateway.errors import ModelNotFound
-from gateway.keys import CONFIG, HTTP, REQUEST_ID
-from gateway.proxy.forward import open_upstream, relay
+from gateway.config.schema import ModelConfig
+from gateway.errors import (
+    AccountCleared,
+    AccountFrozen,
+    GatewayError,
+    InsufficientBalance,
+    InternalError,
+    InvalidApiKey,
+    ModelNotFound,
+    ModelNotSubscribed,
+)
+from gateway.keys import CONFIG, HTTP, LEDGER, REQUEST_ID
+from gateway.ledger import Admission, Ledger
+from gateway.metering.completion import CompletionMeter
+from gateway.metering.estimate import hold_amount, output_allowance
+from gateway.metering.prompt import CallKind, count_prompt
+from gateway.metering.tokenizers import get_encoding
+from gateway.metering.usage import CallStatus, bill_call
+from gateway.money import format_micros
+from gateway.proxy.forward import RelayOutcome, open_upstream, relay
 from gateway.proxy.routing import Upstream
 
-__all__ = ["routes"]
+__all__ = ["require_key", "routes"]
+
+_REFUSALS: dict[str, type[GatewayError]] = {
+    "invalid_api_key": InvalidApiKey,
+    "account_frozen": AccountFrozen,
+    "account_cleared": AccountCleared,
+    "model_not_subscribed": ModelNotSubscribed,
+}
+_MESSAGES = {
+    "invalid_api_key": "Incorrect API key provided",
+    "account_frozen": "the account is frozen for arrears; top up to use models again",
+    "account_cleared": "the account was cleared for arrears; top up and subscribe again",
+    "model_not_subscribed": "the account is not subscribed to model '{model}'",
+}
 
 
-def _body_for(body: bytes, payload: dict[str, Any], public_name: str) -> Any:
-    """Bytes to send each upstream: the client's own, unless the upstream names the model
-    differently (then the one field changes and the rest is re-encoded as it was)."""
-    renamed: dict[str, bytes] = {}
+def require_key(request: web.Request) -> ParsedKey:
+    """The caller's key, well-formed, or 401 (checked against the ledger later)."""
+    key = parse_api_key(request.headers.get("Authorization"))
+    if key is None:
+        raise InvalidApiKey("Incorrect or missing API key; send 'Authorization: Bearer <key>'")
+    return key
+
+
+def _refuse(admission: Admission, model: str, hold: int) -> GatewayError:
+    if admission.code == "insufficient_balance":
+        available = format_micros(admission.available or 0)
+        return InsufficientBalance(
+            f"available balance {available} does not cover this call's hold of "
+            f"{format_micros(hold)}"
+        )
+    error = _REFUSALS.get(admission.code)
+    if error is None:
+        return InternalError(f"admission failed: {admission.code}")
+    return error(_MESSAGES[admission.code].format(model=model))
+
+
+def _upstream_body(
+    body: bytes, payload: dict[str, Any], public_name: str, add_usage: bool
+) -> Callable[[Upstream], bytes]:
+    """Bytes for each upstream: the client's own when nothing needs to change; else the same
+    object with the upstream's model name and/or `stream_options.include_usage` set."""
+    changed: dict[str, bytes] = {}
 
     def for_upstream(upstream: Upstream) -> bytes:
-        if upstream.model == public_name:
+        if upstream.model == public_name and not add_usage:
             return body
-        cached = renamed.get(upstream.model)
+        cached = changed.get(upstream.model)
         if cached is None:
-            cached = renamed[upstream.model] = orjson.dumps({**payload, "model": upstream.model})
+            new = {**payload, "model": upstream.model}
+            if add_usage:
+                options = payload.get("stream_options")
+                new["stream_options"] = {
+                    **(options if isinstance(options, dict) else {}),
+                    "include_usage": True,
+                }
+            cached = changed[upstream.model] = orjson.dumps(new)
         return cached
 
     return for_upstream
 
 
-async def _forward(request: web.Request, path: str) -> web.StreamResponse:
+class _Call:
+    """One metered call's state between admission and settlement."""
+
+    def __init__(
+        self, ledger: Ledger, key: ParsedKey, model: ModelConfig, request_id: str, stream: bool
+    ) -> None:
+        self.ledger = ledger
+        self.key = key
+        self.model = model
+        self.request_id = request_id
+        self.stream = stream
+        self.encoding = get_encoding(model.tokenizer)
+        self.prompt_tokens = 0
+        self.upstream_label = ""
+        self.finished = False
+
+    async def settle(self, meter: CompletionMeter, status: CallStatus) -> None:
+        bill = bill_call(self.model, self.encoding, meter, self.prompt_tokens)
+        now_ms = int(time.time() * 1000)
+        record = {
+            "request_id": self.request_id,
+            "time": now_ms,
+            "kind": "inference",
+            "model": self.model.name,
+            "prompt_tokens": bill.prompt_tokens,
+            "completion_tokens": bill.completion_tokens,
+            "cost": bill.cost,
+            "usage_source": bill.usage_source,
+            "status": status,
+            "stream": "1" if self.stream else "0",
+            "gateway_prompt_tokens": bill.gateway_prompt_tokens,
+            "gateway_completion_tokens": bill.gateway_completion_tokens,
+            "key_id": self.key.key_id,
+            "upstream": self.upstream_label,
+        }
+        self.finished = True
+        await self.ledger.settle(self.key.account_id, self.request_id, bill.cost, now_ms, record)
+
+    async def release(self) -> None:
+        self.finished = True
+        await self.ledger.release(self.key.account_id, self.request_id)
+
+
+def _status_of(outcome: RelayOutcome) -> CallStatus:
+    if outcome.status == "ok":
+        return "ok"
+    if outcome.status == "client_disconnected":
+        return "client_disconnected"
+    return "upstream_error"
+
+
+async def _forward(request: web.Request, kind: CallKind, path: str) -> web.StreamResponse:
     snapshot = request.app[CONFIG].snapshot
     settings = snapshot.settings
+    key = require_key(request)
     body = await read_body(request, settings.server.max_body_bytes)
     payload = parse_call_body(body)
     name = payload["model"]
     route = snapshot.routing.get(name)
     if route is None:
         raise ModelNotFound(f"the model '{name}' does not exist", param="model")
-    timeouts = settings.proxy.timeouts
-    call = await open_upstream(
-        request.app[HTTP],
-        route.candidates(),
-        path,
-        _body_for(body, payload, name),
-        request.headers,
-        request[REQUEST_ID],
-        timeouts,
+    model = route.config
+    request_id: str = request[REQUEST_ID]
+    stream = payload.get("stream") is True and kind != "embeddings"
+    options = payload.get("stream_options")
+    client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+    add_usage = stream and not client_wants_usage
+
+    ledger = request.app[LEDGER]
+    call = _Call(ledger, key, model, request_id, stream)
+    call.prompt_tokens = await count_prompt(kind, payload, call.encoding, len(body))
+    default_out = model.hold_output_tokens
+    if default_out is None:
+        default_out = settings.billing.hold_output_tokens
+    hold = hold_amount(model, call.prompt_tokens, output_allowance(kind, payload, default_out))
+    lease_until = int((time.time() + settings.billing.hold_lease) * 1000)
+    admission = await ledger.reserve(
+        key.account_id,
+        key.key_id,
+        key.key_hash,
+        model.name,
+        hold,
+        request_id,
+        lease_until,
+        model.billing == "dedicated",
     )
-    response, _outcome = await relay(request, call, timeouts)
-    return response
+    if admission.code != "ok":
+        raise _refuse(admission, model.name, hold)
+
+    meter = CompletionMeter(strip_usage=add_usage)
+    try:
+        timeouts = settings.proxy.timeouts
+        upstream_call = await open_upstream(
+            request.app[HTTP],
+            route.candidates(),
+            path,
+            _upstream_body(body, payload, name, add_usage),
+            request.headers,
+            request_id,
+            timeouts,
+        )
+        call.upstream_label = upstream_call.upstream.label
+        if upstream_call.response.status >= 400:
+            # The upstream's own error passes through as it came and costs nothing.
+            response, _ = await relay(request, upstream_call, timeouts)
+            await call.release()
+            return response
+        response, outcome = await relay(
+            request, upstream_call, timeouts, transform=meter.feed, flush=meter.flush
+        )
+        if outcome.body is not None:
+            meter.observe_body(outcome.body)
+        await call.settle(meter, _status_of(outcome))
+        return response
+    finally:
+        if not call.finished:
+            # Failed before the client got a byte (release), or cut short by cancellation
+            # (bill what was produced). Shielded: a second cancel must not lose the money.
+            end = call.settle(meter, "client_disconnected") if meter.texts else call.release()
+            await asyncio.shield(end)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions"""
-    return await _forward(request, "/chat/completions")
+    return await _forward(request, "chat", "/chat/completions")
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/completions"""
-    return await _forward(request, "/completions")
+    return await _forward(request, "completions", "/completions")
 
 
 async def embeddings(request: web.Request) -> web.StreamResponse:
     """POST /v1/embeddings"""
-    return await _forward(request, "/embeddings")
+    return await _forward(request, "embeddings", "/embeddings")
 
 
 routes = [

@@ -82,6 +82,8 @@ class BillingConfig(_Frozen):
     hold_output_tokens: int = Field(default=1024, ge=0)
     enforcement: Literal["postpaid", "strict"] = "postpaid"
     sweep_interval: Duration = 5.0
+    # How long a hold may stay open before a sweeper may consider its call lost.
+    hold_lease: Duration = 900.0
 
 
 class RateLimitsConfig(_Frozen):

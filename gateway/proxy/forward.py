@@ -3,7 +3,7 @@
 Failover happens only while no upstream has been reached: once a request is sent, retrying it
 elsewhere could run (and bill) the generation twice. The answer is relayed chunk by chunk, so
 the first token leaves the gateway as soon as it arrives; each chunk is offered to an optional
-observer (the meter) without being copied or re-encoded.
+transform (the meter), which passes it on untouched unless it must hide what the gateway added.
 """
 
 from __future__ import annotations
@@ -22,9 +22,11 @@ from gateway.errors import UpstreamTimeout, UpstreamUnavailable
 from gateway.proxy.headers import request_headers, response_headers
 from gateway.proxy.routing import Upstream
 
-__all__ = ["ChunkObserver", "RelayOutcome", "UpstreamCall", "open_upstream", "relay"]
+__all__ = ["ChunkTransform", "RelayOutcome", "UpstreamCall", "open_upstream", "relay"]
 
-ChunkObserver = Callable[[bytes], None]
+# Reads a stream chunk and returns the bytes to send on (the meter; it may hold back a partial
+# event or drop a chunk the client did not ask for).
+ChunkTransform = Callable[[bytes], bytes]
 RelayStatus = Literal["ok", "client_disconnected", "upstream_error", "upstream_timeout"]
 
 _CONNECT_FAILURES = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
@@ -101,15 +103,20 @@ async def relay(
     request: web.Request,
     call: UpstreamCall,
     timeouts: TimeoutsConfig,
-    observe: ChunkObserver | None = None,
+    transform: ChunkTransform | None = None,
+    flush: Callable[[], bytes] | None = None,
 ) -> tuple[web.StreamResponse, RelayOutcome]:
-    """Relay the upstream answer to the client; never raises for failures after the first byte."""
+    """Relay the upstream answer to the client.
+
+    Raises 502/504 only while the client has been sent nothing; after that, failures end up
+    in the outcome's status. A non-streamed body is kept in the outcome for the meter.
+    """
     upstream = call.response
     outcome = RelayOutcome(streamed=_is_event_stream(upstream))
     try:
         if not outcome.streamed:
-            return await _relay_whole(call, timeouts, outcome, observe), outcome
-        return await _relay_stream(request, call, timeouts, outcome, observe), outcome
+            return await _relay_whole(call, timeouts, outcome), outcome
+        return await _relay_stream(request, call, timeouts, outcome, transform, flush), outcome
     finally:
         upstream.release()
 
@@ -118,7 +125,6 @@ async def _relay_whole(
     call: UpstreamCall,
     timeouts: TimeoutsConfig,
     outcome: RelayOutcome,
-    observe: ChunkObserver | None,
 ) -> web.StreamResponse:
     upstream = call.response
     try:
@@ -134,11 +140,22 @@ async def _relay_whole(
         ) from None
     outcome.body = body
     outcome.bytes_out = len(body)
-    if observe is not None:
-        observe(body)
     return web.Response(
         status=upstream.status, body=body, headers=response_headers(upstream.headers)
     )
+
+
+async def _send(response: web.StreamResponse, data: bytes, outcome: RelayOutcome) -> bool:
+    """Write to the client; False (and the outcome says why) once the client has gone."""
+    if not data:
+        return True
+    try:
+        await response.write(data)
+    except (ConnectionError, aiohttp.ClientConnectionResetError):
+        outcome.status = "client_disconnected"
+        return False
+    outcome.bytes_out += len(data)
+    return True
 
 
 async def _first_chunk(call: UpstreamCall) -> bytes:
@@ -165,7 +182,8 @@ async def _relay_stream(
     call: UpstreamCall,
     timeouts: TimeoutsConfig,
     outcome: RelayOutcome,
-    observe: ChunkObserver | None,
+    transform: ChunkTransform | None,
+    flush: Callable[[], bytes] | None,
 ) -> web.StreamResponse:
     upstream = call.response
     chunk = await _first_chunk(call)
@@ -179,16 +197,14 @@ async def _relay_stream(
     try:
         async with asyncio.timeout(timeouts.idle) as deadline:
             while chunk:
-                if observe is not None:
-                    observe(chunk)
-                try:
-                    await response.write(chunk)
-                except (ConnectionError, aiohttp.ClientConnectionResetError):
-                    outcome.status = "client_disconnected"
+                out = transform(chunk) if transform is not None else chunk
+                if not await _send(response, out, outcome):
                     break
-                outcome.bytes_out += len(chunk)
                 deadline.reschedule(loop.time() + timeouts.idle)
                 chunk = await content.readany()
+            else:
+                if flush is not None:
+                    await _send(response, flush(), outcome)
     except TimeoutError:
         outcome.status = "upstream_timeout"
     except (aiohttp.ClientError, asyncio.IncompleteReadError):

@@ -8,6 +8,7 @@ import aiohttp
 import orjson
 
 from tests.conftest import model_entry
+from tests.admin import Admin
 from tests.procs import Proc, free_port
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
@@ -29,7 +30,8 @@ async def test_round_robin_alternates_upstreams(
 ) -> None:
     """Two equal upstreams take turns: consecutive calls land on different servers."""
     gw = make_gateway([model_entry("m", mock_a.url, mock_b.url, upstream_model="mock-model")])
-    async with aiohttp.ClientSession() as session:
+    _, key = Admin(gw.url).funded(["m"])
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
         landed: list[str] = []
         for _ in range(4):
             async with session.post(gw.url + "/v1/chat/completions", data=orjson.dumps(CHAT)) as r:
@@ -48,7 +50,8 @@ async def test_failover_skips_an_unreachable_upstream(
     """With one upstream refusing connections, every call is served by the other."""
     dead = f"http://127.0.0.1:{free_port()}"
     gw = make_gateway([model_entry("m", dead, mock_a.url, upstream_model="mock-model")])
-    async with aiohttp.ClientSession() as session:
+    _, key = Admin(gw.url).funded(["m"])
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
         for stream in (False, True, False, True):
             body = orjson.dumps({**CHAT, "stream": stream})
             async with session.post(gw.url + "/v1/chat/completions", data=body) as r:

@@ -12,8 +12,8 @@ from tests.procs import Proc
 
 
 @pytest.fixture
-async def client(gateway: Proc) -> AsyncIterator[AsyncOpenAI]:
-    sdk = AsyncOpenAI(base_url=gateway.url + "/v1", api_key="sk-client", max_retries=0)
+async def client(gateway: Proc, api_key: str) -> AsyncIterator[AsyncOpenAI]:
+    sdk = AsyncOpenAI(base_url=gateway.url + "/v1", api_key=api_key, max_retries=0)
     yield sdk
     await sdk.close()
 

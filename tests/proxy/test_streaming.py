@@ -10,7 +10,9 @@ import orjson
 from tests.procs import Proc
 
 
-async def test_first_chunk_arrives_before_upstream_sends_the_last(gateway: Proc) -> None:
+async def test_first_chunk_arrives_before_upstream_sends_the_last(
+    gateway: Proc, auth: dict[str, str]
+) -> None:
     """With 20 tokens 100 ms apart, the first content chunk reaches the client while the
     upstream still has most of the answer to send."""
     payload = {
@@ -26,7 +28,7 @@ async def test_first_chunk_arrives_before_upstream_sends_the_last(gateway: Proc)
         session.post(
             gateway.url + "/v1/chat/completions",
             data=orjson.dumps(payload),
-            headers={"x-mock-token-delay": "0.1"},
+            headers={"x-mock-token-delay": "0.1", **auth},
         ) as resp,
     ):
         assert resp.status == 200
@@ -47,11 +49,11 @@ async def test_first_chunk_arrives_before_upstream_sends_the_last(gateway: Proc)
     assert arrivals[10] - arrivals[0] > 0.7
 
 
-async def test_openai_sdk_streams_through_the_gateway(gateway: Proc) -> None:
+async def test_openai_sdk_streams_through_the_gateway(gateway: Proc, api_key: str) -> None:
     """The official SDK, pointed at the gateway, reads a stream token by token."""
     from openai import AsyncOpenAI
 
-    client = AsyncOpenAI(base_url=gateway.url + "/v1", api_key="unused-by-this-issue")
+    client = AsyncOpenAI(base_url=gateway.url + "/v1", api_key=api_key)
     stream = await client.chat.completions.create(
         model="mock-model",
         messages=[{"role": "user", "content": "hello"}],

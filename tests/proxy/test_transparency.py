@@ -48,25 +48,27 @@ def _direct_headers() -> dict[str, str]:
     ids=["chat", "chat-stream", "chat-stream-usage", "completions", "completions-stream", "embed"],
 )
 async def test_bytes_equal_direct_upstream(
-    gateway: Proc, mock_a: Proc, path: str, payload: dict[str, object]
+    gateway: Proc, mock_a: Proc, auth: dict[str, str], path: str, payload: dict[str, object]
 ) -> None:
     """Status, content type and body bytes through the gateway equal a direct upstream call."""
     body = orjson.dumps(payload)
     direct = await _post(mock_a.url + path, body, _direct_headers())
-    via = await _post(gateway.url + path, body, {"Content-Type": "application/json"})
+    via = await _post(gateway.url + path, body, {"Content-Type": "application/json", **auth})
     assert direct[0] == 200
     assert via == direct
     if payload.get("stream"):
         assert via[2].endswith(b"data: [DONE]\n\n")
 
 
-async def test_body_reaches_upstream_unchanged(gateway: Proc, mock_a: Proc) -> None:
+async def test_body_reaches_upstream_unchanged(
+    gateway: Proc, mock_a: Proc, auth: dict[str, str]
+) -> None:
     """The upstream receives the client's body byte for byte when the model names agree."""
     body = (
         b'{"model": "mock-model",   "messages": [{"role": "user", "content": "hi"}],'
         b' "max_tokens": 2}'
     )
-    status, _, _ = await _post(gateway.url + "/v1/chat/completions", body, {})
+    status, _, _ = await _post(gateway.url + "/v1/chat/completions", body, auth)
     assert status == 200
     async with (
         aiohttp.ClientSession() as session,
@@ -77,10 +79,14 @@ async def test_body_reaches_upstream_unchanged(gateway: Proc, mock_a: Proc) -> N
     assert seen["path"] == "/v1/chat/completions"
 
 
-async def test_model_name_is_mapped_to_the_upstreams(gateway: Proc, mock_a: Proc) -> None:
+async def test_model_name_is_mapped_to_the_upstreams(
+    gateway: Proc, mock_a: Proc, auth: dict[str, str]
+) -> None:
     """A model whose upstream uses another name gets that name, and nothing else changes."""
     payload = {"model": "mapped", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-    status, _, answer = await _post(gateway.url + "/v1/chat/completions", orjson.dumps(payload), {})
+    status, _, answer = await _post(
+        gateway.url + "/v1/chat/completions", orjson.dumps(payload), auth
+    )
     assert status == 200
     async with (
         aiohttp.ClientSession() as session,
@@ -91,11 +97,11 @@ async def test_model_name_is_mapped_to_the_upstreams(gateway: Proc, mock_a: Proc
     assert orjson.loads(answer)["model"] == "mock-model"
 
 
-async def test_headers_crossing_the_proxy(gateway: Proc, mock_a: Proc) -> None:
+async def test_headers_crossing_the_proxy(gateway: Proc, mock_a: Proc, api_key: str) -> None:
     """Hop-by-hop headers are dropped, the client's key is replaced by the upstream's, the
     request id travels upstream, and custom headers pass."""
     headers = {
-        "Authorization": "Bearer client-key-must-not-leak",
+        "Authorization": f"Bearer {api_key}",
         "Connection": "keep-alive, X-Hop",
         "X-Hop": "per-connection",
         "Keep-Alive": "timeout=5",
@@ -114,6 +120,7 @@ async def test_headers_crossing_the_proxy(gateway: Proc, mock_a: Proc) -> None:
         async with session.get(mock_a.url + "/debug/last-request") as r:
             seen = {k.lower(): v for k, v in (await r.json())["headers"].items()}
     assert seen["authorization"] == f"Bearer {UPSTREAM_KEY}"
+    assert api_key not in str(seen)
     for dropped in ("x-hop", "keep-alive", "proxy-authorization", "te"):
         assert dropped not in seen
     assert seen["openai-beta"] == "assistants=v2"
@@ -121,7 +128,7 @@ async def test_headers_crossing_the_proxy(gateway: Proc, mock_a: Proc) -> None:
     assert seen["x-request-id"] == request_id
 
 
-async def test_every_answer_carries_a_request_id(gateway: Proc) -> None:
+async def test_every_answer_carries_a_request_id(gateway: Proc, auth: dict[str, str]) -> None:
     """Success, error, stream, probe and unknown route answers all carry a fresh x-request-id."""
     ids = set()
     async with aiohttp.ClientSession() as session:
@@ -132,7 +139,7 @@ async def test_every_answer_carries_a_request_id(gateway: Proc) -> None:
             ("GET", "/no/such/route", None),
             ("POST", "/v1/chat/completions", orjson.dumps({**CHAT, "stream": True})),
         ]:
-            async with session.request(method, gateway.url + path, data=body) as r:
+            async with session.request(method, gateway.url + path, data=body, headers=auth) as r:
                 await r.read()
                 ids.add(r.headers["x-request-id"])
     assert len(ids) == 5

@@ -1,0 +1,1 @@
+"""Accounts: API keys and (later) the arrears lifecycle."""

@@ -1,0 +1,232 @@
+"""Admin handlers (SPEC section 6): accounts, top-ups, API keys, subscriptions, usage."""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import io
+import os
+import re
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+from gateway.accounts.apikeys import KEY_PREFIX, new_api_key
+from gateway.admin.views import USAGE_FIELDS, account_view, usage_view
+from gateway.errors import (
+    AccountExists,
+    AccountInArrears,
+    AccountNotFound,
+    IdempotencyConflict,
+    InvalidRequest,
+    ModelNotFound,
+    NotFound,
+)
+from gateway.keys import CONFIG, LEDGER
+from gateway.ledger import AccountRecord, Ledger
+from gateway.ledger.keys import valid_account_id
+from gateway.money import format_micros, parse_amount
+from gateway.timefmt import iso_ms, now_ms
+
+__all__ = ["routes"]
+
+_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+MAX_USAGE_PAGE = 1000
+
+
+def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status, body=orjson.dumps(data), content_type="application/json", headers=headers
+    )
+
+
+async def _body(request: web.Request) -> dict[str, Any]:
+    raw = await request.read()
+    try:
+        data = orjson.loads(raw) if raw else None
+    except orjson.JSONDecodeError as exc:
+        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise InvalidRequest("request body must be a JSON object")
+    return data
+
+
+def _account_id(request: web.Request) -> str:
+    account_id = request.match_info["account_id"]
+    if not valid_account_id(account_id):
+        raise AccountNotFound(f"no account '{account_id}'")
+    return account_id
+
+
+async def _existing(ledger: Ledger, account_id: str) -> AccountRecord:
+    account = await ledger.get_account(account_id)
+    if account is None:
+        raise AccountNotFound(f"no account '{account_id}'")
+    return account
+
+
+async def create_account(request: web.Request) -> web.Response:
+    """POST /admin/accounts {"id", "name"?} -> 201, or 409 when the id is taken."""
+    data = await _body(request)
+    account_id, name = data.get("id"), data.get("name", "")
+    if not isinstance(account_id, str) or not valid_account_id(account_id):
+        raise InvalidRequest("id must be 1-64 letters, digits, '_' or '-'", param="id")
+    if not isinstance(name, str) or len(name) > 200:
+        raise InvalidRequest("name must be a string of at most 200 characters", param="name")
+    ledger = request.config_dict[LEDGER]
+    if not await ledger.create_account(account_id, name, now_ms()):
+        raise AccountExists(f"account '{account_id}' already exists")
+    account = await _existing(ledger, account_id)
+    return _json(account_view(account, request.config_dict[CONFIG].snapshot.settings), 201)
+
+
+async def get_account(request: web.Request) -> web.Response:
+    """GET /admin/accounts/{id}"""
+    ledger = request.config_dict[LEDGER]
+    account = await _existing(ledger, _account_id(request))
+    return _json(account_view(account, request.config_dict[CONFIG].snapshot.settings))
+
+
+async def create_topup(request: web.Request) -> web.Response:
+    """POST /admin/accounts/{id}/topups {"amount"}: idempotent under `Idempotency-Key`."""
+    account_id = _account_id(request)
+    data = await _body(request)
+    try:
+        amount = parse_amount(data.get("amount"))
+    except ValueError as exc:
+        raise InvalidRequest(str(exc), param="amount") from None
+    idem_key = request.headers.get("Idempotency-Key", "")
+    if idem_key and not _IDEMPOTENCY_KEY.match(idem_key):
+        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters")
+    fingerprint = hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    topup_id = "topup_" + os.urandom(12).hex()
+    ledger = request.config_dict[LEDGER]
+    result = await ledger.topup(account_id, amount, fingerprint, idem_key, now_ms(), topup_id)
+    if result.code == "account_not_found":
+        raise AccountNotFound(f"no account '{account_id}'")
+    if result.code == "idempotency_conflict":
+        raise IdempotencyConflict("this Idempotency-Key was used with another request body")
+    answer = {
+        "id": result.id,
+        "account": account_id,
+        "amount": format_micros(result.amount),
+        "balance": format_micros(result.balance),
+        "created_at": iso_ms(result.created_at),
+    }
+    headers = {"Idempotent-Replayed": "true"} if result.code == "replay" else None
+    return _json(answer, 201, headers)
+
+
+async def create_key(request: web.Request) -> web.Response:
+    """POST /admin/accounts/{id}/keys -> 201 with the secret, shown this once."""
+    account_id = _account_id(request)
+    ledger = request.config_dict[LEDGER]
+    await _existing(ledger, account_id)
+    key = new_api_key(account_id)
+    created = now_ms()
+    meta = {
+        "id": key.key_id,
+        "prefix": f"{KEY_PREFIX}{account_id}.{key.key_id}",
+        "created_at": iso_ms(created),
+        "revoked_at": None,
+    }
+    await ledger.add_api_key(account_id, key.key_id, key.key_hash, orjson.dumps(meta))
+    return _json({**meta, "key": key.secret}, 201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    """GET /admin/accounts/{id}/keys: metadata only, never a secret."""
+    account_id = _account_id(request)
+    ledger = request.config_dict[LEDGER]
+    await _existing(ledger, account_id)
+    keys = [orjson.loads(meta) for meta in (await ledger.list_api_keys(account_id)).values()]
+    keys.sort(key=lambda k: (k["created_at"], k["id"]))
+    return _json({"data": keys})
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    """DELETE /admin/accounts/{id}/keys/{key_id} -> 204; refused everywhere from then on."""
+    account_id = _account_id(request)
+    key_id = request.match_info["key_id"]
+    ledger = request.config_dict[LEDGER]
+    await _existing(ledger, account_id)
+    metas = await ledger.list_api_keys(account_id)
+    if key_id not in metas:
+        raise NotFound(f"no key '{key_id}' on account '{account_id}'")
+    meta = orjson.loads(metas[key_id])
+    if meta.get("revoked_at") is None:
+        meta["revoked_at"] = iso_ms(now_ms())
+    await ledger.revoke_api_key(account_id, key_id, orjson.dumps(meta))
+    return web.Response(status=204)
+
+
+async def subscribe(request: web.Request) -> web.Response:
+    """POST /admin/accounts/{id}/subscriptions {"model"} -> 201 (200 if already)."""
+    account_id = _account_id(request)
+    data = await _body(request)
+    model = data.get("model")
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model must be a model name", param="model")
+    if request.config_dict[CONFIG].snapshot.settings.model(model) is None:
+        raise ModelNotFound(f"the model '{model}' does not exist", param="model")
+    outcome = await request.config_dict[LEDGER].subscribe(account_id, model)
+    if outcome == "account_not_found":
+        raise AccountNotFound(f"no account '{account_id}'")
+    if outcome == "account_in_arrears":
+        raise AccountInArrears("an account in arrears cannot subscribe to new models; top up first")
+    return _json({"account": account_id, "model": model}, 201 if outcome == "created" else 200)
+
+
+async def unsubscribe(request: web.Request) -> web.Response:
+    """DELETE /admin/accounts/{id}/subscriptions/{model} -> 204."""
+    account_id = _account_id(request)
+    ledger = request.config_dict[LEDGER]
+    await _existing(ledger, account_id)
+    await ledger.unsubscribe(account_id, request.match_info["model"])
+    return web.Response(status=204)
+
+
+def _limit(request: web.Request) -> int:
+    raw = request.query.get("limit", "100")
+    if not raw.isdigit() or not 1 <= int(raw) <= MAX_USAGE_PAGE:
+        raise InvalidRequest(f"limit must be an integer from 1 to {MAX_USAGE_PAGE}", param="limit")
+    return int(raw)
+
+
+def _after(request: web.Request) -> str | None:
+    after = request.query.get("after")
+    if after is not None and not re.fullmatch(r"\d+-\d+", after):
+        raise InvalidRequest("after must be the 'next' cursor of a previous page", param="after")
+    return after
+
+
+async def usage(request: web.Request) -> web.StreamResponse:
+    """GET /admin/accounts/{id}/usage?limit=&after= -> {"data", "next"}; CSV on request."""
+    account_id = _account_id(request)
+    limit, after = _limit(request), _after(request)
+    ledger = request.config_dict[LEDGER]
+    await _existing(ledger, account_id)
+    entries, cursor = await ledger.usage(account_id, limit, after)
+    records = [usage_view(entry_id, fields) for entry_id, fields in entries]
+    if "text/csv" in request.headers.get("Accept", ""):
+        buffer = io.StringIO()
+        writer = csv.DictWriter(buffer, fieldnames=USAGE_FIELDS, lineterminator="\n")
+        writer.writeheader()
+        writer.writerows(records)
+        headers = {"X-Next-Cursor": cursor} if cursor else None
+        return web.Response(text=buffer.getvalue(), content_type="text/csv", headers=headers)
+    return _json({"data": records, "next": cursor})
+
+
+routes = [
+    web.post("/accounts", create_account),
+    web.get("/accounts/{account_id}", get_account),
+    web.post("/accounts/{account_id}/topups", create_topup),
+    web.post("/accounts/{account_id}/keys", create_key),
+    web.get("/accounts/{account_id}/keys", list_keys),
+    web.delete("/accounts/{account_id}/keys/{key_id}", revoke_key),
+    web.post("/accounts/{account_id}/subscriptions", subscribe),
+    web.delete("/accounts/{account_id}/subscriptions/{model:.+}", unsubscribe),
+    web.get("/accounts/{account_id}/usage", usage),
+]

@@ -1,0 +1,87 @@
+"""Every Redis key name, built in one place.
+
+All keys of one account share the hash tag `{a:<id>}`, so every ledger script touches a single
+Redis Cluster slot and runs atomically there. Nothing else in the code spells a key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+__all__ = ["ACCOUNT_ID", "AccountKeys", "account_keys", "valid_account_id"]
+
+PREFIX = "gw"
+# Letters, digits, '_' and '-': no braces (they would break the hash tag) and no '.' (the
+# separator inside API keys).
+ACCOUNT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+# How long a settled request id is remembered, so a repeated settlement charges nothing.
+SETTLED_TTL_SECONDS = 7 * 86400
+# How long a top-up's Idempotency-Key is remembered (Stripe keeps keys 24 hours).
+IDEMPOTENCY_TTL_SECONDS = 86400
+
+
+def valid_account_id(account_id: str) -> bool:
+    """True for ids that can name an account (and sit inside a hash tag)."""
+    return bool(ACCOUNT_ID.match(account_id))
+
+
+@dataclass(frozen=True, slots=True)
+class AccountKeys:
+    """The names of one account's keys."""
+
+    tag: str
+
+    @property
+    def account(self) -> str:
+        """Hash: id, name, balance, held, state, period, arrears_since, totals."""
+        return f"{PREFIX}:{self.tag}:account"
+
+    @property
+    def api_keys(self) -> str:
+        """Hash: key id -> sha256 of the key, for keys that are not revoked."""
+        return f"{PREFIX}:{self.tag}:keys"
+
+    @property
+    def api_key_meta(self) -> str:
+        """Hash: key id -> JSON of the key's public metadata (never its secret)."""
+        return f"{PREFIX}:{self.tag}:keymeta"
+
+    @property
+    def subscriptions(self) -> str:
+        """Set of model names the account may call."""
+        return f"{PREFIX}:{self.tag}:subs"
+
+    @property
+    def holds(self) -> str:
+        """Hash: request id -> micro-units held for that call."""
+        return f"{PREFIX}:{self.tag}:holds"
+
+    @property
+    def hold_leases(self) -> str:
+        """Sorted set: request id scored by the time (ms) its hold's lease ends."""
+        return f"{PREFIX}:{self.tag}:leases"
+
+    @property
+    def usage(self) -> str:
+        """Stream of usage records, oldest first."""
+        return f"{PREFIX}:{self.tag}:usage"
+
+    @property
+    def topups(self) -> str:
+        """Stream of top-ups, oldest first (the audit's other half)."""
+        return f"{PREFIX}:{self.tag}:topups"
+
+    def settled(self, request_id: str) -> str:
+        """String: the cost a request was settled at (present once settled)."""
+        return f"{PREFIX}:{self.tag}:settled:{request_id}"
+
+    def idempotency(self, key: str) -> str:
+        """Hash: what a top-up under this Idempotency-Key answered."""
+        return f"{PREFIX}:{self.tag}:idem:{key}"
+
+
+def account_keys(account_id: str) -> AccountKeys:
+    """Key names of account `account_id` (which must be a valid id)."""
+    return AccountKeys(tag="{a:" + account_id + "}")

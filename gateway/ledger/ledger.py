@@ -1,0 +1,284 @@
+"""The Ledger: typed Python calls onto the Lua scripts, and Redis errors made one error.
+
+Each operation is one script (loaded once, called by SHA; redis-py reloads it by itself after
+a `NOSCRIPT`), so each money change is atomic. Handlers never import redis: a store that does
+not answer surfaces here as `LedgerUnavailable` (503, fail closed).
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+import redis.asyncio as aioredis
+from redis.commands.core import AsyncScript
+from redis.exceptions import RedisError
+
+from gateway.errors import LedgerUnavailable
+from gateway.ledger.keys import IDEMPOTENCY_TTL_SECONDS, SETTLED_TTL_SECONDS, account_keys
+
+__all__ = ["AccountRecord", "Admission", "Ledger", "SettleResult", "TopupResult"]
+
+_SCRIPTS = (
+    "authenticate",
+    "create_account",
+    "release",
+    "reserve",
+    "settle",
+    "subscribe",
+    "topup",
+)
+
+
+def _text(value: Any) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRecord:
+    """An account as stored: amounts in micro-units, times in ms since the epoch."""
+
+    id: str
+    name: str
+    balance: int
+    held: int
+    state: str
+    period: str
+    arrears_since: int | None
+    created_at: int
+    topped_up: int
+    spent: int
+    subscriptions: tuple[str, ...]
+
+    @classmethod
+    def from_hash(cls, data: Mapping[bytes, bytes], subs: set[bytes]) -> AccountRecord:
+        fields = {_text(k): _text(v) for k, v in data.items()}
+        return cls(
+            id=fields["id"],
+            name=fields.get("name", ""),
+            balance=int(fields["balance"]),
+            held=int(fields["held"]),
+            state=fields["state"],
+            period=fields.get("period", ""),
+            arrears_since=int(fields["arrears_since"]) if fields.get("arrears_since") else None,
+            created_at=int(fields["created_at"]),
+            topped_up=int(fields.get("topped_up", 0)),
+            spent=int(fields.get("spent", 0)),
+            subscriptions=tuple(sorted(_text(s) for s in subs)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The reserve script's answer: `ok` with the amount held, or the refusal's code."""
+
+    code: str
+    held: int = 0
+    available: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    code: str  # ok | duplicate | account_not_found
+    cost: int
+    balance: int | None = None
+    state: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TopupResult:
+    code: str  # ok | replay | idempotency_conflict | account_not_found
+    id: str = ""
+    amount: int = 0
+    balance: int = 0
+    created_at: int = 0
+
+
+@asynccontextmanager
+async def _guard() -> AsyncIterator[None]:
+    """Turn any store failure into LedgerUnavailable."""
+    try:
+        yield
+    except (RedisError, OSError) as exc:
+        raise LedgerUnavailable(
+            f"the ledger store is unavailable ({exc.__class__.__name__})"
+        ) from exc
+
+
+class Ledger:
+    """Money operations on one Redis (or Redis Cluster) store."""
+
+    def __init__(self, client: aioredis.Redis) -> None:
+        self.client = client
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(
+                resources.files("gateway.ledger").joinpath(f"lua/{name}.lua").read_text()
+            )
+            for name in _SCRIPTS
+        }
+
+    async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        async with _guard():
+            return await self._scripts[name](keys=keys, args=args)
+
+    # accounts ---------------------------------------------------------------------------
+
+    async def create_account(self, account_id: str, name: str, now_ms: int) -> bool:
+        """Create an account; False if the id is taken."""
+        k = account_keys(account_id)
+        return bool(await self._run("create_account", [k.account], [account_id, name, now_ms]))
+
+    async def get_account(self, account_id: str) -> AccountRecord | None:
+        k = account_keys(account_id)
+        async with _guard(), self.client.pipeline(transaction=True) as pipe:
+            pipe.hgetall(k.account)
+            pipe.smembers(k.subscriptions)
+            data, subs = await pipe.execute()
+        if not data:
+            return None
+        return AccountRecord.from_hash(data, subs)
+
+    async def topup(
+        self,
+        account_id: str,
+        amount: int,
+        fingerprint: str,
+        idem_key: str,
+        now_ms: int,
+        topup_id: str,
+    ) -> TopupResult:
+        """Credit `amount`; with an idempotency key, at most once per key."""
+        k = account_keys(account_id)
+        keys = [k.account, k.idempotency(idem_key or "-"), k.topups]
+        args = [amount, fingerprint if idem_key else "", now_ms, IDEMPOTENCY_TTL_SECONDS, topup_id]
+        out = [_text(x) for x in await self._run("topup", keys, args)]
+        if out[0] in ("ok", "replay"):
+            return TopupResult(out[0], out[1], int(out[2]), int(out[3]), int(out[4]))
+        return TopupResult(out[0])
+
+    # subscriptions ----------------------------------------------------------------------
+
+    async def subscribe(self, account_id: str, model: str) -> str:
+        """`created`, `exists`, `account_in_arrears` or `account_not_found`."""
+        k = account_keys(account_id)
+        return _text(await self._run("subscribe", [k.account, k.subscriptions], [model]))
+
+    async def unsubscribe(self, account_id: str, model: str) -> bool:
+        k = account_keys(account_id)
+        async with _guard():
+            return bool(await self.client.srem(k.subscriptions, model))
+
+    # API keys ---------------------------------------------------------------------------
+
+    async def add_api_key(self, account_id: str, key_id: str, key_hash: str, meta: bytes) -> None:
+        k = account_keys(account_id)
+        async with _guard(), self.client.pipeline(transaction=True) as pipe:
+            pipe.hset(k.api_keys, key_id, key_hash)
+            pipe.hset(k.api_key_meta, key_id, meta)
+            await pipe.execute()
+
+    async def list_api_keys(self, account_id: str) -> dict[str, str]:
+        """Key id -> its metadata JSON."""
+        k = account_keys(account_id)
+        async with _guard():
+            raw = await self.client.hgetall(k.api_key_meta)
+        return {_text(key): _text(value) for key, value in raw.items()}
+
+    async def revoke_api_key(self, account_id: str, key_id: str, meta: bytes) -> None:
+        """The key stops working at once, on every instance: its hash is gone."""
+        k = account_keys(account_id)
+        async with _guard(), self.client.pipeline(transaction=True) as pipe:
+            pipe.hdel(k.api_keys, key_id)
+            pipe.hset(k.api_key_meta, key_id, meta)
+            await pipe.execute()
+
+    async def authenticate(
+        self, account_id: str, key_id: str, key_hash: str
+    ) -> tuple[str, tuple[str, ...]] | None:
+        """(state, subscriptions) of the key's account, or None for a bad key."""
+        k = account_keys(account_id)
+        keys = [k.account, k.api_keys, k.subscriptions]
+        out = [_text(x) for x in await self._run("authenticate", keys, [key_id, key_hash])]
+        if out[0] != "ok":
+            return None
+        return out[1], tuple(out[2:])
+
+    # calls ------------------------------------------------------------------------------
+
+    async def reserve(
+        self,
+        account_id: str,
+        key_id: str,
+        key_hash: str,
+        model: str,
+        hold: int,
+        request_id: str,
+        lease_until_ms: int,
+        dedicated: bool,
+    ) -> Admission:
+        """Authenticate, check and hold in one round trip."""
+        k = account_keys(account_id)
+        keys = [k.account, k.api_keys, k.subscriptions, k.holds, k.hold_leases]
+        args = [
+            key_id,
+            key_hash,
+            model,
+            hold,
+            request_id,
+            lease_until_ms,
+            "1" if dedicated else "0",
+        ]
+        out = [_text(x) for x in await self._run("reserve", keys, args)]
+        if out[0] == "ok":
+            return Admission("ok", held=int(out[1]))
+        if out[0] == "insufficient_balance":
+            return Admission(out[0], available=int(out[1]))
+        return Admission(out[0])
+
+    async def settle(
+        self, account_id: str, request_id: str, cost: int, now_ms: int, record: Mapping[str, Any]
+    ) -> SettleResult:
+        """Debit `cost`, release the hold, append `record`; a second call changes nothing."""
+        k = account_keys(account_id)
+        keys = [k.account, k.holds, k.hold_leases, k.usage, k.settled(request_id)]
+        args: list[Any] = [request_id, cost, now_ms, SETTLED_TTL_SECONDS]
+        for field, value in record.items():
+            args.extend((field, value))
+        out = [_text(x) for x in await self._run("settle", keys, args)]
+        if out[0] == "ok":
+            return SettleResult("ok", cost, int(out[1]), out[2])
+        if out[0] == "duplicate":
+            return SettleResult("duplicate", int(out[1]))
+        return SettleResult(out[0], cost)
+
+    async def release(self, account_id: str, request_id: str) -> bool:
+        """Drop a hold without charging; False if there was none."""
+        k = account_keys(account_id)
+        keys = [k.account, k.holds, k.hold_leases]
+        return bool(await self._run("release", keys, [request_id]))
+
+    # usage ------------------------------------------------------------------------------
+
+    async def usage(
+        self, account_id: str, limit: int, after: str | None
+    ) -> tuple[list[tuple[str, dict[str, str]]], str | None]:
+        """Up to `limit` usage records after cursor `after`, oldest first, and the next cursor."""
+        k = account_keys(account_id)
+        start = f"({after}" if after else "-"
+        async with _guard():
+            entries: Any = await self.client.xrange(k.usage, min=start, max="+", count=limit)
+        records = [
+            (_text(entry_id), {_text(f): _text(v) for f, v in fields.items()})
+            for entry_id, fields in entries
+        ]
+        cursor = records[-1][0] if len(records) == limit else None
+        return records, cursor
+
+    async def open_holds(self, account_id: str) -> dict[str, int]:
+        k = account_keys(account_id)
+        async with _guard():
+            raw: Any = await self.client.hgetall(k.holds)
+        return {_text(rid): int(v) for rid, v in raw.items()}

@@ -1,0 +1,38 @@
+-- Admission in one step: authenticate the key, check the account may call the model, and
+-- hold the call's estimated cost against its available balance (balance - open holds).
+-- KEYS[1] account hash, KEYS[2] api key hashes, KEYS[3] subscriptions set,
+-- KEYS[4] holds hash, KEYS[5] hold leases zset
+-- ARGV[1] key id, ARGV[2] sha256 of the secret, ARGV[3] model, ARGV[4] hold (micro-units),
+-- ARGV[5] request id, ARGV[6] lease end (ms), ARGV[7] '1' if the model is dedicated
+local stored = redis.call('HGET', KEYS[2], ARGV[1])
+if not stored or stored ~= ARGV[2] then
+  return {'invalid_api_key'}
+end
+local acct = redis.call('HMGET', KEYS[1], 'state', 'balance', 'held')
+local state, balance, held = acct[1], tonumber(acct[2]), tonumber(acct[3])
+if not state then
+  return {'invalid_api_key'}
+end
+local dedicated = ARGV[7] == '1'
+if state == 'cleared' then
+  return {'account_cleared'}
+end
+if state == 'frozen' and not dedicated then
+  return {'account_frozen'}
+end
+if redis.call('SISMEMBER', KEYS[3], ARGV[3]) == 0 then
+  return {'model_not_subscribed'}
+end
+local hold = tonumber(ARGV[4])
+if dedicated then
+  hold = 0
+elseif balance - held < hold then
+  return {'insufficient_balance', tostring(balance - held)}
+end
+if redis.call('HEXISTS', KEYS[4], ARGV[5]) == 1 then
+  return {'duplicate_request'}
+end
+redis.call('HSET', KEYS[4], ARGV[5], hold)
+redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
+redis.call('HINCRBY', KEYS[1], 'held', hold)
+return {'ok', tostring(hold)}

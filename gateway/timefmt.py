@@ -1,0 +1,21 @@
+"""Times in APIs: ISO 8601 UTC with milliseconds; stored as integer ms since the epoch."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+
+__all__ = ["iso_ms", "now_ms"]
+
+
+def now_ms() -> int:
+    """Wall-clock time in ms since the epoch, the unit every stored time uses."""
+    return int(time.time() * 1000)
+
+
+def iso_ms(ms: int | None) -> str | None:
+    """`1700000000123` -> `"2023-11-14T22:13:20.123Z"`; None stays None."""
+    if ms is None:
+        return None
+    moment = datetime.fromtimestamp(ms / 1000, tz=UTC)
+    return moment.strftime("%Y-%m-%dT%H:%M:%S.") + f"{ms % 1000:03d}Z"
