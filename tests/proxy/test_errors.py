@@ -8,8 +8,8 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.conftest import UPSTREAM_KEY, model_entry
 from tests.admin import Admin
+from tests.conftest import UPSTREAM_KEY, model_entry
 from tests.procs import Proc, free_port
 
 CHAT = {"model": "mock-model", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 5}

@@ -7,8 +7,8 @@ from collections.abc import Callable
 import aiohttp
 import orjson
 
-from tests.conftest import model_entry
 from tests.admin import Admin
+from tests.conftest import model_entry
 from tests.procs import Proc, free_port
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
