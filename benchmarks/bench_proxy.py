@@ -27,6 +27,7 @@ import http.client
 import importlib.metadata
 import itertools
 import json
+import math
 import os
 import platform
 import re
@@ -43,6 +44,7 @@ from collections import Counter
 from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any, cast
 
@@ -82,7 +84,7 @@ class Plan:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    """The full plan (~2 min), or the quick one (~40 s); --duration/--connections override."""
+    """The full plan (~80 s), or the quick one (~40 s); --duration/--connections override."""
     if args.quick:
         plan = Plan(50, 500, 300, 4, 3, args.connections, 5.0, 1.0)
     else:
@@ -199,12 +201,13 @@ class ResponseParser:
         """Advance one state from `pos`; the new position, or -1 when more bytes are needed."""
         state = self._state
         if state in (_LENGTH, _CHUNK_DATA):
+            if pos == len(buf):
+                return -1
             take = min(self._remaining, len(buf) - pos)
             out += buf[pos : pos + take]
             self._remaining -= take
-            if self._remaining:
-                return -1
-            self._state = _DONE if state == _LENGTH else _CHUNK_END
+            if not self._remaining:
+                self._state = _DONE if state == _LENGTH else _CHUNK_END
             return pos + take
         if state == _CHUNK_END:
             if len(buf) - pos < 2:
@@ -413,10 +416,11 @@ class Samples:
 
 
 async def probe(client: Client, payload: bytes, stream: bool, samples: Samples | None) -> None:
-    """One request; its timings go to `samples` (None: warm-up, failures still count)."""
+    """One request; its timings and failures go to `samples` (None: warm-up, not counted)."""
     clock = SseClock() if stream else None
     result = await client.exchange(payload, clock)
     if samples is None:
+        client.errors.clear()
         return
     samples.errors.update(client.errors)
     client.errors.clear()
@@ -530,14 +534,14 @@ async def python_load(target: Target, stream: bool, plan: Plan) -> LoadResult:
         try:
             while time.perf_counter_ns() < end:
                 exchange = await client.exchange(payload)
-                counted = exchange is not None and begin <= exchange.end_ns < end
-                if exchange is not None and counted:
-                    why = problem(exchange, stream, check_tokens=False)
-                    if why is None:
-                        result.requests += 1
-                        result.latency_ns.append(exchange.end_ns - exchange.start_ns)
-                    else:
-                        result.errors[why] += 1
+                if exchange is None:
+                    continue  # tallied in client.errors
+                why = problem(exchange, stream, check_tokens=False)
+                if why is not None:
+                    result.errors[why] += 1
+                elif begin <= exchange.end_ns < end:
+                    result.requests += 1
+                    result.latency_ns.append(exchange.end_ns - exchange.start_ns)
             result.errors.update(client.errors)
         finally:
             client.close()
@@ -837,7 +841,7 @@ def running_stack(workdir: Path, pinned: bool) -> Iterator[Stack]:
             Target("direct", paced_mock.port, "mock-model", key),
             Target("gateway", gateway.port, "bench-model-paced", key),
         )
-    except BaseException:
+    except Exception:  # not on Ctrl-C or SIGTERM: then the logs are of no interest
         for proc in procs:
             tail = proc.log.read_text(errors="replace")[-2000:] if proc.log.exists() else ""
             print(f"--- {proc.name} log (tail) ---\n{tail}", file=sys.stderr)
@@ -884,13 +888,15 @@ class Results:
 def run_phases(
     runner: asyncio.Runner, stack: Stack, plan: Plan, load_tool: str, workdir: Path, pinned: bool
 ) -> Results:
+    """Every measurement, in order; each async phase runs with the collector paused."""
     results = Results()
     pair = [stack.direct, stack.via_gateway]
+    budget = PHASE_TIMEOUT + plan.load_warmup + plan.duration
 
     def timed(what: str, phase: Callable[[], Awaitable[Any]]) -> Any:
         progress(what)
         with quiet_gc():
-            return runner.run(asyncio.wait_for(phase(), timeout=PHASE_TIMEOUT))
+            return runner.run(asyncio.wait_for(phase(), timeout=budget))
 
     results.cold = timed("first contact", lambda: first_contact(pair))
     timed("first paced contact", lambda: first_contact([stack.paced_direct, stack.paced_gateway]))
@@ -911,12 +917,13 @@ def run_phases(
     for stream in (False, True):
         for target in pair:
             key = f"{target.label}/{'stream' if stream else 'plain'}"
-            progress(f"throughput {key}: {plan.connections} connections, {plan.duration:g} s")
+            what = f"throughput {key}: {plan.connections} connections, {plan.duration:g} s"
             if load_tool == "wrk":
+                progress(what + " (wrk)")
                 pin = pin_prefix(CLIENT_CPU, pinned)
                 results.load[key] = wrk_load(workdir, target, stream, plan, pin)
             else:
-                results.load[key] = timed(key, lambda t=target, s=stream: python_load(t, s, plan))
+                results.load[key] = timed(what, partial(python_load, target, stream, plan))
     return results
 
 
@@ -937,6 +944,8 @@ def percentile(values: Sequence[int], q: float) -> float:
 
 @dataclass
 class Row:
+    """One line of the table: milliseconds, requests per second, failed requests."""
+
     target: str
     mode: str
     p50_ms: float
@@ -987,7 +996,9 @@ def build_rows(results: Results, plan: Plan) -> list[Row]:
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
-    return "-" if value is None else f"{value:.{digits}f}"
+    if value is None:
+        return "-"
+    return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -1019,23 +1030,20 @@ def version(dist: str) -> str:
 
 def wrk_version() -> str:
     done = subprocess.run(["wrk", "-v"], capture_output=True, text=True, check=False)
-    return (
-        (done.stdout + done.stderr).strip().splitlines()[0] if done.stdout + done.stderr else "wrk"
-    )
+    words = (done.stdout + done.stderr).split()
+    return " ".join(words[:2]) if words else "wrk"
 
 
-def describe(
-    args: argparse.Namespace, plan: Plan, stack: Stack, pinning: str, load_tool: str
-) -> dict[str, str]:
+def describe(plan: Plan, stack: Stack, pinning: str, load_tool: str) -> dict[str, str]:
     """The run's context, as label -> text."""
     gateway_pids = [stack.gateway.popen.pid, *children(stack.gateway.popen.pid)]
     placed = ", ".join(f"{pid}:CPU{affinity(pid)}" for pid in gateway_pids)
     mocks = ", ".join(
         f"{p.popen.pid}:CPU{affinity(p.popen.pid)}" for p in (stack.mock, stack.paced_mock)
     )
-    loader = (
-        wrk_version() if load_tool == "wrk" else "built-in asyncio client (uvloop), this process"
-    )
+    loader = "built-in asyncio client, this process"
+    if load_tool == "wrk":
+        loader = f"{wrk_version()}, one thread, on CPU {CLIENT_CPU} when pinned"
     client_loop = "uvloop" if version("uvloop") != "not installed" else "asyncio"
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
@@ -1045,8 +1053,10 @@ def describe(
             f"Python {platform.python_version()}, aiohttp {version('aiohttp')}, "
             f"uvloop {version('uvloop')}, inference-gateway {version('inference-gateway')}"
         ),
-        "pinning": f"{pinning}; gateway+Valkey pids {placed}; mocks {mocks}; "
-        f"load generator pid {os.getpid()}:CPU{affinity(0)}",
+        "pinning": (
+            f"{pinning}; pid:CPU gateway+Valkey {placed}, mocks {mocks}, "
+            f"this process {os.getpid()}:CPU{affinity(0)}"
+        ),
         "request": (
             f"POST {PATH}, {len(user_message().encode())}-byte user message, "
             f"max_tokens {MAX_TOKENS}; Authorization: Bearer <key {stack.key_source}>"
@@ -1094,6 +1104,11 @@ def report(context: dict[str, str], rows: Sequence[Row], notes: Sequence[str]) -
     return "\n".join(lines)
 
 
+def no_nan(value: Any) -> Any:
+    """NaN (a percentile of no samples) as JSON null."""
+    return None if isinstance(value, float) and math.isnan(value) else value
+
+
 def raw_json(context: dict[str, str], plan: Plan, rows: Sequence[Row], results: Results) -> str:
     def samples(phase: dict[str, Samples]) -> dict[str, Any]:
         return {label: {**asdict(s), "errors": dict(s.errors)} for label, s in phase.items()}
@@ -1101,7 +1116,7 @@ def raw_json(context: dict[str, str], plan: Plan, rows: Sequence[Row], results: 
     doc = {
         "context": context,
         "plan": asdict(plan),
-        "rows": [asdict(r) for r in rows],
+        "rows": [{k: no_nan(v) for k, v in asdict(r).items()} for r in rows],
         "units": "rows in ms and req/s; samples in ns",
         "samples": {
             "nonstream": samples(results.nonstream),
@@ -1122,7 +1137,9 @@ def raw_json(context: dict[str, str], plan: Plan, rows: Sequence[Row], results: 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a ~40 s run with fewer requests")
-    parser.add_argument("--duration", type=float, help="seconds per throughput row (default 10)")
+    parser.add_argument(
+        "--duration", type=float, help="seconds per throughput row (default 10; 5 with --quick)"
+    )
     parser.add_argument("--connections", type=int, default=32, help="concurrent connections")
     parser.add_argument("--json", type=Path, help="also write the raw numbers to this file")
     parser.add_argument(
@@ -1140,12 +1157,20 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
+def install_wrk() -> None:
+    """apt-get install wrk; refresh the package lists once if the first try fails."""
+    progress("installing wrk with apt-get")
+    install = ["apt-get", "install", "-y", "wrk"]
+    if subprocess.run(install, check=False, timeout=PHASE_TIMEOUT).returncode != 0:
+        subprocess.run(["apt-get", "update"], check=False, timeout=PHASE_TIMEOUT)
+        subprocess.run(install, check=False, timeout=PHASE_TIMEOUT)
+
+
 def choose_load_tool(args: argparse.Namespace) -> str:
     if args.load_generator == "python":
         return "python"
     if shutil.which("wrk") is None and args.install_wrk:
-        progress("installing wrk with apt-get")
-        subprocess.run(["apt-get", "install", "-y", "wrk"], check=False, timeout=PHASE_TIMEOUT)
+        install_wrk()
     if shutil.which("wrk") is not None:
         return "wrk"
     if args.load_generator == "wrk":
@@ -1184,7 +1209,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             running_stack(workdir, pinned) as stack,
             asyncio.Runner(loop_factory=new_loop) as runner,
         ):
-            context = describe(args, plan, stack, pinning, load_tool)
+            context = describe(plan, stack, pinning, load_tool)
             load_before = os.getloadavg()[0]
             results = run_phases(runner, stack, plan, load_tool, workdir, pinned)
             context["first calls (cold, not in the table)"] = "; ".join(results.cold)

@@ -13,7 +13,7 @@ __all__ = ["MAX_AMOUNT_MICROS", "call_cost", "format_micros", "parse_amount"]
 MICROS = 1_000_000
 # Redis' Lua numbers are doubles, exact to 2**53; keep every amount far below that.
 MAX_AMOUNT_MICROS = 10**15
-_AMOUNT = re.compile(r"^(\d{1,10})(?:\.(\d{1,6}))?$")
+_AMOUNT = re.compile(r"^([0-9]{1,10})(?:\.([0-9]{1,6}))?$")  # ASCII digits only
 
 
 def parse_amount(text: object) -> int:

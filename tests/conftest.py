@@ -10,7 +10,7 @@ import pytest
 import redis
 
 from gateway.store.embedded import EmbeddedStore
-from tests.admin import ADMIN_TOKEN, Admin
+from tests.admin_client import ADMIN_TOKEN, Admin
 from tests.procs import Proc, start_gateway, start_mock
 
 UPSTREAM_KEY = "sk-upstream-test-secret"
@@ -32,9 +32,9 @@ def valkey(session_tmp: Path) -> Iterator[EmbeddedStore]:
 
 @pytest.fixture
 def redis_client(valkey: EmbeddedStore) -> Iterator[redis.Redis]:
-    """A sync client on a flushed database: each test starts from nothing."""
+    """A sync client on the shared store. Not flushed: session fixtures keep accounts there,
+    and every test works on accounts of its own (random ids) instead."""
     client = redis.Redis.from_url(valkey.url)
-    client.flushdb()
     yield client
     client.close()
 

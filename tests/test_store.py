@@ -13,7 +13,7 @@ import orjson
 import redis
 
 from gateway.store.embedded import EmbeddedStore
-from tests.admin import Admin
+from tests.admin_client import Admin
 from tests.conftest import GATEWAY_ENV, model_entry
 from tests.procs import Proc, free_port, start_gateway
 

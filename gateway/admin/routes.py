@@ -33,6 +33,7 @@ __all__ = ["routes"]
 
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 MAX_USAGE_PAGE = 1000
+MAX_STREAM_PART = 2**64 - 1  # each half of a Redis stream id is an unsigned 64-bit number
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -189,14 +190,17 @@ async def unsubscribe(request: web.Request) -> web.Response:
 
 def _limit(request: web.Request) -> int:
     raw = request.query.get("limit", "100")
-    if not raw.isdigit() or not 1 <= int(raw) <= MAX_USAGE_PAGE:
+    if not re.fullmatch(r"[0-9]{1,4}", raw) or not 1 <= int(raw) <= MAX_USAGE_PAGE:
         raise InvalidRequest(f"limit must be an integer from 1 to {MAX_USAGE_PAGE}", param="limit")
     return int(raw)
 
 
 def _after(request: web.Request) -> str | None:
     after = request.query.get("after")
-    if after is not None and not re.fullmatch(r"\d+-\d+", after):
+    if after is None:
+        return None
+    match = re.fullmatch(r"([0-9]{1,20})-([0-9]{1,20})", after)
+    if match is None or max(int(match.group(1)), int(match.group(2))) > MAX_STREAM_PART:
         raise InvalidRequest("after must be the 'next' cursor of a previous page", param="after")
     return after
 

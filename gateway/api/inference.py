@@ -38,6 +38,7 @@ from gateway.metering.usage import CallStatus, bill_call
 from gateway.money import format_micros
 from gateway.proxy.forward import RelayOutcome, open_upstream, relay
 from gateway.proxy.routing import Upstream
+from gateway.state import Snapshot
 
 __all__ = ["require_key", "routes"]
 
@@ -152,9 +153,34 @@ def _status_of(outcome: RelayOutcome) -> CallStatus:
     return "upstream_error"
 
 
+async def _proxy_only(
+    request: web.Request, snapshot: Snapshot, body: bytes, payload: dict[str, Any], path: str
+) -> web.StreamResponse:
+    """`billing.metering: false`: forward and relay, nothing counted or billed."""
+    name = payload["model"]
+    route = snapshot.routing.get(name)
+    if route is None:
+        raise ModelNotFound(f"the model '{name}' does not exist", param="model")
+    timeouts = snapshot.settings.proxy.timeouts
+    upstream_call = await open_upstream(
+        request.app[HTTP],
+        route.candidates(),
+        path,
+        _upstream_body(body, payload, name, add_usage=False),
+        request.headers,
+        request[REQUEST_ID],
+        timeouts,
+    )
+    response, _ = await relay(request, upstream_call, timeouts)
+    return response
+
+
 async def _forward(request: web.Request, kind: CallKind, path: str) -> web.StreamResponse:
     snapshot = request.app[CONFIG].snapshot
     settings = snapshot.settings
+    if not settings.billing.metering:
+        body = await read_body(request, settings.server.max_body_bytes)
+        return await _proxy_only(request, snapshot, body, parse_call_body(body), path)
     key = require_key(request)
     body = await read_body(request, settings.server.max_body_bytes)
     payload = parse_call_body(body)

@@ -24,6 +24,9 @@ def _json(data: Any) -> web.Response:
 
 
 async def _subscriptions(request: web.Request) -> tuple[str, ...]:
+    settings = request.app[CONFIG].snapshot.settings
+    if not settings.billing.metering:
+        return tuple(m.name for m in settings.models)  # a pure proxy serves every model
     key = require_key(request)
     found = await request.app[LEDGER].authenticate(key.account_id, key.key_id, key.key_hash)
     if found is None:

@@ -76,6 +76,9 @@ class ProxyConfig(_Frozen):
 
 
 class BillingConfig(_Frozen):
+    # False makes a pure proxy: no keys, no counting, no ledger. For measuring the proxy alone
+    # or fronting free models; every call is then unauthenticated and unbilled.
+    metering: bool = True
     currency: str = "USD"
     grace_period: Duration = 15 * 86400.0
     retention_period: Duration = 15 * 86400.0

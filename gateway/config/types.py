@@ -15,9 +15,9 @@ from pydantic import BeforeValidator
 
 __all__ = ["Duration", "Micros", "RateLimit", "parse_duration", "parse_micros"]
 
-_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+_DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DECIMAL = re.compile(r"^\d+(\.\d{1,6})?$")
+_DECIMAL = re.compile(r"^[0-9]+(\.[0-9]{1,6})?$")
 
 
 def parse_duration(value: Any) -> float:

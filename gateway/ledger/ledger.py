@@ -97,6 +97,19 @@ class TopupResult:
     created_at: int = 0
 
 
+_MAX_PART = 2**64 - 1
+
+
+def _after(stream_id: str) -> str | None:
+    """The first stream id after `stream_id` (inclusive start for XRANGE), None past the end."""
+    ms, seq = (int(part) for part in stream_id.split("-"))
+    if seq < _MAX_PART:
+        return f"{ms}-{seq + 1}"
+    if ms < _MAX_PART:
+        return f"{ms + 1}-0"
+    return None
+
+
 @asynccontextmanager
 async def _guard() -> AsyncIterator[None]:
     """Turn any store failure into LedgerUnavailable."""
@@ -265,16 +278,19 @@ class Ledger:
     async def usage(
         self, account_id: str, limit: int, after: str | None
     ) -> tuple[list[tuple[str, dict[str, str]]], str | None]:
-        """Up to `limit` usage records after cursor `after`, oldest first, and the next cursor."""
+        """Up to `limit` usage records after cursor `after`, oldest first, and the cursor of the
+        next page (None when there is no more)."""
         k = account_keys(account_id)
-        start = f"({after}" if after else "-"
+        start = _after(after) if after else "-"
+        if start is None:
+            return [], None
         async with _guard():
-            entries: Any = await self.client.xrange(k.usage, min=start, max="+", count=limit)
+            entries: Any = await self.client.xrange(k.usage, min=start, max="+", count=limit + 1)
         records = [
             (_text(entry_id), {_text(f): _text(v) for f, v in fields.items()})
-            for entry_id, fields in entries
+            for entry_id, fields in entries[:limit]
         ]
-        cursor = records[-1][0] if len(records) == limit else None
+        cursor = records[-1][0] if len(entries) > limit else None
         return records, cursor
 
     async def open_holds(self, account_id: str) -> dict[str, int]:

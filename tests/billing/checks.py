@@ -10,7 +10,7 @@ from typing import Any
 import redis
 
 from gateway.ledger.keys import account_keys
-from tests.admin import Admin
+from tests.admin_client import Admin
 
 
 def micros(text: str) -> int:

@@ -10,7 +10,7 @@ import orjson
 import redis
 
 from gateway.ledger.keys import account_keys
-from tests.admin import Admin
+from tests.admin_client import Admin
 from tests.billing.checks import assert_invariant, micros
 from tests.conftest import model_entry
 from tests.procs import Proc

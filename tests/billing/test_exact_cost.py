@@ -9,7 +9,7 @@ import orjson
 import pytest
 import redis
 
-from tests.admin import Admin
+from tests.admin_client import Admin
 from tests.billing.checks import assert_invariant, expected_cost, micros
 from tests.conftest import model_entry
 from tests.procs import Proc

@@ -10,7 +10,7 @@ import aiohttp
 import orjson
 import redis
 
-from tests.admin import Admin
+from tests.admin_client import Admin
 from tests.billing.checks import assert_invariant, micros, wait_no_holds
 from tests.conftest import model_entry
 from tests.procs import Proc, free_port

@@ -14,7 +14,7 @@ import pytest
 
 from gateway.metering.prompt import OFFLOAD_BYTES, count_prompt, count_prompt_sync
 from gateway.metering.tokenizers import get_encoding
-from tests.admin import Admin
+from tests.admin_client import Admin
 from tests.procs import Proc
 
 CORPUS: list[dict[str, Any]] = [

@@ -8,7 +8,7 @@ import aiohttp
 import orjson
 import pytest
 
-from tests.admin import Admin
+from tests.admin_client import Admin
 from tests.conftest import UPSTREAM_KEY, model_entry
 from tests.procs import Proc, free_port
 

@@ -7,7 +7,7 @@ from collections.abc import Callable
 import aiohttp
 import orjson
 
-from tests.admin import Admin
+from tests.admin_client import Admin
 from tests.conftest import model_entry
 from tests.procs import Proc, free_port
 
