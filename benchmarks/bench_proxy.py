@@ -514,8 +514,10 @@ class LoadResult:
     tool: str
     requests: int
     seconds: float
-    latency_ns: list[int]
     errors: Counter[str]
+    p50_ms: float = math.nan
+    p99_ms: float = math.nan
+    latency_ns: list[int] = field(default_factory=list)  # every sample (asyncio only)
 
     @property
     def rps(self) -> float:
@@ -527,7 +529,7 @@ async def python_load(target: Target, stream: bool, plan: Plan) -> LoadResult:
     payload = target.payload(stream)
     begin = time.perf_counter_ns() + int(plan.load_warmup * 1e9)
     end = begin + int(plan.duration * 1e9)
-    result = LoadResult("asyncio", 0, plan.duration, [], Counter())
+    result = LoadResult("asyncio", 0, plan.duration, Counter())
 
     async def worker() -> None:
         client = Client(target)
@@ -549,6 +551,8 @@ async def python_load(target: Target, stream: bool, plan: Plan) -> LoadResult:
     async with asyncio.TaskGroup() as group:
         for _ in range(plan.connections):
             group.create_task(worker())
+    result.p50_ms = percentile(result.latency_ns, 50)
+    result.p99_ms = percentile(result.latency_ns, 99)
     return result
 
 
@@ -609,7 +613,7 @@ def run_wrk(
     errors = Counter({k: v for k, v in kinds.items() if v})
     if status:
         errors["non-2xx"] = status
-    return LoadResult("wrk", n - status, us / 1e6, [p50 * 1000, p99 * 1000], errors)
+    return LoadResult("wrk", n - status, us / 1e6, errors, p50 / 1000, p99 / 1000)
 
 
 def wrk_load(workdir: Path, target: Target, stream: bool, plan: Plan, pin: list[str]) -> LoadResult:
@@ -956,17 +960,28 @@ class Row:
     errors: int
 
 
-def latency_rows(mode: str, direct: list[int], gateway: list[int], errors: list[int]) -> list[Row]:
-    d50, d99 = percentile(direct, 50), percentile(direct, 99)
-    g50, g99 = percentile(gateway, 50), percentile(gateway, 99)
+def row_pair(
+    mode: str, direct: tuple[float, float], gateway: tuple[float, float], errors: list[int]
+) -> list[Row]:
+    """The direct row and the gateway row, from (p50, p99) of each."""
+    (d50, d99), (g50, g99) = direct, gateway
     return [
         Row("direct", mode, d50, d99, None, None, None, errors[0]),
         Row("gateway", mode, g50, g99, g50 - d50, g99 - d99, None, errors[1]),
     ]
 
 
+def latency_rows(mode: str, direct: list[int], gateway: list[int], errors: list[int]) -> list[Row]:
+    return row_pair(mode, p50_p99(direct), p50_p99(gateway), errors)
+
+
+def p50_p99(values: Sequence[int]) -> tuple[float, float]:
+    return percentile(values, 50), percentile(values, 99)
+
+
 def load_rows(mode: str, direct: LoadResult, gateway: LoadResult) -> list[Row]:
-    rows = latency_rows(mode, direct.latency_ns, gateway.latency_ns, [0, 0])
+    pairs = [(r.p50_ms, r.p99_ms) for r in (direct, gateway)]
+    rows = row_pair(mode, pairs[0], pairs[1], [0, 0])
     for row, result in zip(rows, (direct, gateway), strict=True):
         row.rps = result.rps
         row.errors = sum(result.errors.values())
@@ -1123,7 +1138,7 @@ def raw_json(context: dict[str, str], plan: Plan, rows: Sequence[Row], results: 
             "stream": samples(results.stream),
             "paced": samples(results.paced),
             "load": {
-                key: {**asdict(r), "errors": dict(r.errors), "rps": r.rps}
+                key: {**{k: no_nan(v) for k, v in asdict(r).items()}, "rps": r.rps}
                 for key, r in results.load.items()
             },
         },
@@ -1214,8 +1229,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = run_phases(runner, stack, plan, load_tool, workdir, pinned)
             context["first calls (cold, not in the table)"] = "; ".join(results.cold)
             context["load average"] = (
-                f"{load_before:.2f} at the start, {os.getloadavg()[0]:.2f} at the end (1 min; "
-                "anything else running on these 2 CPUs shows up in the numbers)"
+                f"{load_before:.2f} before the run, {os.getloadavg()[0]:.2f} after (1 min; the "
+                "run itself adds up to 2; anything else on these CPUs shows in the numbers)"
             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
 
+from gateway.accounts.lifecycle import LifecycleSweeper
+from gateway.accounts.notifier import Notifier
 from gateway.admin import create_admin_app
 from gateway.api import inference, models, ops
 from gateway.api.middleware import attach_request_id, errors_middleware
@@ -46,6 +49,24 @@ async def _http_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The arrears timer and the notification deliverer, in every metering instance."""
+    if not app[CONFIG].snapshot.settings.billing.metering:
+        yield
+        return
+    session = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=60))
+    ledger = app[LEDGER]
+    tasks = [
+        asyncio.create_task(LifecycleSweeper(ledger, app[CONFIG]).run(), name="lifecycle"),
+        asyncio.create_task(Notifier(ledger, app[CONFIG], session).run(), name="notifier"),
+    ]
+    yield
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    await session.close()
+
+
 def create_app(
     settings: Settings, store_url: str, config_path: str | None = None
 ) -> web.Application:
@@ -56,7 +77,7 @@ def create_app(
     )
     app[CONFIG] = ConfigHolder(settings, config_path)
     app[STORE_URL] = store_url
-    app.cleanup_ctx.extend([_store_ctx, _http_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _http_ctx, _background_ctx])
     app.on_response_prepare.append(attach_request_id)
     app.add_routes([*inference.routes, *models.routes, *ops.routes])
     app.add_subapp("/admin", create_admin_app())

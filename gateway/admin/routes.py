@@ -11,8 +11,11 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from pydantic import ValidationError
 
 from gateway.accounts.apikeys import KEY_PREFIX, new_api_key
+from gateway.accounts.notifier import load_preferences
+from gateway.accounts.preferences import NotificationPreferences
 from gateway.admin.views import USAGE_FIELDS, account_view, usage_view
 from gateway.errors import (
     AccountExists,
@@ -223,6 +226,55 @@ async def usage(request: web.Request) -> web.StreamResponse:
     return _json({"data": records, "next": cursor})
 
 
+async def put_notifications(request: web.Request) -> web.Response:
+    """PUT /admin/accounts/{id}/notifications: the account's channels and chosen events."""
+    account_id = _account_id(request)
+    data = await _body(request)
+    try:
+        prefs = NotificationPreferences.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        path = ".".join(str(p) for p in first["loc"]) or None
+        message = str(first["msg"]).removeprefix("Value error, ")
+        raise InvalidRequest(f"{path}: {message}", param=path) from None
+    ledger = request.config_dict[LEDGER]
+    await _existing(ledger, account_id)
+    await ledger.set_notifications(
+        account_id, prefs.model_dump_json().encode(), prefs.low_balance_threshold
+    )
+    return _json(prefs.public())
+
+
+async def get_notifications(request: web.Request) -> web.Response:
+    """GET /admin/accounts/{id}/notifications"""
+    account_id = _account_id(request)
+    ledger = request.config_dict[LEDGER]
+    await _existing(ledger, account_id)
+    prefs = await load_preferences(ledger, account_id)
+    return _json((prefs or NotificationPreferences()).public())
+
+
+async def dead_letters(request: web.Request) -> web.Response:
+    """GET /admin/accounts/{id}/dead-letters: deliveries that kept failing."""
+    account_id = _account_id(request)
+    limit = _limit(request)
+    ledger = request.config_dict[LEDGER]
+    await _existing(ledger, account_id)
+    data = [
+        {
+            "id": entry_id,
+            "event": orjson.loads(fields["event"]),
+            "channel": fields.get("channel"),
+            "target": fields.get("target"),
+            "error": fields.get("error"),
+            "attempts": int(fields.get("attempts", "0")),
+            "time": iso_ms(int(fields["time"])) if fields.get("time") else None,
+        }
+        for entry_id, fields in await ledger.dead_letters(account_id, limit)
+    ]
+    return _json({"data": data})
+
+
 routes = [
     web.post("/accounts", create_account),
     web.get("/accounts/{account_id}", get_account),
@@ -233,4 +285,7 @@ routes = [
     web.post("/accounts/{account_id}/subscriptions", subscribe),
     web.delete("/accounts/{account_id}/subscriptions/{model:.+}", unsubscribe),
     web.get("/accounts/{account_id}/usage", usage),
+    web.put("/accounts/{account_id}/notifications", put_notifications),
+    web.get("/accounts/{account_id}/notifications", get_notifications),
+    web.get("/accounts/{account_id}/dead-letters", dead_letters),
 ]

@@ -26,6 +26,8 @@ USAGE_FIELDS = (
     "gateway_prompt_tokens",
     "gateway_completion_tokens",
     "key_id",
+    "channel",
+    "event",
 )
 _INT_FIELDS = (
     "prompt_tokens",
@@ -73,4 +75,6 @@ def usage_view(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
     out["status"] = fields.get("status")
     out["stream"] = fields.get("stream") == "1"
     out["key_id"] = fields.get("key_id") or None
+    out["channel"] = fields.get("channel") or None
+    out["event"] = fields.get("event") or None
     return {name: out.get(name) for name in USAGE_FIELDS}

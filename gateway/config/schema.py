@@ -94,9 +94,18 @@ class RateLimitsConfig(_Frozen):
     tokens: RateLimit | None = None
 
 
+def _check_http_url(value: str) -> str:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("expected an http:// or https:// URL")
+    return value
+
+
 class WebhookSink(_Frozen):
     url: str
     secret_env: str | None = None
+
+    _url = field_validator("url")(_check_http_url)
 
 
 class SmtpConfig(_Frozen):
@@ -108,6 +117,8 @@ class SmtpConfig(_Frozen):
 class SmsConfig(_Frozen):
     url: str
     token_env: str | None = None
+
+    _url = field_validator("url")(_check_http_url)
 
 
 class NotificationPrices(_Frozen):
@@ -122,6 +133,23 @@ class NotificationsConfig(_Frozen):
     smtp: SmtpConfig | None = None
     sms: SmsConfig | None = None
     prices: NotificationPrices = NotificationPrices()
+    # Delivery: at least once, retried with exponential backoff, then dead-lettered.
+    max_attempts: int = Field(default=8, ge=1, le=100)
+    retry_base: Duration = 1.0
+    retry_max: Duration = 300.0
+    poll_interval: Duration = 0.5
+    timeout: Duration = 10.0
+
+    @model_validator(mode="after")
+    def _secrets_present(self) -> NotificationsConfig:
+        for i, sink in enumerate(self.webhooks):
+            if sink.secret_env is not None and sink.secret_env not in os.environ:
+                raise ValueError(
+                    f"webhooks[{i}].secret_env: environment variable {sink.secret_env} is not set"
+                )
+        if self.sms is not None and self.sms.token_env and self.sms.token_env not in os.environ:
+            raise ValueError(f"sms.token_env: environment variable {self.sms.token_env} is not set")
+        return self
 
 
 class PricingConfig(_Frozen):

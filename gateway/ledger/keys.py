@@ -9,7 +9,14 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-__all__ = ["ACCOUNT_ID", "AccountKeys", "account_keys", "valid_account_id"]
+__all__ = [
+    "ACCOUNT_ID",
+    "LIFECYCLE_DUE",
+    "OUTBOX_DUE",
+    "AccountKeys",
+    "account_keys",
+    "valid_account_id",
+]
 
 PREFIX = "gw"
 # Letters, digits, '_' and '-': no braces (they would break the hash tag) and no '.' (the
@@ -20,6 +27,13 @@ ACCOUNT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 SETTLED_TTL_SECONDS = 7 * 86400
 # How long a top-up's Idempotency-Key is remembered (Stripe keeps keys 24 hours).
 IDEMPOTENCY_TTL_SECONDS = 86400
+
+# The two global indexes (their own slots): which accounts have an arrears step due, and
+# which have events waiting to be delivered, each scored by when (ms). They are written just
+# after the account's own script, so a crash between the two can leave an account out; the
+# sweepers' periodic scan of all accounts puts it back.
+LIFECYCLE_DUE = f"{PREFIX}:index:lifecycle"
+OUTBOX_DUE = f"{PREFIX}:index:outbox"
 
 
 def valid_account_id(account_id: str) -> bool:
@@ -72,6 +86,31 @@ class AccountKeys:
     def topups(self) -> str:
         """Stream of top-ups, oldest first (the audit's other half)."""
         return f"{PREFIX}:{self.tag}:topups"
+
+    @property
+    def outbox(self) -> str:
+        """Stream of events waiting for delivery, written by the scripts that cause them."""
+        return f"{PREFIX}:{self.tag}:outbox"
+
+    @property
+    def deliveries(self) -> str:
+        """Hash: `<event id>|<channel id>` -> `done`, or `<attempts>:<next try ms>`."""
+        return f"{PREFIX}:{self.tag}:deliveries"
+
+    @property
+    def dead_letters(self) -> str:
+        """Stream of deliveries that kept failing, for the admin API."""
+        return f"{PREFIX}:{self.tag}:dead"
+
+    @property
+    def outbox_lock(self) -> str:
+        """String: the instance delivering this account's events right now (with a TTL)."""
+        return f"{PREFIX}:{self.tag}:outbox-lock"
+
+    @property
+    def notifications(self) -> str:
+        """String: JSON of the account's own notification channels and chosen events."""
+        return f"{PREFIX}:{self.tag}:notify"
 
     def settled(self, request_id: str) -> str:
         """String: the cost a request was settled at (present once settled)."""

@@ -18,11 +18,33 @@ from redis.commands.core import AsyncScript
 from redis.exceptions import RedisError
 
 from gateway.errors import LedgerUnavailable
-from gateway.ledger.keys import IDEMPOTENCY_TTL_SECONDS, SETTLED_TTL_SECONDS, account_keys
+from gateway.ledger.keys import (
+    IDEMPOTENCY_TTL_SECONDS,
+    LIFECYCLE_DUE,
+    OUTBOX_DUE,
+    SETTLED_TTL_SECONDS,
+    account_keys,
+)
 
-__all__ = ["AccountRecord", "Admission", "Ledger", "SettleResult", "TopupResult"]
+__all__ = ["AccountRecord", "Admission", "AdvanceResult", "Ledger", "SettleResult", "TopupResult"]
+
+# Drop an index entry only if nobody re-marked it since it was read (a new event re-scores it).
+_REMOVE_IF_SCORE = """
+if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1])) == tonumber(ARGV[2]) then
+  return redis.call('ZREM', KEYS[1], ARGV[1])
+end
+return 0
+"""
+# Release a lock only if this instance still holds it.
+_UNLOCK = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then
+  return redis.call('DEL', KEYS[1])
+end
+return 0
+"""
 
 _SCRIPTS = (
+    "advance",
     "authenticate",
     "create_account",
     "release",
@@ -51,6 +73,7 @@ class AccountRecord:
     created_at: int
     topped_up: int
     spent: int
+    cleared_spent: int  # costs of the usage records deleted when the account was cleared
     subscriptions: tuple[str, ...]
 
     @classmethod
@@ -67,6 +90,7 @@ class AccountRecord:
             created_at=int(fields["created_at"]),
             topped_up=int(fields.get("topped_up", 0)),
             spent=int(fields.get("spent", 0)),
+            cleared_spent=int(fields.get("cleared_spent") or 0),
             subscriptions=tuple(sorted(_text(s) for s in subs)),
         )
 
@@ -86,6 +110,16 @@ class SettleResult:
     cost: int
     balance: int | None = None
     state: str | None = None
+    frozen_now: bool = False
+    events: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AdvanceResult:
+    code: str  # idle | frozen | cleared
+    period: str
+    next_due_ms: int
+    events: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,6 +129,7 @@ class TopupResult:
     amount: int = 0
     balance: int = 0
     created_at: int = 0
+    events: int = 0
 
 
 _MAX_PART = 2**64 - 1
@@ -126,12 +161,14 @@ class Ledger:
 
     def __init__(self, client: aioredis.Redis) -> None:
         self.client = client
+        lua = resources.files("gateway.ledger").joinpath("lua")
+        prelude = lua.joinpath("_prelude.lua").read_text()
         self._scripts: dict[str, AsyncScript] = {
-            name: client.register_script(
-                resources.files("gateway.ledger").joinpath(f"lua/{name}.lua").read_text()
-            )
+            name: client.register_script(prelude + lua.joinpath(f"{name}.lua").read_text())
             for name in _SCRIPTS
         }
+        self._remove_if_score = client.register_script(_REMOVE_IF_SCORE)
+        self._unlock = client.register_script(_UNLOCK)
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         async with _guard():
@@ -165,12 +202,22 @@ class Ledger:
     ) -> TopupResult:
         """Credit `amount`; with an idempotency key, at most once per key."""
         k = account_keys(account_id)
-        keys = [k.account, k.idempotency(idem_key or "-"), k.topups]
-        args = [amount, fingerprint if idem_key else "", now_ms, IDEMPOTENCY_TTL_SECONDS, topup_id]
+        keys = [k.account, k.idempotency(idem_key or "-"), k.topups, k.outbox]
+        args = [
+            amount,
+            fingerprint if idem_key else "",
+            now_ms,
+            IDEMPOTENCY_TTL_SECONDS,
+            topup_id,
+            account_id,
+        ]
         out = [_text(x) for x in await self._run("topup", keys, args)]
-        if out[0] in ("ok", "replay"):
-            return TopupResult(out[0], out[1], int(out[2]), int(out[3]), int(out[4]))
-        return TopupResult(out[0])
+        if out[0] not in ("ok", "replay"):
+            return TopupResult(out[0])
+        result = TopupResult(out[0], out[1], int(out[2]), int(out[3]), int(out[4]), int(out[5]))
+        if result.events:
+            await self.mark_due(OUTBOX_DUE, account_id, now_ms)
+        return result
 
     # subscriptions ----------------------------------------------------------------------
 
@@ -219,6 +266,29 @@ class Ledger:
             return None
         return out[1], tuple(out[2:])
 
+    # notifications ----------------------------------------------------------------------
+
+    async def set_notifications(
+        self, account_id: str, preferences_json: bytes, low_threshold: int | None
+    ) -> None:
+        """Store the account's channels; a new threshold starts a fresh low-balance crossing."""
+        k = account_keys(account_id)
+        threshold = "" if low_threshold is None else str(low_threshold)
+        async with _guard(), self.client.pipeline(transaction=True) as pipe:
+            pipe.set(k.notifications, preferences_json)
+            pipe.hset(k.account, mapping={"low_threshold": threshold, "low_notified": ""})
+            await pipe.execute()
+
+    async def dead_letters(self, account_id: str, limit: int) -> list[tuple[str, dict[str, str]]]:
+        """The account's deliveries that kept failing, oldest first."""
+        k = account_keys(account_id)
+        async with _guard():
+            entries: Any = await self.client.xrange(k.dead_letters, count=limit)
+        return [
+            (_text(entry_id), {_text(f): _text(v) for f, v in fields.items()})
+            for entry_id, fields in entries
+        ]
+
     # calls ------------------------------------------------------------------------------
 
     async def reserve(
@@ -256,16 +326,21 @@ class Ledger:
     ) -> SettleResult:
         """Debit `cost`, release the hold, append `record`; a second call changes nothing."""
         k = account_keys(account_id)
-        keys = [k.account, k.holds, k.hold_leases, k.usage, k.settled(request_id)]
-        args: list[Any] = [request_id, cost, now_ms, SETTLED_TTL_SECONDS]
+        keys = [k.account, k.holds, k.hold_leases, k.usage, k.settled(request_id), k.outbox]
+        args: list[Any] = [request_id, cost, now_ms, SETTLED_TTL_SECONDS, account_id]
         for field, value in record.items():
             args.extend((field, value))
         out = [_text(x) for x in await self._run("settle", keys, args)]
-        if out[0] == "ok":
-            return SettleResult("ok", cost, int(out[1]), out[2])
         if out[0] == "duplicate":
             return SettleResult("duplicate", int(out[1]))
-        return SettleResult(out[0], cost)
+        if out[0] != "ok":
+            return SettleResult(out[0], cost)
+        result = SettleResult("ok", cost, int(out[1]), out[2], out[3] == "1", int(out[4]))
+        if result.frozen_now:
+            await self.mark_due(LIFECYCLE_DUE, account_id, now_ms)
+        if result.events:
+            await self.mark_due(OUTBOX_DUE, account_id, now_ms)
+        return result
 
     async def release(self, account_id: str, request_id: str) -> bool:
         """Drop a hold without charging; False if there was none."""
@@ -298,3 +373,55 @@ class Ledger:
         async with _guard():
             raw: Any = await self.client.hgetall(k.holds)
         return {_text(rid): int(v) for rid, v in raw.items()}
+
+    # arrears lifecycle ------------------------------------------------------------------
+
+    async def advance(
+        self, account_id: str, now_ms: int, grace_ms: int, retention_ms: int
+    ) -> AdvanceResult:
+        """Take whatever arrears steps are due for the account (each happens once)."""
+        k = account_keys(account_id)
+        keys = [k.account, k.subscriptions, k.usage, k.outbox]
+        args = [now_ms, grace_ms, retention_ms, account_id]
+        out = [_text(x) for x in await self._run("advance", keys, args)]
+        result = AdvanceResult(out[0], out[1], int(out[2]), int(out[3]))
+        if result.events:
+            await self.mark_due(OUTBOX_DUE, account_id, now_ms)
+        return result
+
+    # global indexes ---------------------------------------------------------------------
+
+    async def mark_due(self, index: str, account_id: str, at_ms: int) -> None:
+        """Put the account in `index` (lifecycle or outbox), due at `at_ms`."""
+        async with _guard():
+            await self.client.zadd(index, {account_id: at_ms})
+
+    async def due(self, index: str, now_ms: int, limit: int) -> list[tuple[str, float]]:
+        """Accounts of `index` due by `now_ms`, with the score they were read at."""
+        async with _guard():
+            rows: Any = await self.client.zrangebyscore(
+                index, "-inf", now_ms, start=0, num=limit, withscores=True
+            )
+        return [(_text(member), float(score)) for member, score in rows]
+
+    async def unmark(self, index: str, account_id: str, score: float) -> None:
+        """Remove the account from `index` unless it was re-marked since `score` was read."""
+        async with _guard():
+            await self._remove_if_score(keys=[index], args=[account_id, repr(score)])
+
+    async def account_ids(self) -> AsyncIterator[str]:
+        """Every account id in the store (a full scan: for rebuilding the indexes)."""
+        async with _guard():
+            async for key in self.client.scan_iter(match="gw:{a:*}:account", count=500):
+                name = _text(key)
+                yield name[len("gw:{a:") : -len("}:account")]
+
+    # locks ------------------------------------------------------------------------------
+
+    async def lock(self, key: str, owner: str, ttl_ms: int) -> bool:
+        async with _guard():
+            return bool(await self.client.set(key, owner, nx=True, px=ttl_ms))
+
+    async def unlock(self, key: str, owner: str) -> None:
+        async with _guard():
+            await self._unlock(keys=[key], args=[owner])

@@ -96,13 +96,13 @@ async def test_prompt_held_then_released_to_actual(
     admin = Admin(priced_gateway.url)
     account_id, key = admin.funded(["p1"], amount="5.00")
     payload = {"model": "p1", "messages": [{"role": "user", "content": "hello"}]}
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
-        async with session.post(
-            priced_gateway.url + "/v1/chat/completions",
-            data=orjson.dumps(payload),
-            headers={"x-mock-token-delay": "0"},
-        ) as resp:
-            usage = orjson.loads(await resp.read())["usage"]
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session,
+        session.post(
+            priced_gateway.url + "/v1/chat/completions", data=orjson.dumps(payload)
+        ) as resp,
+    ):
+        usage = orjson.loads(await resp.read())["usage"]
     cost = expected_cost(usage["prompt_tokens"], usage["completion_tokens"], *PRICES[1])
     account, _ = assert_invariant(admin, redis_client, account_id, micros("5.00"))
     assert micros(account["balance"]) == micros("5.00") - cost

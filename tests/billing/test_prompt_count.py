@@ -94,12 +94,12 @@ async def test_local_prompt_count_equals_upstream(gateway: Proc, admin: Admin, i
     equals the prompt tokens the upstream reported (and billed)."""
     account_id, key = admin.funded(["mock-model"], amount="10.00")
     payload = {"model": "mock-model", "max_tokens": 3, **CORPUS[index]}
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
-        async with session.post(
-            gateway.url + "/v1/chat/completions", data=orjson.dumps(payload)
-        ) as resp:
-            assert resp.status == 200
-            reported = orjson.loads(await resp.read())["usage"]["prompt_tokens"]
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session,
+        session.post(gateway.url + "/v1/chat/completions", data=orjson.dumps(payload)) as resp,
+    ):
+        assert resp.status == 200
+        reported = orjson.loads(await resp.read())["usage"]["prompt_tokens"]
     (record,) = admin.usage(account_id)
     assert record["usage_source"] == "upstream"
     assert record["prompt_tokens"] == reported

@@ -27,7 +27,7 @@ local hold = tonumber(ARGV[4])
 if dedicated then
   hold = 0
 elseif balance - held < hold then
-  return {'insufficient_balance', tostring(balance - held)}
+  return {'insufficient_balance', balance - held}
 end
 if redis.call('HEXISTS', KEYS[4], ARGV[5]) == 1 then
   return {'duplicate_request'}
@@ -35,4 +35,4 @@ end
 redis.call('HSET', KEYS[4], ARGV[5], hold)
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
 redis.call('HINCRBY', KEYS[1], 'held', hold)
-return {'ok', tostring(hold)}
+return {'ok', hold}

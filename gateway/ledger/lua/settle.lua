@@ -1,14 +1,17 @@
 -- Settle a call once: debit its actual cost, release its hold and append its usage record.
--- A settlement that leaves the balance below zero puts the account in arrears (frozen).
+-- A settlement that leaves the balance below zero puts the account in arrears (frozen, grace);
+-- one that takes it below its low-balance threshold says so once per crossing.
 -- KEYS[1] account hash, KEYS[2] holds hash, KEYS[3] hold leases zset, KEYS[4] usage stream,
--- KEYS[5] settled marker of this request
+-- KEYS[5] settled marker of this request, KEYS[6] outbox stream
 -- ARGV[1] request id, ARGV[2] cost (micro-units), ARGV[3] now (ms), ARGV[4] marker ttl (s),
--- ARGV[5..] the usage record's field/value pairs
+-- ARGV[5] account id, ARGV[6..] the usage record's field/value pairs
 local previous = redis.call('GET', KEYS[5])
 if previous then
-  return {'duplicate', previous}
+  return {'duplicate', tonumber(previous)}
 end
-if redis.call('EXISTS', KEYS[1]) == 0 then
+local acct = redis.call('HMGET', KEYS[1], 'state', 'low_threshold', 'low_notified')
+local state, threshold, notified = acct[1], acct[2], acct[3]
+if not state then
   return {'account_not_found'}
 end
 local cost = tonumber(ARGV[2])
@@ -21,14 +24,23 @@ end
 local balance = redis.call('HINCRBY', KEYS[1], 'balance', -cost)
 redis.call('HINCRBY', KEYS[1], 'spent', cost)
 local record = {}
-for i = 5, #ARGV do
+for i = 6, #ARGV do
   record[#record + 1] = ARGV[i]
 end
 redis.call('XADD', KEYS[4], '*', unpack(record))
-redis.call('SET', KEYS[5], ARGV[2], 'EX', ARGV[4])
-local state = redis.call('HGET', KEYS[1], 'state')
+redis.call('SET', KEYS[5], cost, 'EX', ARGV[4])
+local events = 0
+local frozen_now = 0
+if threshold and threshold ~= '' and notified ~= '1' and balance < tonumber(threshold) then
+  redis.call('HSET', KEYS[1], 'low_notified', '1')
+  emit(KEYS[6], 'balance.low', ARGV[5], ARGV[3], 'balance', balance, 'threshold', threshold)
+  events = events + 1
+end
 if balance < 0 and state == 'active' then
   state = 'frozen'
+  frozen_now = 1
   redis.call('HSET', KEYS[1], 'state', 'frozen', 'period', 'grace', 'arrears_since', ARGV[3])
+  emit(KEYS[6], 'account.frozen', ARGV[5], ARGV[3], 'balance', balance)
+  events = events + 1
 end
-return {'ok', tostring(balance), state}
+return {'ok', balance, state, frozen_now, events}
