@@ -785,10 +785,53 @@ def children(pid: int) -> list[int]:
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == pid:
+            if int(_stat_fields(str(stat))[1]) == pid:
                 found.append(int(stat.parent.name))
     return found
+
+
+def _stat_fields(path: str) -> list[str]:
+    """The fields of a /proc/PID/stat line after the command name (which may hold spaces)."""
+    return Path(path).read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu_ticks(pid: int) -> int:
+    """CPU ticks used by `pid` and its reaped children (utime+stime+cutime+cstime)."""
+    try:
+        fields = _stat_fields(f"/proc/{pid}/stat")
+    except OSError:
+        return 0
+    return sum(int(v) for v in fields[11:15])
+
+
+def _busy_ticks() -> int:
+    """CPU ticks the whole machine spent in processes (user, nice, system; not irq time)."""
+    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
+    return int(fields[0]) + int(fields[1]) + int(fields[2])
+
+
+class CpuWatch:
+    """CPU time that processes other than the benchmark's used while it measured.
+
+    The benchmark's own processes (this one with its reaped `wrk` children, the mocks, the
+    gateway and its Valkey) are subtracted from the machine's busy time; what remains is
+    interference, such as a test suite started on the same CPUs.
+    """
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self._start = self._sample()
+        self._began = time.monotonic()
+
+    def _sample(self) -> tuple[int, int]:
+        return _busy_ticks(), sum(_cpu_ticks(pid) for pid in self.pids)
+
+    def report(self) -> str:
+        busy, ours = self._sample()
+        hz = os.sysconf("SC_CLK_TCK")
+        other = max(0, (busy - self._start[0]) - (ours - self._start[1])) / hz
+        wall = time.monotonic() - self._began
+        return f"{other:.1f} CPU-s in {wall:.0f} s ({100 * other / wall:.0f}% of one CPU)"
 
 
 def affinity(pid: int) -> str:
@@ -1049,9 +1092,15 @@ def wrk_version() -> str:
     return " ".join(words[:2]) if words else "wrk"
 
 
+def stack_pids(stack: Stack) -> list[int]:
+    """The mocks, the gateway and the gateway's children (its Valkey)."""
+    pids = [p.popen.pid for p in (stack.mock, stack.paced_mock, stack.gateway)]
+    return [*pids, *children(stack.gateway.popen.pid)]
+
+
 def describe(plan: Plan, stack: Stack, pinning: str, load_tool: str) -> dict[str, str]:
     """The run's context, as label -> text."""
-    gateway_pids = [stack.gateway.popen.pid, *children(stack.gateway.popen.pid)]
+    gateway_pids = stack_pids(stack)[2:]
     placed = ", ".join(f"{pid}:CPU{affinity(pid)}" for pid in gateway_pids)
     mocks = ", ".join(
         f"{p.popen.pid}:CPU{affinity(p.popen.pid)}" for p in (stack.mock, stack.paced_mock)
@@ -1226,8 +1275,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         ):
             context = describe(plan, stack, pinning, load_tool)
             load_before = os.getloadavg()[0]
+            watch = CpuWatch([os.getpid(), *stack_pids(stack)])
             results = run_phases(runner, stack, plan, load_tool, workdir, pinned)
             context["first calls (cold, not in the table)"] = "; ".join(results.cold)
+            context["other processes' CPU during the run"] = watch.report()
             context["load average"] = (
                 f"{load_before:.2f} before the run, {os.getloadavg()[0]:.2f} after (1 min; the "
                 "run itself adds up to 2; anything else on these CPUs shows in the numbers)"

@@ -14,8 +14,9 @@ from gateway.admin import create_admin_app
 from gateway.api import inference, models, ops
 from gateway.api.middleware import attach_request_id, errors_middleware
 from gateway.config.schema import Settings
-from gateway.keys import CONFIG, HTTP, LEDGER, STORE, STORE_URL
+from gateway.keys import CONFIG, HTTP, LEDGER, LIMITER, STORE, STORE_URL
 from gateway.ledger import Ledger
+from gateway.ratelimit import RateLimiter
 from gateway.state import ConfigHolder
 from gateway.store.client import connect_store
 
@@ -26,6 +27,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     client = connect_store(app[STORE_URL])
     app[STORE] = client
     app[LEDGER] = Ledger(client)
+    app[LIMITER] = RateLimiter(app[STORE_URL])
     yield
     await client.aclose()
 

@@ -7,15 +7,17 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.ledger import Ledger
+from gateway.ratelimit import RateLimiter
 from gateway.state import ConfigHolder
 
-__all__ = ["CONFIG", "HTTP", "LEDGER", "REQUEST_ID", "STORE", "STORE_URL"]
+__all__ = ["CONFIG", "HTTP", "LEDGER", "LIMITER", "REQUEST_ID", "STORE", "STORE_URL"]
 
 CONFIG = web.AppKey("config", ConfigHolder)
 STORE_URL = web.AppKey("store_url", str)
 STORE = web.AppKey("store", aioredis.Redis)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 LEDGER = web.AppKey("ledger", Ledger)
+LIMITER = web.AppKey("limiter", RateLimiter)
 
 # Key of the per-request id in `request` (a plain string key: aiohttp has no typed request keys).
 REQUEST_ID = "request_id"

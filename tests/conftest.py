@@ -97,9 +97,17 @@ def make_gateway(tmp_path: Path, valkey: EmbeddedStore) -> Iterator[Callable[...
     """Start a gateway with its own config for one test; stopped after it."""
     started: list[Proc] = []
 
-    def make(models: list[dict[str, Any]], wait: bool = True, **sections: Any) -> Proc:
+    def make(
+        models: list[dict[str, Any]],
+        wait: bool = True,
+        env: dict[str, str] | None = None,
+        **sections: Any,
+    ) -> Proc:
         proc = start_gateway(
-            tmp_path, gateway_config(valkey, models, **sections), GATEWAY_ENV, wait
+            tmp_path,
+            gateway_config(valkey, models, **sections),
+            {**GATEWAY_ENV, **(env or {})},
+            wait,
         )
         started.append(proc)
         return proc

@@ -11,6 +11,7 @@ from typing import Any
 
 import orjson
 from aiohttp import web
+from limits import parse_many
 from pydantic import ValidationError
 
 from gateway.accounts.apikeys import KEY_PREFIX, new_api_key
@@ -226,6 +227,56 @@ async def usage(request: web.Request) -> web.StreamResponse:
     return _json({"data": records, "next": cursor})
 
 
+def _limit_value(data: dict[str, Any], kind: str) -> str:
+    value = data.get(kind)
+    if value is None:
+        return ""
+    if not isinstance(value, str):
+        raise InvalidRequest(
+            f"{kind} must be a rate limit such as '600/minute', or null", param=kind
+        )
+    try:
+        parse_many(value)
+    except ValueError:
+        raise InvalidRequest(
+            f"{kind}: {value!r} is not a rate limit such as '600/minute'", param=kind
+        ) from None
+    return value
+
+
+async def put_rate_limits(request: web.Request) -> web.Response:
+    """PUT /admin/accounts/{id}/rate_limits {"requests", "tokens"}: this account's own limits;
+    null returns a limit to the configured default."""
+    account_id = _account_id(request)
+    data = await _body(request)
+    unknown = set(data) - {"requests", "tokens"}
+    if unknown:
+        raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
+    requests, tokens = _limit_value(data, "requests"), _limit_value(data, "tokens")
+    ledger = request.config_dict[LEDGER]
+    await _existing(ledger, account_id)
+    await ledger.set_rate_limits(account_id, requests, tokens)
+    return await get_rate_limits(request)
+
+
+async def get_rate_limits(request: web.Request) -> web.Response:
+    """GET /admin/accounts/{id}/rate_limits: the account's own limits and those in force."""
+    account_id = _account_id(request)
+    ledger = request.config_dict[LEDGER]
+    await _existing(ledger, account_id)
+    requests, tokens = await ledger.get_rate_limits(account_id)
+    defaults = request.config_dict[CONFIG].snapshot.settings.rate_limits
+    return _json(
+        {
+            "account": {"requests": requests or None, "tokens": tokens or None},
+            "effective": {
+                "requests": requests or defaults.requests,
+                "tokens": tokens or defaults.tokens,
+            },
+        }
+    )
+
+
 async def put_notifications(request: web.Request) -> web.Response:
     """PUT /admin/accounts/{id}/notifications: the account's channels and chosen events."""
     account_id = _account_id(request)
@@ -288,4 +339,6 @@ routes = [
     web.put("/accounts/{account_id}/notifications", put_notifications),
     web.get("/accounts/{account_id}/notifications", get_notifications),
     web.get("/accounts/{account_id}/dead-letters", dead_letters),
+    web.put("/accounts/{account_id}/rate_limits", put_rate_limits),
+    web.get("/accounts/{account_id}/rate_limits", get_rate_limits),
 ]

@@ -28,7 +28,7 @@ from gateway.errors import (
     ModelNotFound,
     ModelNotSubscribed,
 )
-from gateway.keys import CONFIG, HTTP, LEDGER, REQUEST_ID
+from gateway.keys import CONFIG, HTTP, LEDGER, LIMITER, REQUEST_ID
 from gateway.ledger import Admission, Ledger
 from gateway.metering.completion import CompletionMeter
 from gateway.metering.estimate import hold_amount, output_allowance
@@ -38,6 +38,7 @@ from gateway.metering.usage import CallStatus, bill_call
 from gateway.money import format_micros
 from gateway.proxy.forward import RelayOutcome, open_upstream, relay
 from gateway.proxy.routing import Upstream
+from gateway.ratelimit import Decision, RateLimiter
 from gateway.state import Snapshot
 
 __all__ = ["require_key", "routes"]
@@ -106,9 +107,17 @@ class _Call:
     """One metered call's state between admission and settlement."""
 
     def __init__(
-        self, ledger: Ledger, key: ParsedKey, model: ModelConfig, request_id: str, stream: bool
+        self,
+        ledger: Ledger,
+        limiter: RateLimiter,
+        key: ParsedKey,
+        model: ModelConfig,
+        request_id: str,
+        stream: bool,
     ) -> None:
         self.ledger = ledger
+        self.limiter = limiter
+        self.limits = Decision()
         self.key = key
         self.model = model
         self.request_id = request_id
@@ -138,11 +147,20 @@ class _Call:
             "upstream": self.upstream_label,
         }
         self.finished = True
-        await self.ledger.settle(self.key.account_id, self.request_id, bill.cost, now_ms, record)
+        await asyncio.gather(
+            self.ledger.settle(self.key.account_id, self.request_id, bill.cost, now_ms, record),
+            self.limiter.correct(self.limits, bill.prompt_tokens + bill.completion_tokens),
+        )
 
     async def release(self) -> None:
         self.finished = True
         await self.ledger.release(self.key.account_id, self.request_id)
+
+
+def _model_limits(model: ModelConfig) -> dict[str, str | None]:
+    if model.rate_limits is None:
+        return {}
+    return {"requests": model.rate_limits.requests, "tokens": model.rate_limits.tokens}
 
 
 def _status_of(outcome: RelayOutcome) -> CallStatus:
@@ -196,12 +214,13 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
     add_usage = stream and not client_wants_usage
 
     ledger = request.app[LEDGER]
-    call = _Call(ledger, key, model, request_id, stream)
+    call = _Call(ledger, request.app[LIMITER], key, model, request_id, stream)
     call.prompt_tokens = await count_prompt(kind, payload, call.encoding, len(body))
     default_out = model.hold_output_tokens
     if default_out is None:
         default_out = settings.billing.hold_output_tokens
-    hold = hold_amount(model, call.prompt_tokens, output_allowance(kind, payload, default_out))
+    output_tokens = output_allowance(kind, payload, default_out)
+    hold = hold_amount(model, call.prompt_tokens, output_tokens)
     lease_until = int((time.time() + settings.billing.hold_lease) * 1000)
     admission = await ledger.reserve(
         key.account_id,
@@ -218,6 +237,16 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
 
     meter = CompletionMeter(strip_usage=add_usage)
     try:
+        call.limits = await call.limiter.admit(
+            key.account_id,
+            model.name,
+            {
+                "requests": admission.limit_requests or settings.rate_limits.requests,
+                "tokens": admission.limit_tokens or settings.rate_limits.tokens,
+            },
+            _model_limits(model),
+            call.prompt_tokens + output_tokens,
+        )
         timeouts = settings.proxy.timeouts
         upstream_call = await open_upstream(
             request.app[HTTP],
@@ -231,11 +260,18 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         call.upstream_label = upstream_call.upstream.label
         if upstream_call.response.status >= 400:
             # The upstream's own error passes through as it came and costs nothing.
-            response, _ = await relay(request, upstream_call, timeouts)
+            response, _ = await relay(
+                request, upstream_call, timeouts, extra_headers=call.limits.headers
+            )
             await call.release()
             return response
         response, outcome = await relay(
-            request, upstream_call, timeouts, transform=meter.feed, flush=meter.flush
+            request,
+            upstream_call,
+            timeouts,
+            transform=meter.feed,
+            flush=meter.flush,
+            extra_headers=call.limits.headers,
         )
         if outcome.body is not None:
             meter.observe_body(outcome.body)

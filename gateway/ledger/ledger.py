@@ -102,6 +102,8 @@ class Admission:
     code: str
     held: int = 0
     available: int | None = None
+    limit_requests: str = ""  # the account's own rate limits; "" means the configured default
+    limit_tokens: str = ""
 
 
 @dataclass(frozen=True, slots=True)
@@ -266,6 +268,20 @@ class Ledger:
             return None
         return out[1], tuple(out[2:])
 
+    async def set_rate_limits(self, account_id: str, requests: str, tokens: str) -> None:
+        """The account's own limits ("" falls back to the configured defaults)."""
+        k = account_keys(account_id)
+        async with _guard():
+            await self.client.hset(
+                k.account, mapping={"rl_requests": requests, "rl_tokens": tokens}
+            )
+
+    async def get_rate_limits(self, account_id: str) -> tuple[str, str]:
+        k = account_keys(account_id)
+        async with _guard():
+            values: Any = await self.client.hmget(k.account, ["rl_requests", "rl_tokens"])
+        return _text(values[0] or b""), _text(values[1] or b"")
+
     # notifications ----------------------------------------------------------------------
 
     async def set_notifications(
@@ -316,7 +332,7 @@ class Ledger:
         ]
         out = [_text(x) for x in await self._run("reserve", keys, args)]
         if out[0] == "ok":
-            return Admission("ok", held=int(out[1]))
+            return Admission("ok", held=int(out[1]), limit_requests=out[2], limit_tokens=out[3])
         if out[0] == "insufficient_balance":
             return Admission(out[0], available=int(out[1]))
         return Admission(out[0])

@@ -9,7 +9,7 @@ transform (the meter), which passes it on untouched unless it must hide what the
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -105,6 +105,7 @@ async def relay(
     timeouts: TimeoutsConfig,
     transform: ChunkTransform | None = None,
     flush: Callable[[], bytes] | None = None,
+    extra_headers: Mapping[str, str] | None = None,
 ) -> tuple[web.StreamResponse, RelayOutcome]:
     """Relay the upstream answer to the client.
 
@@ -115,8 +116,11 @@ async def relay(
     outcome = RelayOutcome(streamed=_is_event_stream(upstream))
     try:
         if not outcome.streamed:
-            return await _relay_whole(call, timeouts, outcome), outcome
-        return await _relay_stream(request, call, timeouts, outcome, transform, flush), outcome
+            return await _relay_whole(call, timeouts, outcome, extra_headers), outcome
+        return (
+            await _relay_stream(request, call, timeouts, outcome, transform, flush, extra_headers),
+            outcome,
+        )
     finally:
         upstream.release()
 
@@ -125,6 +129,7 @@ async def _relay_whole(
     call: UpstreamCall,
     timeouts: TimeoutsConfig,
     outcome: RelayOutcome,
+    extra_headers: Mapping[str, str] | None,
 ) -> web.StreamResponse:
     upstream = call.response
     try:
@@ -140,9 +145,10 @@ async def _relay_whole(
         ) from None
     outcome.body = body
     outcome.bytes_out = len(body)
-    return web.Response(
-        status=upstream.status, body=body, headers=response_headers(upstream.headers)
-    )
+    headers = response_headers(upstream.headers)
+    if extra_headers:
+        headers.update(extra_headers)
+    return web.Response(status=upstream.status, body=body, headers=headers)
 
 
 async def _send(response: web.StreamResponse, data: bytes, outcome: RelayOutcome) -> bool:
@@ -184,14 +190,16 @@ async def _relay_stream(
     outcome: RelayOutcome,
     transform: ChunkTransform | None,
     flush: Callable[[], bytes] | None,
+    extra_headers: Mapping[str, str] | None,
 ) -> web.StreamResponse:
     upstream = call.response
     chunk = await _first_chunk(call)
     loop = asyncio.get_running_loop()
     outcome.first_chunk_at = loop.time()
-    response = web.StreamResponse(
-        status=upstream.status, headers=response_headers(upstream.headers)
-    )
+    headers = response_headers(upstream.headers)
+    if extra_headers:
+        headers.update(extra_headers)
+    response = web.StreamResponse(status=upstream.status, headers=headers)
     await response.prepare(request)
     content = upstream.content
     try:

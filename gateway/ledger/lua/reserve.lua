@@ -8,7 +8,7 @@ local stored = redis.call('HGET', KEYS[2], ARGV[1])
 if not stored or stored ~= ARGV[2] then
   return {'invalid_api_key'}
 end
-local acct = redis.call('HMGET', KEYS[1], 'state', 'balance', 'held')
+local acct = redis.call('HMGET', KEYS[1], 'state', 'balance', 'held', 'rl_requests', 'rl_tokens')
 local state, balance, held = acct[1], tonumber(acct[2]), tonumber(acct[3])
 if not state then
   return {'invalid_api_key'}
@@ -35,4 +35,5 @@ end
 redis.call('HSET', KEYS[4], ARGV[5], hold)
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
 redis.call('HINCRBY', KEYS[1], 'held', hold)
-return {'ok', hold}
+-- The account's own rate limits ('' = the configured defaults) ride along: no extra trip.
+return {'ok', hold, acct[4] or '', acct[5] or ''}
