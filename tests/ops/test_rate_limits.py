@@ -1,0 +1,162 @@
+"""Rate limits: 429 with Retry-After, OpenAI's x-ratelimit-* headers, shared across instances."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import aiohttp
+import orjson
+import pytest
+
+from tests.admin_client import Admin
+from tests.conftest import model_entry
+from tests.procs import Proc
+
+CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+
+
+async def _post(gw: Proc, key: str, body: dict[str, Any]) -> tuple[int, dict[str, str], Any]:
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session,
+        session.post(gw.url + "/v1/chat/completions", data=orjson.dumps(body)) as resp,
+    ):
+        return resp.status, dict(resp.headers), orjson.loads(await resp.read())
+
+
+@pytest.fixture
+def limited(make_gateway: Callable[..., Proc], mock_a: Proc) -> Callable[..., Proc]:
+    def make(**sections: Any) -> Proc:
+        return make_gateway([model_entry("m", mock_a.url, upstream_model="mock-model")], **sections)
+
+    return make
+
+
+async def test_requests_limit_gives_429_with_headers(limited: Callable[..., Proc]) -> None:
+    """With 3 requests per minute, the 4th call is 429 rate_limit_exceeded with Retry-After;
+    every answer carries x-ratelimit-limit/remaining/reset for requests and tokens."""
+    gw = limited(rate_limits={"requests": "3/minute", "tokens": "100000/minute"})
+    _, key = Admin(gw.url).funded(["m"])
+    remaining = []
+    for _ in range(3):
+        status, headers, _ = await _post(gw, key, CHAT)
+        assert status == 200
+        assert headers["x-ratelimit-limit-requests"] == "3"
+        assert headers["x-ratelimit-limit-tokens"] == "100000"
+        assert headers["x-ratelimit-reset-requests"].endswith("s")
+        remaining.append(int(headers["x-ratelimit-remaining-requests"]))
+    assert remaining == [2, 1, 0]
+    status, headers, answer = await _post(gw, key, CHAT)
+    assert status == 429
+    assert answer["error"]["code"] == "rate_limit_exceeded"
+    assert 1 <= int(headers["Retry-After"]) <= 60
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+
+
+async def test_refused_call_holds_nothing_and_costs_nothing(limited: Callable[..., Proc]) -> None:
+    """A call refused by a rate limit leaves no hold and no usage record."""
+    gw = limited(rate_limits={"requests": "1/minute"})
+    admin = Admin(gw.url)
+    account_id, key = admin.funded(["m"], amount="1.00")
+    assert (await _post(gw, key, CHAT))[0] == 200
+    assert (await _post(gw, key, CHAT))[0] == 429
+    account = admin.account(account_id)
+    assert account["held"] == "0.000000"
+    assert len(admin.usage(account_id)) == 1
+
+
+async def test_token_limit_counts_the_estimate(limited: Callable[..., Proc]) -> None:
+    """Admission charges tokens at the hold estimate (prompt + max_tokens): a call whose
+    estimate does not fit in what is left is 429, and its refused charge is given back."""
+    gw = limited(rate_limits={"requests": "1000/minute", "tokens": "300/minute"})
+    _, key = Admin(gw.url).funded(["m"])
+    big = {**CHAT, "max_tokens": 240}
+    status, headers, answer = await _post(gw, key, big)
+    assert status == 200
+    estimate = answer["usage"]["prompt_tokens"] + 240
+    assert answer["usage"]["completion_tokens"] == 240  # used all it asked: no correction
+    assert int(headers["x-ratelimit-remaining-tokens"]) == 300 - estimate
+    status, _, answer = await _post(gw, key, big)
+    assert status == 429
+    assert answer["error"]["code"] == "rate_limit_exceeded"
+    # The refused estimate was refunded: a small call still fits in what is left.
+    status, headers, answer = await _post(gw, key, {**CHAT, "max_tokens": 2})
+    assert status == 200
+    small = answer["usage"]["prompt_tokens"] + 2
+    assert int(headers["x-ratelimit-remaining-tokens"]) == 300 - estimate - small
+
+
+async def test_stream_cut_short_refunds_unused_tokens(limited: Callable[..., Proc]) -> None:
+    """A stream that ends after 3 of 200 tokens is corrected down to what it used, so the
+    next call sees the refund in x-ratelimit-remaining-tokens."""
+    gw = limited(rate_limits={"requests": "1000/minute", "tokens": "100000/minute"})
+    _, key = Admin(gw.url).funded(["m"])
+    body = {**CHAT, "max_tokens": 200, "stream": True}
+    async with (
+        aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session,
+        session.post(
+            gw.url + "/v1/chat/completions",
+            data=orjson.dumps(body),
+            headers={"x-mock-disconnect-after": "3"},
+        ) as resp,
+    ):
+        after_first = int(resp.headers["x-ratelimit-remaining-tokens"])
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.read()
+    status, headers, answer = await _post(gw, key, {**CHAT, "max_tokens": 1})
+    assert status == 200
+    second_estimate = answer["usage"]["prompt_tokens"] + 1
+    remaining = int(headers["x-ratelimit-remaining-tokens"])
+    # Had the first call kept its 200-token estimate, remaining would be after_first minus
+    # the second estimate; the correction gave back most of the 200.
+    assert remaining > after_first - second_estimate + 150
+
+
+async def test_account_override_through_the_admin_api(limited: Callable[..., Proc]) -> None:
+    """PUT /admin/accounts/{id}/rate_limits gives one account its own limit; null restores
+    the configured default."""
+    gw = limited(rate_limits={"requests": "100/minute"})
+    admin = Admin(gw.url)
+    account_id, key = admin.funded(["m"])
+    reply = admin.call(
+        "PUT", f"/admin/accounts/{account_id}/rate_limits", {"requests": "2/minute", "tokens": None}
+    )
+    assert reply.status == 200, reply.body
+    assert reply.json()["effective"]["requests"] == "2/minute"
+    statuses = [(await _post(gw, key, CHAT))[0] for _ in range(3)]
+    assert statuses == [200, 200, 429]
+    admin.ok("PUT", f"/admin/accounts/{account_id}/rate_limits", {"requests": None})
+    status, headers, _ = await _post(gw, key, CHAT)
+    assert status == 200
+    assert headers["x-ratelimit-limit-requests"] == "100"
+    bad = admin.call("PUT", f"/admin/accounts/{account_id}/rate_limits", {"requests": "lots"})
+    assert bad.status == 400
+    assert bad.json()["error"]["param"] == "requests"
+
+
+async def test_model_limit_applies_per_account_and_model(
+    make_gateway: Callable[..., Proc], mock_a: Proc
+) -> None:
+    """A model's own `rate_limits` block limits each account's calls to that model, apart
+    from its other models."""
+    limited_model = model_entry("m", mock_a.url, upstream_model="mock-model")
+    limited_model["rate_limits"] = {"requests": "2/minute"}
+    free_model = model_entry("free", mock_a.url, upstream_model="mock-model")
+    gw = make_gateway([limited_model, free_model])
+    admin = Admin(gw.url)
+    _, key_a = admin.funded(["m", "free"])
+    _, key_b = admin.funded(["m"])
+    assert [(await _post(gw, key_a, CHAT))[0] for _ in range(3)] == [200, 200, 429]
+    assert (await _post(gw, key_a, {**CHAT, "model": "free"}))[0] == 200
+    assert (await _post(gw, key_b, CHAT))[0] == 200
+
+
+async def test_limits_hold_across_instances(limited: Callable[..., Proc]) -> None:
+    """Two gateways on one store share the counters: 4 requests per minute in all."""
+    sections = {"rate_limits": {"requests": "4/minute"}}
+    first, second = limited(**sections), limited(**sections)
+    _, key = Admin(first.url).funded(["m"])
+    statuses = []
+    for gw in (first, second, first, second, first, second):
+        statuses.append((await _post(gw, key, CHAT))[0])
+    assert statuses == [200, 200, 200, 200, 429, 429]
