@@ -14,8 +14,10 @@ from gateway.admin import create_admin_app
 from gateway.api import inference, models, ops
 from gateway.api.middleware import attach_request_id, errors_middleware
 from gateway.config.schema import Settings
-from gateway.keys import CONFIG, HTTP, LEDGER, LIMITER, STORE, STORE_URL
+from gateway.keys import CONFIG, HTTP, LEDGER, LIMITER, METRICS, STORE, STORE_URL
 from gateway.ledger import Ledger
+from gateway.observability.access import access_middleware
+from gateway.observability.metrics import Metrics
 from gateway.ratelimit import RateLimiter
 from gateway.state import ConfigHolder
 from gateway.store.client import connect_store
@@ -26,7 +28,9 @@ __all__ = ["create_app"]
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     client = connect_store(app[STORE_URL])
     app[STORE] = client
-    app[LEDGER] = Ledger(client)
+    ledger = app[LEDGER] = Ledger(client)
+    redis_latency = app[METRICS].redis_latency
+    ledger.observe = lambda operation, seconds: redis_latency.labels(operation).observe(seconds)
     app[LIMITER] = RateLimiter(app[STORE_URL])
     yield
     await client.aclose()
@@ -74,11 +78,12 @@ def create_app(
 ) -> web.Application:
     """The gateway application for `settings`, talking to the store at `store_url`."""
     app = web.Application(
-        middlewares=[errors_middleware],
+        middlewares=[access_middleware, errors_middleware],
         client_max_size=settings.server.max_body_bytes,
     )
     app[CONFIG] = ConfigHolder(settings, config_path)
     app[STORE_URL] = store_url
+    app[METRICS] = Metrics()
     app.cleanup_ctx.extend([_store_ctx, _http_ctx, _background_ctx])
     app.on_response_prepare.append(attach_request_id)
     app.add_routes([*inference.routes, *models.routes, *ops.routes])

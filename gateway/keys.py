@@ -7,10 +7,20 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.ledger import Ledger
+from gateway.observability.metrics import Metrics
 from gateway.ratelimit import RateLimiter
 from gateway.state import ConfigHolder
 
-__all__ = ["CONFIG", "HTTP", "LEDGER", "LIMITER", "REQUEST_ID", "STORE", "STORE_URL"]
+__all__ = [
+    "CONFIG",
+    "HTTP",
+    "LEDGER",
+    "LIMITER",
+    "METRICS",
+    "REQUEST_ID",
+    "STORE",
+    "STORE_URL",
+]
 
 CONFIG = web.AppKey("config", ConfigHolder)
 STORE_URL = web.AppKey("store_url", str)
@@ -18,6 +28,7 @@ STORE = web.AppKey("store", aioredis.Redis)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 LEDGER = web.AppKey("ledger", Ledger)
 LIMITER = web.AppKey("limiter", RateLimiter)
+METRICS = web.AppKey("metrics", Metrics)
 
 # Key of the per-request id in `request` (a plain string key: aiohttp has no typed request keys).
 REQUEST_ID = "request_id"

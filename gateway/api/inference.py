@@ -27,8 +27,10 @@ from gateway.errors import (
     InvalidApiKey,
     ModelNotFound,
     ModelNotSubscribed,
+    UpstreamTimeout,
+    UpstreamUnavailable,
 )
-from gateway.keys import CONFIG, HTTP, LEDGER, LIMITER, REQUEST_ID
+from gateway.keys import CONFIG, HTTP, LEDGER, LIMITER, METRICS, REQUEST_ID
 from gateway.ledger import Admission, Ledger
 from gateway.metering.completion import CompletionMeter
 from gateway.metering.estimate import hold_amount, output_allowance
@@ -36,6 +38,7 @@ from gateway.metering.prompt import CallKind, count_prompt
 from gateway.metering.tokenizers import get_encoding
 from gateway.metering.usage import CallStatus, bill_call
 from gateway.money import format_micros
+from gateway.observability.access import CALL_LOG, CallLog
 from gateway.proxy.forward import RelayOutcome, open_upstream, relay
 from gateway.proxy.routing import Upstream
 from gateway.ratelimit import Decision, RateLimiter
@@ -126,9 +129,16 @@ class _Call:
         self.prompt_tokens = 0
         self.upstream_label = ""
         self.finished = False
+        self.log: CallLog | None = None
 
     async def settle(self, meter: CompletionMeter, status: CallStatus) -> None:
         bill = bill_call(self.model, self.encoding, meter, self.prompt_tokens)
+        if self.log is not None:
+            self.log.prompt_tokens = bill.prompt_tokens
+            self.log.completion_tokens = bill.completion_tokens
+            self.log.cost = bill.cost
+            self.log.usage_source = bill.usage_source
+            self.log.outcome = status
         now_ms = int(time.time() * 1000)
         record = {
             "request_id": self.request_id,
@@ -194,15 +204,21 @@ async def _proxy_only(
 
 
 async def _forward(request: web.Request, kind: CallKind, path: str) -> web.StreamResponse:
+    started = asyncio.get_running_loop().time()
     snapshot = request.app[CONFIG].snapshot
     settings = snapshot.settings
+    entry: CallLog = request[CALL_LOG]
     if not settings.billing.metering:
         body = await read_body(request, settings.server.max_body_bytes)
-        return await _proxy_only(request, snapshot, body, parse_call_body(body), path)
+        payload = parse_call_body(body)
+        entry.model = payload["model"]
+        return await _proxy_only(request, snapshot, body, payload, path)
     key = require_key(request)
+    entry.account, entry.key_id = key.account_id, key.key_id
     body = await read_body(request, settings.server.max_body_bytes)
     payload = parse_call_body(body)
     name = payload["model"]
+    entry.model = name
     route = snapshot.routing.get(name)
     if route is None:
         raise ModelNotFound(f"the model '{name}' does not exist", param="model")
@@ -212,9 +228,11 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
     options = payload.get("stream_options")
     client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
     add_usage = stream and not client_wants_usage
+    entry.stream = stream
 
     ledger = request.app[LEDGER]
     call = _Call(ledger, request.app[LIMITER], key, model, request_id, stream)
+    call.log = entry
     call.prompt_tokens = await count_prompt(kind, payload, call.encoding, len(body))
     default_out = model.hold_output_tokens
     if default_out is None:
@@ -236,6 +254,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         raise _refuse(admission, model.name, hold)
 
     meter = CompletionMeter(strip_usage=add_usage)
+    metrics = request.app[METRICS]
     try:
         call.limits = await call.limiter.admit(
             key.account_id,
@@ -257,7 +276,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
             request_id,
             timeouts,
         )
-        call.upstream_label = upstream_call.upstream.label
+        call.upstream_label = entry.upstream = upstream_call.upstream.label
         if upstream_call.response.status >= 400:
             # The upstream's own error passes through as it came and costs nothing.
             response, _ = await relay(
@@ -275,8 +294,15 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         )
         if outcome.body is not None:
             meter.observe_body(outcome.body)
+        if outcome.first_chunk_at is not None:
+            entry.ttft = outcome.first_chunk_at - started
+        if outcome.status in ("upstream_error", "upstream_timeout"):
+            metrics.upstream_errors.labels(call.upstream_label, outcome.status).inc()
         await call.settle(meter, _status_of(outcome))
         return response
+    except (UpstreamUnavailable, UpstreamTimeout) as exc:
+        metrics.upstream_errors.labels(call.upstream_label or "(all)", exc.code).inc()
+        raise
     finally:
         if not call.finished:
             # Failed before the client got a byte (release), or cut short by cancellation

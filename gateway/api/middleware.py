@@ -18,6 +18,7 @@ from gateway.errors import (
     error_response,
 )
 from gateway.keys import REQUEST_ID
+from gateway.observability.access import ERROR_CODE
 from gateway.observability.logging import get_logger
 
 __all__ = ["attach_request_id", "errors_middleware", "new_request_id"]
@@ -42,16 +43,20 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
 
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Give the request its id and turn every raised error into an OpenAI-shaped answer."""
-    request[REQUEST_ID] = new_request_id()
+    """Turn every raised error into an OpenAI-shaped answer (and note its code for the log)."""
+    if REQUEST_ID not in request:
+        request[REQUEST_ID] = new_request_id()
     try:
         return await handler(request)
     except GatewayError as exc:
+        request[ERROR_CODE] = exc.code
         return error_response(exc)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        return error_response(_from_http_exception(exc))
+        error = _from_http_exception(exc)
+        request[ERROR_CODE] = error.code
+        return error_response(error)
     except asyncio.CancelledError:
         raise
     except Exception:

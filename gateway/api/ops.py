@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import orjson
 from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
 
-from gateway.keys import CONFIG, STORE
+from gateway.keys import CONFIG, METRICS, STORE
 from gateway.store.client import ping_store
 
 __all__ = ["routes"]
@@ -29,4 +30,10 @@ async def readyz(request: web.Request) -> web.Response:
     return web.Response(status=503, body=body, content_type="application/json")
 
 
-routes = [web.get("/healthz", healthz), web.get("/readyz", readyz)]
+async def metrics(request: web.Request) -> web.Response:
+    """GET /metrics: Prometheus text format."""
+    body = request.app[METRICS].exposition()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+
+routes = [web.get("/healthz", healthz), web.get("/readyz", readyz), web.get("/metrics", metrics)]

@@ -7,7 +7,8 @@ not answer surfaces here as `LedgerUnavailable` (503, fail closed).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Mapping
+import time
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -170,11 +171,18 @@ class Ledger:
             for name in _SCRIPTS
         }
         self._remove_if_score = client.register_script(_REMOVE_IF_SCORE)
+        # Called with (script name, seconds) after every script: the Redis latency metric.
+        self.observe: Callable[[str, float], None] | None = None
         self._unlock = client.register_script(_UNLOCK)
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        async with _guard():
-            return await self._scripts[name](keys=keys, args=args)
+        started = time.perf_counter()
+        try:
+            async with _guard():
+                return await self._scripts[name](keys=keys, args=args)
+        finally:
+            if self.observe is not None:
+                self.observe(name, time.perf_counter() - started)
 
     # accounts ---------------------------------------------------------------------------
 

@@ -1,0 +1,127 @@
+"""Prometheus metrics of one gateway process (SPEC section 6), on a registry of its own.
+
+Label values are bounded: model names come from the config (anything else is `other`),
+upstreams are the configured host:port labels, statuses and reasons are fixed vocabularies.
+No account id is ever a label. With several workers, prometheus-client's multiprocess mode
+(PROMETHEUS_MULTIPROC_DIR, set by `serve --workers`) aggregates every worker's values.
+"""
+
+from __future__ import annotations
+
+import os
+
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
+from prometheus_client.multiprocess import MultiProcessCollector
+
+__all__ = ["Metrics"]
+
+_LATENCY_BUCKETS = (
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1,
+    2.5,
+    5,
+    10,
+    30,
+    60,
+    120,
+)
+_REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.5)
+
+
+class Metrics:
+    """Every series the gateway exports."""
+
+    def __init__(self) -> None:
+        self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+        registry = self.registry = CollectorRegistry(auto_describe=True)
+        self.requests = Counter(
+            "gateway_requests",
+            "Data-plane calls answered, by model and HTTP status.",
+            ["model", "status"],
+            registry=registry,
+        )
+        self.duration = Histogram(
+            "gateway_request_duration_seconds",
+            "Time from receiving a call to the end of its answer.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.ttft = Histogram(
+            "gateway_time_to_first_token_seconds",
+            "Time from receiving a streamed call to relaying its first chunk.",
+            ["model"],
+            buckets=_LATENCY_BUCKETS,
+            registry=registry,
+        )
+        self.tokens = Counter(
+            "gateway_tokens",
+            "Tokens billed, by model and type (prompt or completion).",
+            ["model", "type"],
+            registry=registry,
+        )
+        self.billed = Counter(
+            "gateway_billed_micros",
+            "Amount billed, in micro-units of the currency, by model.",
+            ["model"],
+            registry=registry,
+        )
+        self.rejections = Counter(
+            "gateway_rejections",
+            "Calls refused by the gateway, by reason (the error code).",
+            ["reason"],
+            registry=registry,
+        )
+        self.upstream_errors = Counter(
+            "gateway_upstream_errors",
+            "Upstream failures, by upstream and kind.",
+            ["upstream", "kind"],
+            registry=registry,
+        )
+        self.redis_latency = Histogram(
+            "gateway_redis_call_seconds",
+            "Latency of ledger calls to Redis, by operation.",
+            ["operation"],
+            buckets=_REDIS_BUCKETS,
+            registry=registry,
+        )
+        self.in_flight = Gauge(
+            "gateway_requests_in_flight",
+            "Data-plane calls being served now.",
+            registry=registry,
+            multiprocess_mode="livesum",
+        )
+        self.config_reloads = Counter(
+            "gateway_config_reloads",
+            "Config reloads, by result (ok or error).",
+            ["result"],
+            registry=registry,
+        )
+        self.notifications = Counter(
+            "gateway_notifications",
+            "Event deliveries, by channel kind and result.",
+            ["channel", "result"],
+            registry=registry,
+        )
+
+    def exposition(self) -> bytes:
+        """The text format for /metrics (every worker's values with several workers)."""
+        if self.multiprocess_dir:
+            registry = CollectorRegistry()
+            MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
+            return generate_latest(registry)
+        return generate_latest(self.registry)
