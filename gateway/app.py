@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -13,8 +14,19 @@ from gateway.accounts.notifier import Notifier
 from gateway.admin import create_admin_app
 from gateway.api import inference, models, ops
 from gateway.api.middleware import attach_request_id, errors_middleware
+from gateway.config.reload import Reloader
 from gateway.config.schema import Settings
-from gateway.keys import CONFIG, HTTP, LEDGER, LIMITER, METRICS, STORE, STORE_URL
+from gateway.keys import (
+    CONFIG,
+    HTTP,
+    LEDGER,
+    LIMITER,
+    METRICS,
+    RELOADER,
+    SETTLEMENTS,
+    STORE,
+    STORE_URL,
+)
 from gateway.ledger import Ledger
 from gateway.observability.access import access_middleware
 from gateway.observability.metrics import Metrics
@@ -33,6 +45,10 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     ledger.observe = lambda operation, seconds: redis_latency.labels(operation).observe(seconds)
     app[LIMITER] = RateLimiter(app[STORE_URL])
     yield
+    # Calls cut at shutdown settle in the background: let them finish before Redis closes.
+    pending = app[SETTLEMENTS]
+    if pending:
+        await asyncio.wait(pending, timeout=10)
     await client.aclose()
 
 
@@ -73,6 +89,30 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+async def _reload_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Reload on file change and on SIGHUP."""
+    reloader = app[RELOADER]
+    loop = asyncio.get_running_loop()
+    watcher = asyncio.create_task(reloader.watch(), name="config-watcher")
+    pending: set[asyncio.Task[list[str]]] = set()
+
+    def on_sighup() -> None:
+        task = loop.create_task(reloader.reload("SIGHUP"))
+        pending.add(task)
+        task.add_done_callback(pending.discard)
+
+    try:
+        loop.add_signal_handler(signal.SIGHUP, on_sighup)
+        hooked = True
+    except (NotImplementedError, RuntimeError, ValueError):  # not the main thread, or no signals
+        hooked = False
+    yield
+    if hooked:
+        loop.remove_signal_handler(signal.SIGHUP)
+    watcher.cancel()
+    await asyncio.gather(watcher, *pending, return_exceptions=True)
+
+
 def create_app(
     settings: Settings, store_url: str, config_path: str | None = None
 ) -> web.Application:
@@ -84,7 +124,9 @@ def create_app(
     app[CONFIG] = ConfigHolder(settings, config_path)
     app[STORE_URL] = store_url
     app[METRICS] = Metrics()
-    app.cleanup_ctx.extend([_store_ctx, _http_ctx, _background_ctx])
+    app[RELOADER] = Reloader(app[CONFIG], app[METRICS])
+    app[SETTLEMENTS] = set()
+    app.cleanup_ctx.extend([_store_ctx, _http_ctx, _background_ctx, _reload_ctx])
     app.on_response_prepare.append(attach_request_id)
     app.add_routes([*inference.routes, *models.routes, *ops.routes])
     app.add_subapp("/admin", create_admin_app())

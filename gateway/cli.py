@@ -15,6 +15,8 @@ from gateway.observability.logging import configure_logging, get_logger
 
 __all__ = ["main"]
 
+WORKER_STORE_ENV = "GATEWAY_WORKER_STORE_URL"
+
 
 def _new_loop() -> asyncio.AbstractEventLoop:
     """uvloop where installed: a faster event loop for the same asyncio code."""
@@ -33,15 +35,50 @@ def _load_or_exit(path: str) -> Settings:
         raise SystemExit(1) from None
 
 
-def _serve(args: argparse.Namespace) -> int:
+def _run_worker(
+    settings: Settings, config_path: str, store_url: str, host: str, port: int, reuse_port: bool
+) -> None:
+    """Serve in this process until SIGTERM/SIGINT (then drain and settle)."""
     from gateway.app import create_app
+
+    log = get_logger("gateway.cli")
+    app = create_app(settings, store_url, config_path)
+
+    async def announce(_app: web.Application) -> None:
+        log.info(
+            "gateway listening",
+            url=f"http://{host}:{port}",
+            models=[m.name for m in settings.models],
+            pid=os.getpid(),
+        )
+
+    app.on_startup.append(announce)
+    web.run_app(
+        app,
+        host=host,
+        port=port,
+        access_log=None,
+        print=None,
+        loop=_new_loop(),
+        shutdown_timeout=settings.server.drain_timeout,
+        reuse_port=reuse_port,
+    )
+
+
+def _serve(args: argparse.Namespace) -> int:
     from gateway.store.embedded import EmbeddedStore, EmbeddedStoreError
+    from gateway.workers import supervise
 
     configure_logging(args.log_level)
     log = get_logger("gateway.cli")
     settings = _load_or_exit(args.config)
     host = args.host or settings.server.host
     port = settings.server.port if args.port is None else args.port
+    workers = settings.server.workers if args.workers is None else args.workers
+    if args.worker:  # started by a supervisor, which runs the store and passes its URL
+        store_url = os.environ[WORKER_STORE_ENV]
+        _run_worker(settings, args.config, store_url, host, port, reuse_port=True)
+        return 0
     store: EmbeddedStore | None = None
     store_url = settings.store.url
     if store_url == "embedded":
@@ -53,23 +90,17 @@ def _serve(args: argparse.Namespace) -> int:
             return 1
         log.info("embedded store started", data_dir=str(store.data_dir), pid=store.pid)
     try:
-        app = create_app(settings, store_url, args.config)
-
-        async def announce(_app: web.Application) -> None:
-            log.info(
-                "gateway listening",
-                url=f"http://{host}:{port}",
-                models=[m.name for m in settings.models],
-                pid=os.getpid(),
-            )
-
-        app.on_startup.append(announce)
-        web.run_app(app, host=host, port=port, access_log=None, print=None, loop=_new_loop())
+        if workers <= 1:
+            _run_worker(settings, args.config, store_url, host, port, reuse_port=False)
+            return 0
+        argv = ["serve", "--config", args.config, "--host", host, "--port", str(port)]
+        argv += ["--log-level", args.log_level, "--worker"]
+        env = {WORKER_STORE_ENV: store_url}  # not on the command line: a URL may hold a password
+        return supervise(workers, argv, env, settings.server.drain_timeout)
     finally:
         if store is not None:
             store.stop()
             log.info("embedded store stopped")
-    return 0
 
 
 def _check_config(args: argparse.Namespace) -> int:
@@ -104,7 +135,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--config", required=True, help="path of the YAML config file")
     serve.add_argument("--host", help="override server.host")
     serve.add_argument("--port", type=int, help="override server.port")
+    serve.add_argument("--workers", type=int, help="override server.workers (processes)")
     serve.add_argument("--log-level", default="info")
+    serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal
     serve.set_defaults(func=_serve)
 
     check = sub.add_parser("check-config", help="validate a config file; exit 1 if invalid")

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import aiohttp
 import redis.asyncio as aioredis
 from aiohttp import web
 
+from gateway.config.reload import Reloader
 from gateway.ledger import Ledger
 from gateway.observability.metrics import Metrics
 from gateway.ratelimit import RateLimiter
@@ -17,7 +20,9 @@ __all__ = [
     "LEDGER",
     "LIMITER",
     "METRICS",
+    "RELOADER",
     "REQUEST_ID",
+    "SETTLEMENTS",
     "STORE",
     "STORE_URL",
 ]
@@ -29,6 +34,9 @@ HTTP = web.AppKey("http", aiohttp.ClientSession)
 LEDGER = web.AppKey("ledger", Ledger)
 LIMITER = web.AppKey("limiter", RateLimiter)
 METRICS = web.AppKey("metrics", Metrics)
+RELOADER = web.AppKey("reloader", Reloader)
+# Settlements still running after their call was cut (shutdown): awaited before Redis closes.
+SETTLEMENTS = web.AppKey("settlements", set[asyncio.Task[None]])
 
 # Key of the per-request id in `request` (a plain string key: aiohttp has no typed request keys).
 REQUEST_ID = "request_id"

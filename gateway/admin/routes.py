@@ -27,7 +27,7 @@ from gateway.errors import (
     ModelNotFound,
     NotFound,
 )
-from gateway.keys import CONFIG, LEDGER
+from gateway.keys import CONFIG, LEDGER, RELOADER
 from gateway.ledger import AccountRecord, Ledger
 from gateway.ledger.keys import valid_account_id
 from gateway.money import format_micros, parse_amount
@@ -326,7 +326,17 @@ async def dead_letters(request: web.Request) -> web.Response:
     return _json({"data": data})
 
 
+async def reload_config(request: web.Request) -> web.Response:
+    """POST /admin/reload: re-read the config file now; 400 with the problems if invalid."""
+    problems = await request.config_dict[RELOADER].reload("admin")
+    if problems:
+        raise InvalidRequest("config refused; the old config keeps serving: " + "; ".join(problems))
+    settings = request.config_dict[CONFIG].snapshot.settings
+    return _json({"reloaded": True, "models": [m.name for m in settings.models]})
+
+
 routes = [
+    web.post("/reload", reload_config),
     web.post("/accounts", create_account),
     web.get("/accounts/{account_id}", get_account),
     web.post("/accounts/{account_id}/topups", create_topup),

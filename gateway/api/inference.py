@@ -30,7 +30,7 @@ from gateway.errors import (
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.keys import CONFIG, HTTP, LEDGER, LIMITER, METRICS, REQUEST_ID
+from gateway.keys import CONFIG, HTTP, LEDGER, LIMITER, METRICS, REQUEST_ID, SETTLEMENTS
 from gateway.ledger import Admission, Ledger
 from gateway.metering.completion import CompletionMeter
 from gateway.metering.estimate import hold_amount, output_allowance
@@ -199,6 +199,7 @@ async def _proxy_only(
         request[REQUEST_ID],
         timeouts,
     )
+    request[CALL_LOG].upstream = upstream_call.upstream.label
     response, _ = await relay(request, upstream_call, timeouts)
     return response
 
@@ -305,10 +306,15 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         raise
     finally:
         if not call.finished:
-            # Failed before the client got a byte (release), or cut short by cancellation
-            # (bill what was produced). Shielded: a second cancel must not lose the money.
-            end = call.settle(meter, "client_disconnected") if meter.texts else call.release()
-            await asyncio.shield(end)
+            # Failed before the client got a byte (release), or cut short by the gateway itself,
+            # e.g. at the end of a shutdown's drain (bill what was produced, as `interrupted`).
+            # Shielded and tracked: the money is settled even if this task is cancelled.
+            end = call.settle(meter, "interrupted") if meter.texts else call.release()
+            task = asyncio.ensure_future(end)
+            pending = request.app[SETTLEMENTS]
+            pending.add(task)
+            task.add_done_callback(pending.discard)
+            await asyncio.shield(task)
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

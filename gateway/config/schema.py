@@ -42,6 +42,8 @@ class ServerConfig(_Frozen):
     workers: int = Field(default=1, ge=1, le=256)
     admin_token_env: str = "GATEWAY_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    # On SIGTERM: stop accepting, let calls in flight finish this long, then cut and settle them.
+    drain_timeout: Duration = 30.0
 
 
 class StoreConfig(_Frozen):

@@ -13,7 +13,7 @@ from gateway.money import call_cost
 
 __all__ = ["Bill", "CallStatus", "bill_call"]
 
-CallStatus = Literal["ok", "client_disconnected", "upstream_error", "orphaned"]
+CallStatus = Literal["ok", "client_disconnected", "upstream_error", "interrupted", "orphaned"]
 
 
 @dataclass(frozen=True, slots=True)

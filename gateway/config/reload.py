@@ -1,0 +1,88 @@
+"""Hot reload: a new config from disk replaces the snapshot whole, or not at all.
+
+Triggers: the file changes (watchfiles), SIGHUP, or POST /admin/reload. A call in flight keeps
+the snapshot it started with, so a stream begun under the old price settles at the old price.
+An invalid edit is refused, logged and counted, and the old config keeps serving.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from watchfiles import Change, awatch
+
+from gateway.config.loader import ConfigError, load_settings
+from gateway.observability.logging import get_logger
+from gateway.observability.metrics import Metrics
+from gateway.state import ConfigHolder
+
+__all__ = ["Reloader"]
+
+log = get_logger("gateway.config")
+
+# Sections a running process cannot change: they take effect at the next start.
+_RESTART_ONLY = ("server", "store")
+
+
+class Reloader:
+    """Reloads one holder's config from its file."""
+
+    def __init__(self, holder: ConfigHolder, metrics: Metrics) -> None:
+        self.holder = holder
+        self.metrics = metrics
+        self._lock = asyncio.Lock()
+        self._target = Path(holder.path).resolve() if holder.path else None
+
+    async def reload(self, trigger: str) -> list[str]:
+        """Load and swap the config; return the problems (empty when it was applied)."""
+        path = self.holder.path
+        if path is None:
+            return ["(file): this gateway was not started from a config file"]
+        async with self._lock:
+            old = self.holder.snapshot.settings
+            try:
+                new = await asyncio.to_thread(load_settings, path)
+            except ConfigError as exc:
+                self.metrics.config_reloads.labels("error").inc()
+                log.error(
+                    "config reload refused; the old config keeps serving",
+                    trigger=trigger,
+                    path=path,
+                    problems=exc.problems,
+                )
+                return exc.problems
+            if new == old:
+                return []
+            self.holder.swap(new)
+            self.metrics.config_reloads.labels("ok").inc()
+            old_models = {m.name for m in old.models}
+            new_models = {m.name for m in new.models}
+            log.info(
+                "config reloaded",
+                trigger=trigger,
+                path=path,
+                models_added=sorted(new_models - old_models),
+                models_removed=sorted(old_models - new_models),
+                models_changed=sorted(
+                    m.name for m in new.models if m.name in old_models and old.model(m.name) != m
+                ),
+            )
+            for section in _RESTART_ONLY:
+                if getattr(old, section) != getattr(new, section):
+                    log.warning(
+                        "config section changed; it takes effect at restart", section=section
+                    )
+            return []
+
+    async def watch(self) -> None:
+        """Reload whenever the file is written or replaced (editors often rename over it)."""
+        target = self._target
+        if target is None:
+            return
+
+        def is_config(change: Change, changed: str) -> bool:
+            return Path(changed).resolve() == target and change != Change.deleted
+
+        async for _ in awatch(target.parent, watch_filter=is_config, debounce=200, step=50):
+            await self.reload("file")
