@@ -85,7 +85,7 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     yield
     for task in tasks:
         task.cancel()
-    await asyncio.gather(*tasks, return_exceptions=True)
+    await asyncio.wait(tasks, timeout=2)  # bounded: a stop must never hang on a sweeper
     await session.close()
 
 

@@ -44,10 +44,17 @@ def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: fl
 class Proc:
     """A child process with its URL; stopped with SIGTERM (then SIGKILL) on close."""
 
-    def __init__(self, popen: subprocess.Popen[bytes], url: str, log_path: Path) -> None:
+    def __init__(
+        self,
+        popen: subprocess.Popen[bytes],
+        url: str,
+        log_path: Path,
+        config_path: Path | None = None,
+    ) -> None:
         self.popen = popen
         self.url = url
         self.log_path = log_path
+        self.config_path = config_path
 
     @property
     def pid(self) -> int:
@@ -90,7 +97,11 @@ def start_mock(tmp: Path, *extra: str, env: dict[str, str] | None = None) -> Pro
 
 
 def start_gateway(
-    tmp: Path, config: dict[str, Any], env: dict[str, str] | None = None, wait: bool = True
+    tmp: Path,
+    config: dict[str, Any],
+    env: dict[str, str] | None = None,
+    wait: bool = True,
+    args: tuple[str, ...] = (),
 ) -> Proc:
     """Write `config` as YAML and start `inference-gateway serve` on a free port."""
     port = free_port()
@@ -98,8 +109,8 @@ def start_gateway(
     path = tmp / f"gateway-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     log_path = tmp / f"gateway-{port}.log"
-    popen = _spawn(["serve", "--config", str(path)], log_path, env)
-    proc = Proc(popen, f"http://127.0.0.1:{port}", log_path)
+    popen = _spawn(["serve", "--config", str(path), *args], log_path, env)
+    proc = Proc(popen, f"http://127.0.0.1:{port}", log_path, path)
     if wait:
         try:
             wait_http(proc.url + "/healthz", popen)

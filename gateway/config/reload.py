@@ -78,7 +78,7 @@ class Reloader:
     async def watch(self) -> None:
         """Reload whenever the file is written or replaced (editors often rename over it)."""
         target = self._target
-        if target is None:
+        if target is None or not self.holder.snapshot.settings.server.watch_config:
             return
 
         def is_config(change: Change, changed: str) -> bool:
