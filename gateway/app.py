@@ -80,7 +80,9 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     ledger = app[LEDGER]
     tasks = [
         asyncio.create_task(LifecycleSweeper(ledger, app[CONFIG]).run(), name="lifecycle"),
-        asyncio.create_task(Notifier(ledger, app[CONFIG], session).run(), name="notifier"),
+        asyncio.create_task(
+            Notifier(ledger, app[CONFIG], session, app[METRICS]).run(), name="notifier"
+        ),
     ]
     yield
     for task in tasks:

@@ -24,6 +24,7 @@ from gateway.errors import LedgerUnavailable
 from gateway.ledger import Ledger
 from gateway.ledger.keys import OUTBOX_DUE, account_keys
 from gateway.money import format_micros
+from gateway.observability.metrics import Metrics
 from gateway.observability.logging import get_logger
 from gateway.state import ConfigHolder
 from gateway.timefmt import iso_ms, now_ms
@@ -102,8 +103,13 @@ class Notifier:
     """The delivery loop of one instance."""
 
     def __init__(
-        self, ledger: Ledger, config: ConfigHolder, session: aiohttp.ClientSession
+        self,
+        ledger: Ledger,
+        config: ConfigHolder,
+        session: aiohttp.ClientSession,
+        metrics: Metrics | None = None,
     ) -> None:
+        self.metrics = metrics
         self.ledger = ledger
         self.config = config
         self.session = session
@@ -195,7 +201,9 @@ class Notifier:
                 nbytes = await channel.send(event, self.session, config, sms_token)
             except DeliveryError as exc:
                 attempts += 1
+                self._count(channel, "failed")
                 if attempts >= config.max_attempts:
+                    self._count(channel, "dead_lettered")
                     await self._dead_letter(account_id, event, channel, str(exc), attempts)
                     await client.hset(keys.deliveries, field, "dead")
                     continue
@@ -212,10 +220,15 @@ class Notifier:
                 )
                 retry_at = next_try if retry_at is None else min(retry_at, next_try)
                 continue
+            self._count(channel, "delivered")
             if channel.billed:
                 await self._charge(account_id, event_id, event, channel, nbytes, config)
             await client.hset(keys.deliveries, field, "done")
         return retry_at
+
+    def _count(self, channel: Channel, result: str) -> None:
+        if self.metrics is not None:
+            self.metrics.notifications.labels(channel.kind, result).inc()
 
     async def _charge(
         self,

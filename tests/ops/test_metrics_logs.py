@@ -210,3 +210,18 @@ def test_terminal_gets_readable_logs(tmp_path: Path, mock_a: Proc) -> None:
     assert "gateway listening" in text
     listening = next(line for line in text.splitlines() if "gateway listening" in line)
     assert not listening.lstrip().startswith("{")
+
+
+def test_grafana_dashboard_uses_exported_series() -> None:
+    """The sample Grafana dashboard is valid JSON and charts only series the gateway exports."""
+    import re
+
+    path = Path(__file__).resolve().parents[2] / "deploy" / "grafana" / "inference-gateway.json"
+    dashboard = json.loads(path.read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p["targets"]]
+    used = {m for e in exprs for m in re.findall(r"\b(gateway_[a-z_]+)", e)}
+    exported = set()
+    for name in SERIES | {"gateway_notifications"}:
+        exported |= {name, f"{name}_total", f"{name}_bucket", f"{name}_count", f"{name}_sum"}
+    assert used
+    assert used <= exported, used - exported
