@@ -24,8 +24,8 @@ from gateway.errors import LedgerUnavailable
 from gateway.ledger import Ledger
 from gateway.ledger.keys import OUTBOX_DUE, account_keys
 from gateway.money import format_micros
-from gateway.observability.metrics import Metrics
 from gateway.observability.logging import get_logger
+from gateway.observability.metrics import Metrics
 from gateway.state import ConfigHolder
 from gateway.timefmt import iso_ms, now_ms
 
