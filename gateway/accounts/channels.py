@@ -6,6 +6,7 @@ its price); any failure raises `DeliveryError`, which the notifier retries.
 
 from __future__ import annotations
 
+import email.policy
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -103,7 +104,7 @@ class Channel:
         message["To"] = self.target
         message["Subject"] = f"[inference-gateway] {event['type']} ({event['account']})"
         message.set_content(_summary(event) + "\n\n" + orjson.dumps(event).decode() + "\n")
-        raw = message.as_bytes()
+        raw = message.as_bytes(policy=email.policy.SMTP)  # CRLF line ends, as sent
         await aiosmtplib.send(
             message,
             hostname=smtp.host,

@@ -50,7 +50,7 @@ def event_payload(event_id: str, fields: dict[str, str]) -> dict[str, Any]:
             continue
         data[name] = format_micros(int(value)) if name in _MONEY_FIELDS else value
     return {
-        "id": f"evt_{event_id}",
+        "id": f"evt_{fields['account']}_{event_id}",  # stream ids repeat across accounts
         "type": fields["type"],
         "account": fields["account"],
         "created_at": iso_ms(int(fields["time"])),
@@ -136,7 +136,14 @@ class Notifier:
             if not await self.ledger.lock(keys.outbox_lock, self.owner, LOCK_TTL_MS):
                 continue
             try:
-                retry_at = await self._deliver_account(account_id)
+                try:
+                    retry_at: int | None = await self._deliver_account(account_id)
+                except LedgerUnavailable:
+                    raise
+                except Exception:
+                    # One account's fault must not hold back everyone else's events.
+                    log.exception("notification delivery failed for an account", account=account_id)
+                    retry_at = now_ms() + 30_000
                 if retry_at is not None:
                     await self.ledger.mark_due(OUTBOX_DUE, account_id, retry_at)
                 elif await self.ledger.client.xlen(keys.outbox):

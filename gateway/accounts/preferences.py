@@ -8,9 +8,10 @@ from __future__ import annotations
 import re
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_serializer, field_validator
 
 from gateway.config.types import Micros
+from gateway.money import format_micros
 
 __all__ = ["EVENT_TYPES", "AccountWebhook", "NotificationPreferences"]
 
@@ -59,6 +60,11 @@ class NotificationPreferences(_Strict):
     sms: tuple[str, ...] = Field(default=(), max_length=10)
     low_balance_threshold: Micros | None = None
 
+    @field_serializer("low_balance_threshold")
+    def _threshold_text(self, value: int | None) -> str | None:
+        # Stored as the decimal string it was given in, so the stored form validates again.
+        return None if value is None else format_micros(value)
+
     @field_validator("emails")
     @classmethod
     def _emails(cls, value: tuple[str, ...]) -> tuple[str, ...]:
@@ -77,8 +83,6 @@ class NotificationPreferences(_Strict):
 
     def public(self) -> dict[str, Any]:
         """The settings as the API shows them: webhook secrets masked, amounts as decimals."""
-        from gateway.money import format_micros
-
         threshold = self.low_balance_threshold
         return {
             "events": list(self.events),

@@ -198,7 +198,7 @@ class _Handler:
     def __init__(self, sink: list[Mail]) -> None:
         self.sink = sink
 
-    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:  # noqa: N802
+    async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         content = envelope.original_content or b""
         self.sink.append(
             Mail(
