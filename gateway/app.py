@@ -9,6 +9,7 @@ from collections.abc import AsyncIterator
 import aiohttp
 from aiohttp import web
 
+from gateway.accounts.holds import HoldSweeper
 from gateway.accounts.lifecycle import LifecycleSweeper
 from gateway.accounts.notifier import Notifier
 from gateway.admin import create_admin_app
@@ -80,6 +81,7 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     ledger = app[LEDGER]
     tasks = [
         asyncio.create_task(LifecycleSweeper(ledger, app[CONFIG]).run(), name="lifecycle"),
+        asyncio.create_task(HoldSweeper(ledger, app[CONFIG]).run(), name="holds"),
         asyncio.create_task(
             Notifier(ledger, app[CONFIG], session, app[METRICS]).run(), name="notifier"
         ),

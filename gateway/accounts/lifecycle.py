@@ -11,7 +11,7 @@ import asyncio
 
 from gateway.errors import LedgerUnavailable
 from gateway.ledger import Ledger
-from gateway.ledger.keys import LIFECYCLE_DUE, OUTBOX_DUE, account_keys
+from gateway.ledger.keys import HOLDS_DUE, LIFECYCLE_DUE, OUTBOX_DUE, account_keys
 from gateway.observability.logging import get_logger
 from gateway.state import ConfigHolder
 from gateway.timefmt import now_ms
@@ -57,6 +57,8 @@ class LifecycleSweeper:
                 await self.ledger.mark_due(LIFECYCLE_DUE, account_id, now_ms())
             if await client.xlen(keys.outbox):
                 await self.ledger.mark_due(OUTBOX_DUE, account_id, now_ms())
+            if await client.zcard(keys.hold_leases):
+                await self.ledger.mark_due(HOLDS_DUE, account_id, now_ms())
 
     async def run(self) -> None:
         """Sweep forever (a background task of the app)."""

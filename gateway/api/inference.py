@@ -16,6 +16,7 @@ import orjson
 from aiohttp import web
 
 from gateway.accounts.apikeys import ParsedKey, parse_api_key
+from gateway.accounts.holds import hold_info
 from gateway.api.body import parse_call_body, read_body
 from gateway.config.schema import ModelConfig
 from gateway.errors import (
@@ -34,6 +35,7 @@ from gateway.keys import CONFIG, HTTP, LEDGER, LIMITER, METRICS, REQUEST_ID, SET
 from gateway.ledger import Admission, Ledger
 from gateway.metering.completion import CompletionMeter
 from gateway.metering.estimate import hold_amount, output_allowance
+from gateway.metering.lease import LeaseKeeper
 from gateway.metering.prompt import CallKind, count_prompt
 from gateway.metering.tokenizers import get_encoding
 from gateway.metering.usage import CallStatus, bill_call
@@ -240,7 +242,17 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         default_out = settings.billing.hold_output_tokens
     output_tokens = output_allowance(kind, payload, default_out)
     hold = hold_amount(model, call.prompt_tokens, output_tokens)
-    lease_until = int((time.time() + settings.billing.hold_lease) * 1000)
+    billing = settings.billing
+    lease_until = int((time.time() + billing.hold_lease) * 1000)
+    pricing = model.pricing
+    info = hold_info(
+        model.name,
+        call.prompt_tokens,
+        pricing.input_per_million if pricing and model.billing == "tokens" else 0,
+        pricing.output_per_million if pricing and model.billing == "tokens" else 0,
+        key.key_id,
+        stream,
+    )
     admission = await ledger.reserve(
         key.account_id,
         key.key_id,
@@ -250,11 +262,28 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         request_id,
         lease_until,
         model.billing == "dedicated",
+        info,
     )
     if admission.code != "ok":
         raise _refuse(admission, model.name, hold)
 
     meter = CompletionMeter(strip_usage=add_usage)
+    keeper = LeaseKeeper(
+        ledger,
+        key.account_id,
+        request_id,
+        meter,
+        call.encoding,
+        billing.hold_lease,
+        billing.checkpoint_tokens,
+    )
+    keeper.start()
+
+    def transform(chunk: bytes) -> bytes:
+        out = meter.feed(chunk)
+        keeper.on_chunk()
+        return out
+
     metrics = request.app[METRICS]
     try:
         call.limits = await call.limiter.admit(
@@ -289,7 +318,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
             request,
             upstream_call,
             timeouts,
-            transform=meter.feed,
+            transform=transform,
             flush=meter.flush,
             extra_headers=call.limits.headers,
         )
@@ -305,6 +334,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         metrics.upstream_errors.labels(call.upstream_label or "(all)", exc.code).inc()
         raise
     finally:
+        keeper.stop()
         if not call.finished:
             # Failed before the client got a byte (release), or cut short by the gateway itself,
             # e.g. at the end of a shutdown's drain (bill what was produced, as `interrupted`).

@@ -89,8 +89,12 @@ class BillingConfig(_Frozen):
     hold_output_tokens: int = Field(default=1024, ge=0)
     enforcement: Literal["postpaid", "strict"] = "postpaid"
     sweep_interval: Duration = 5.0
-    # How long a hold may stay open before a sweeper may consider its call lost.
-    hold_lease: Duration = 900.0
+    # A live call renews its hold's lease every third of this; a hold whose lease ends belongs
+    # to a dead gateway and is settled by a sweeper from its last checkpoint.
+    hold_lease: Duration = 60.0
+    # A stream checkpoints its completion tokens at least this often (in tokens), which bounds
+    # the billing lost when a gateway is killed mid-stream.
+    checkpoint_tokens: int = Field(default=100, ge=1)
 
 
 class RateLimitsConfig(_Frozen):

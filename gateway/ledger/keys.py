@@ -11,6 +11,7 @@ from dataclasses import dataclass
 
 __all__ = [
     "ACCOUNT_ID",
+    "HOLDS_DUE",
     "LIFECYCLE_DUE",
     "OUTBOX_DUE",
     "AccountKeys",
@@ -34,6 +35,8 @@ IDEMPOTENCY_TTL_SECONDS = 86400
 # sweepers' periodic scan of all accounts puts it back.
 LIFECYCLE_DUE = f"{PREFIX}:index:lifecycle"
 OUTBOX_DUE = f"{PREFIX}:index:outbox"
+# Accounts with open holds, scored by the earliest time one of their leases may end.
+HOLDS_DUE = f"{PREFIX}:index:holds"
 
 
 def valid_account_id(account_id: str) -> bool:
@@ -76,6 +79,17 @@ class AccountKeys:
     def hold_leases(self) -> str:
         """Sorted set: request id scored by the time (ms) its hold's lease ends."""
         return f"{PREFIX}:{self.tag}:leases"
+
+    @property
+    def hold_info(self) -> str:
+        """Hash: request id -> what settling it without its gateway needs (tab-separated model,
+        prompt tokens, input and output price per million, key id, stream flag)."""
+        return f"{PREFIX}:{self.tag}:holdinfo"
+
+    @property
+    def checkpoints(self) -> str:
+        """Hash: request id -> completion tokens seen so far by the gateway serving it."""
+        return f"{PREFIX}:{self.tag}:checkpoints"
 
     @property
     def usage(self) -> str:

@@ -7,6 +7,7 @@ not answer surfaces here as `LedgerUnavailable` (503, fail closed).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -20,6 +21,7 @@ from redis.exceptions import RedisError
 
 from gateway.errors import LedgerUnavailable
 from gateway.ledger.keys import (
+    HOLDS_DUE,
     IDEMPOTENCY_TTL_SECONDS,
     LIFECYCLE_DUE,
     OUTBOX_DUE,
@@ -47,6 +49,7 @@ return 0
 _SCRIPTS = (
     "advance",
     "authenticate",
+    "checkpoint",
     "create_account",
     "release",
     "reserve",
@@ -171,6 +174,7 @@ class Ledger:
             for name in _SCRIPTS
         }
         self._remove_if_score = client.register_script(_REMOVE_IF_SCORE)
+        self._background: set[asyncio.Task[None]] = set()
         # Called with (script name, seconds) after every script: the Redis latency metric.
         self.observe: Callable[[str, float], None] | None = None
         self._unlock = client.register_script(_UNLOCK)
@@ -325,10 +329,11 @@ class Ledger:
         request_id: str,
         lease_until_ms: int,
         dedicated: bool,
+        hold_info: str = "",
     ) -> Admission:
         """Authenticate, check and hold in one round trip."""
         k = account_keys(account_id)
-        keys = [k.account, k.api_keys, k.subscriptions, k.holds, k.hold_leases]
+        keys = [k.account, k.api_keys, k.subscriptions, k.holds, k.hold_leases, k.hold_info]
         args = [
             key_id,
             key_hash,
@@ -337,21 +342,46 @@ class Ledger:
             request_id,
             lease_until_ms,
             "1" if dedicated else "0",
+            hold_info,
         ]
         out = [_text(x) for x in await self._run("reserve", keys, args)]
         if out[0] == "ok":
+            self._index_hold(account_id, lease_until_ms)
             return Admission("ok", held=int(out[1]), limit_requests=out[2], limit_tokens=out[3])
         if out[0] == "insufficient_balance":
             return Admission(out[0], available=int(out[1]))
         return Admission(out[0])
 
     async def settle(
-        self, account_id: str, request_id: str, cost: int, now_ms: int, record: Mapping[str, Any]
+        self,
+        account_id: str,
+        request_id: str,
+        cost: int,
+        now_ms: int,
+        record: Mapping[str, Any],
+        only_if_lease_ended: bool = False,
     ) -> SettleResult:
-        """Debit `cost`, release the hold, append `record`; a second call changes nothing."""
+        """Debit `cost`, release the hold, append `record`; a second call changes nothing.
+        A sweeper passes `only_if_lease_ended`: a call whose gateway is alive is left alone."""
         k = account_keys(account_id)
-        keys = [k.account, k.holds, k.hold_leases, k.usage, k.settled(request_id), k.outbox]
-        args: list[Any] = [request_id, cost, now_ms, SETTLED_TTL_SECONDS, account_id]
+        keys = [
+            k.account,
+            k.holds,
+            k.hold_leases,
+            k.usage,
+            k.settled(request_id),
+            k.outbox,
+            k.hold_info,
+            k.checkpoints,
+        ]
+        args: list[Any] = [
+            request_id,
+            cost,
+            now_ms,
+            SETTLED_TTL_SECONDS,
+            account_id,
+            "1" if only_if_lease_ended else "0",
+        ]
         for field, value in record.items():
             args.extend((field, value))
         out = [_text(x) for x in await self._run("settle", keys, args)]
@@ -366,11 +396,66 @@ class Ledger:
             await self.mark_due(OUTBOX_DUE, account_id, now_ms)
         return result
 
-    async def release(self, account_id: str, request_id: str) -> bool:
-        """Drop a hold without charging; False if there was none."""
+    async def release(
+        self, account_id: str, request_id: str, only_if_lease_ended_by: int | None = None
+    ) -> bool:
+        """Drop a hold without charging; False if there was none (or its lease is still on)."""
         k = account_keys(account_id)
-        keys = [k.account, k.holds, k.hold_leases]
-        return bool(await self._run("release", keys, [request_id]))
+        keys = [k.account, k.holds, k.hold_leases, k.hold_info, k.checkpoints]
+        cutoff = "" if only_if_lease_ended_by is None else str(only_if_lease_ended_by)
+        return int(await self._run("release", keys, [request_id, cutoff])) == 1
+
+    async def checkpoint(
+        self, account_id: str, request_id: str, completion_tokens: int, lease_until_ms: int
+    ) -> bool:
+        """Record a live call's progress and renew its lease; False once it is settled."""
+        k = account_keys(account_id)
+        keys = [k.holds, k.hold_leases, k.checkpoints]
+        args = [request_id, completion_tokens, lease_until_ms]
+        done = bool(await self._run("checkpoint", keys, args))
+        if done:
+            self._index_hold(account_id, lease_until_ms)
+        return done
+
+    def _index_hold(self, account_id: str, lease_until_ms: int) -> None:
+        """Note (without waiting) when the account's holds need a look if nobody settles them.
+        A crash before this lands is caught by the sweepers' periodic full scan."""
+        task = asyncio.ensure_future(self._mark_earliest(HOLDS_DUE, account_id, lease_until_ms))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _mark_earliest(self, index: str, account_id: str, at_ms: int) -> None:
+        try:
+            await self.client.zadd(index, {account_id: at_ms}, lt=True)
+        except (RedisError, OSError):
+            return  # the periodic scan re-indexes it
+
+    async def expired_holds(
+        self, account_id: str, now_ms: int, limit: int = 100
+    ) -> list[tuple[str, str, int]]:
+        """(request id, hold info, checkpointed completion tokens) of holds whose lease ended."""
+        k = account_keys(account_id)
+        async with _guard():
+            ids: Any = await self.client.zrangebyscore(
+                k.hold_leases, "-inf", now_ms, start=0, num=limit
+            )
+            if not ids:
+                return []
+            async with self.client.pipeline(transaction=False) as pipe:
+                pipe.hmget(k.hold_info, ids)
+                pipe.hmget(k.checkpoints, ids)
+                infos, cps = await pipe.execute()
+        return [
+            (_text(rid), _text(info or b""), int(cp or 0))
+            for rid, info, cp in zip(ids, infos, cps, strict=True)
+        ]
+
+    async def next_lease_end(self, account_id: str) -> int | None:
+        """When the account's earliest open hold's lease ends (ms), or None without holds."""
+        k = account_keys(account_id)
+        async with _guard():
+            first: Any = await self.client.zrange(k.hold_leases, 0, 0, withscores=True)
+        return int(first[0][1]) if first else None
 
     # usage ------------------------------------------------------------------------------
 

@@ -2,12 +2,20 @@
 -- A settlement that leaves the balance below zero puts the account in arrears (frozen, grace);
 -- one that takes it below its low-balance threshold says so once per crossing.
 -- KEYS[1] account hash, KEYS[2] holds hash, KEYS[3] hold leases zset, KEYS[4] usage stream,
--- KEYS[5] settled marker of this request, KEYS[6] outbox stream
+-- KEYS[5] settled marker of this request, KEYS[6] outbox stream, KEYS[7] hold info hash,
+-- KEYS[8] checkpoints hash
 -- ARGV[1] request id, ARGV[2] cost (micro-units), ARGV[3] now (ms), ARGV[4] marker ttl (s),
--- ARGV[5] account id, ARGV[6..] the usage record's field/value pairs
+-- ARGV[5] account id, ARGV[6] '1' to settle only a hold whose lease has ended (a sweeper
+-- settling for a dead gateway), ARGV[7..] the usage record's field/value pairs
 local previous = redis.call('GET', KEYS[5])
 if previous then
   return {'duplicate', tonumber(previous)}
+end
+if ARGV[6] == '1' then
+  local lease = redis.call('ZSCORE', KEYS[3], ARGV[1])
+  if not lease or tonumber(lease) > tonumber(ARGV[3]) then
+    return {'alive'}
+  end
 end
 local acct = redis.call('HMGET', KEYS[1], 'state', 'low_threshold', 'low_notified')
 local state, threshold, notified = acct[1], acct[2], acct[3]
@@ -21,10 +29,12 @@ if hold then
   redis.call('ZREM', KEYS[3], ARGV[1])
   redis.call('HINCRBY', KEYS[1], 'held', -tonumber(hold))
 end
+redis.call('HDEL', KEYS[7], ARGV[1])
+redis.call('HDEL', KEYS[8], ARGV[1])
 local balance = redis.call('HINCRBY', KEYS[1], 'balance', -cost)
 redis.call('HINCRBY', KEYS[1], 'spent', cost)
 local record = {}
-for i = 6, #ARGV do
+for i = 7, #ARGV do
   record[#record + 1] = ARGV[i]
 end
 redis.call('XADD', KEYS[4], '*', unpack(record))

@@ -1,0 +1,114 @@
+"""The orphan sweeper: holds whose gateway died are settled from their last checkpoint.
+
+A live call renews its hold's lease (with a checkpoint of the completion tokens seen so far)
+more often than the lease lasts. A hold whose lease has ended therefore belongs to a call whose
+gateway is gone: it is settled as an `orphaned` usage record for the prompt plus the
+checkpointed tokens, at the price the call started with; a hold with no checkpoint is released.
+The settle and release scripts re-check the lease, so a call that is alive after all is left
+alone, and each hold is settled once whoever sweeps.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from gateway.errors import LedgerUnavailable
+from gateway.ledger import Ledger
+from gateway.ledger.keys import HOLDS_DUE
+from gateway.money import call_cost
+from gateway.observability.logging import get_logger
+from gateway.state import ConfigHolder
+from gateway.timefmt import now_ms
+
+__all__ = ["HoldSweeper", "hold_info"]
+
+log = get_logger("gateway.holds")
+
+BATCH = 200
+
+
+def hold_info(
+    model: str, prompt_tokens: int, input_price: int, output_price: int, key_id: str, stream: bool
+) -> str:
+    """What the sweeper needs to bill a call without its gateway."""
+    return "\t".join(
+        (
+            model,
+            str(prompt_tokens),
+            str(input_price),
+            str(output_price),
+            key_id,
+            "1" if stream else "0",
+        )
+    )
+
+
+class HoldSweeper:
+    """Settles or releases holds whose lease has ended; safe with any number of instances."""
+
+    def __init__(self, ledger: Ledger, config: ConfigHolder) -> None:
+        self.ledger = ledger
+        self.config = config
+
+    async def sweep_once(self) -> int:
+        """Handle every expired hold of the accounts due now; returns how many were settled."""
+        settled = 0
+        now = now_ms()
+        for account_id, score in await self.ledger.due(HOLDS_DUE, now, BATCH):
+            for request_id, info, tokens in await self.ledger.expired_holds(account_id, now):
+                settled += await self._orphan(account_id, request_id, info, tokens, now)
+            next_end = await self.ledger.next_lease_end(account_id)
+            if next_end is None:
+                await self.ledger.unmark(HOLDS_DUE, account_id, score)
+            else:
+                await self.ledger.mark_due(HOLDS_DUE, account_id, max(next_end, now + 1))
+        return settled
+
+    async def _orphan(
+        self, account_id: str, request_id: str, info: str, tokens: int, now: int
+    ) -> int:
+        parts = info.split("\t")
+        if len(parts) != 6 or tokens <= 0:
+            await self.ledger.release(account_id, request_id, only_if_lease_ended_by=now)
+            log.warning("orphaned hold released", account=account_id, request_id=request_id)
+            return 0
+        model, prompt, input_price, output_price, key_id, stream = parts
+        cost = call_cost(int(prompt), tokens, int(input_price), int(output_price))
+        record = {
+            "request_id": request_id,
+            "time": now,
+            "kind": "inference",
+            "model": model,
+            "prompt_tokens": int(prompt),
+            "completion_tokens": tokens,
+            "cost": cost,
+            "usage_source": "gateway",
+            "status": "orphaned",
+            "stream": stream,
+            "gateway_prompt_tokens": int(prompt),
+            "gateway_completion_tokens": tokens,
+            "key_id": key_id,
+        }
+        result = await self.ledger.settle(
+            account_id, request_id, cost, now, record, only_if_lease_ended=True
+        )
+        if result.code == "ok":
+            log.warning(
+                "orphaned call settled from its checkpoint",
+                account=account_id,
+                request_id=request_id,
+                completion_tokens=tokens,
+            )
+            return 1
+        return 0
+
+    async def run(self) -> None:
+        """Sweep forever (a background task of the app)."""
+        while True:
+            try:
+                await self.sweep_once()
+            except LedgerUnavailable as exc:
+                log.warning("hold sweep skipped: store unavailable", error=str(exc))
+            except Exception:
+                log.exception("hold sweep failed")
+            await asyncio.sleep(self.config.snapshot.settings.billing.sweep_interval)
