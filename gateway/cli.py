@@ -109,6 +109,36 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+def _audit(args: argparse.Namespace) -> int:
+    from gateway.audit import audit_store
+    from gateway.store.client import connect_store
+    from gateway.store.embedded import EmbeddedStore
+
+    settings = _load_or_exit(args.config)
+    url = args.store_url or settings.store.url
+    store: EmbeddedStore | None = None
+    if url == "embedded":
+        url = EmbeddedStore.running_url(settings.store.data_dir) or ""
+        if not url:  # no gateway running on it: open the data directory ourselves
+            store = EmbeddedStore(settings.store.data_dir, appendfsync=settings.store.appendfsync)
+            url = store.start()
+
+    async def run() -> int:
+        client = connect_store(url)
+        try:
+            report = await audit_store(client)
+        finally:
+            await client.aclose()
+        print(report.render())
+        return 0 if report.ok else 1
+
+    try:
+        return asyncio.run(run())
+    finally:
+        if store is not None:
+            store.stop()
+
+
 def _mock_upstream(args: argparse.Namespace) -> int:
     from gateway.mock_upstream import MockOptions, run_mock_upstream
 
@@ -143,6 +173,11 @@ def _parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="validate a config file; exit 1 if invalid")
     check.add_argument("--config", required=True)
     check.set_defaults(func=_check_config)
+
+    audit = sub.add_parser("audit", help="check every account's money adds up; exit 1 if not")
+    audit.add_argument("--config", required=True)
+    audit.add_argument("--store-url", help="audit this store instead of the config's")
+    audit.set_defaults(func=_audit)
 
     mock = sub.add_parser("mock-upstream", help="run the demo OpenAI-compatible model server")
     mock.add_argument("--host", default="127.0.0.1")

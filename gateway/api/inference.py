@@ -140,6 +140,8 @@ class _Call:
             self.log.completion_tokens = bill.completion_tokens
             self.log.cost = bill.cost
             self.log.usage_source = bill.usage_source
+            self.log.local_prompt_tokens = bill.gateway_prompt_tokens
+            self.log.local_completion_tokens = bill.gateway_completion_tokens
             self.log.outcome = status
         now_ms = int(time.time() * 1000)
         record = {

@@ -38,7 +38,9 @@ class CallLog:
     cost: int | None = None
     usage_source: str | None = None
     upstream: str | None = None
-    outcome: str | None = None  # ok, client_disconnected, upstream_error
+    outcome: str | None = None  # ok, client_disconnected, upstream_error, interrupted
+    local_prompt_tokens: int | None = None  # the gateway's own counts, beside the billed ones
+    local_completion_tokens: int | None = None
     ttft: float | None = None  # seconds from arrival to the first relayed chunk
 
 
@@ -80,6 +82,13 @@ def _record(request: web.Request, entry: CallLog, status: int, elapsed: float) -
         metrics.tokens.labels(model, "completion").inc(entry.completion_tokens)
     if entry.cost:
         metrics.billed.labels(model).inc(entry.cost)
+    if entry.usage_source == "upstream":
+        for kind, upstream, local in (
+            ("prompt", entry.prompt_tokens, entry.local_prompt_tokens),
+            ("completion", entry.completion_tokens, entry.local_completion_tokens),
+        ):
+            metrics.drift_upstream.labels(model, kind).inc(upstream or 0)
+            metrics.drift_local.labels(model, kind).inc(local or 0)
     code = request.get(ERROR_CODE)
     if code is not None and status < 500:
         metrics.rejections.labels(code).inc()

@@ -80,6 +80,19 @@ class Metrics:
             ["model"],
             registry=registry,
         )
+        # Drift = upstream - local: how far the gateway's own count is from what was billed.
+        self.drift_upstream = Counter(
+            "gateway_drift_upstream_tokens",
+            "Upstream-reported tokens of calls billed on the upstream's usage.",
+            ["model", "type"],
+            registry=registry,
+        )
+        self.drift_local = Counter(
+            "gateway_drift_local_tokens",
+            "The gateway's own count of the same calls' tokens.",
+            ["model", "type"],
+            registry=registry,
+        )
         self.rejections = Counter(
             "gateway_rejections",
             "Calls refused by the gateway, by reason (the error code).",

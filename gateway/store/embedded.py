@@ -107,6 +107,8 @@ class EmbeddedStore:
         finally:
             log.close()
         self._wait_ready(timeout)
+        # Tell other commands (`audit`) where this store answers while it runs.
+        (self.data_dir / "store.url").write_text(f"{self.url}\n{self._process.pid}\n")
         return self.url
 
     def _wait_ready(self, timeout: float) -> None:
@@ -140,6 +142,7 @@ class EmbeddedStore:
         process, self._process = self._process, None
         if process is None:
             return
+        (self.data_dir / "store.url").unlink(missing_ok=True)
         if process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGTERM)
@@ -148,6 +151,17 @@ class EmbeddedStore:
             except subprocess.TimeoutExpired:
                 process.kill()
                 process.wait(timeout=5)
+
+    @staticmethod
+    def running_url(data_dir: str | Path) -> str | None:
+        """The URL of an embedded store already serving `data_dir` (another process's), if any."""
+        marker = Path(data_dir).resolve() / "store.url"
+        try:
+            url, pid = marker.read_text().split()
+            os.kill(int(pid), 0)
+        except (OSError, ValueError):
+            return None
+        return url
 
     def __enter__(self) -> EmbeddedStore:
         self.start()

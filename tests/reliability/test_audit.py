@@ -1,0 +1,85 @@
+"""`inference-gateway audit`: passes on a consistent store, names the accounts that are not."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import aiohttp
+import orjson
+import redis
+import yaml
+
+from gateway.ledger.keys import account_keys
+from gateway.store.embedded import EmbeddedStore
+from tests.admin_client import Admin
+from tests.billing.checks import wait_no_holds
+from tests.conftest import model_entry
+from tests.procs import Proc
+
+
+def _audit(config: Path, store_url: str | None = None) -> subprocess.CompletedProcess[str]:
+    args = [sys.executable, "-m", "gateway", "audit", "--config", str(config)]
+    if store_url:
+        args += ["--store-url", store_url]
+    return subprocess.run(args, capture_output=True, text=True, check=False, timeout=120)
+
+
+async def test_audit_passes_then_catches_a_tampered_balance(
+    tmp_path: Path, make_gateway: Callable[..., Proc], mock_a: Proc, valkey: EmbeddedStore
+) -> None:
+    """After real traffic the audit exits 0 and reports per-model drift; a balance changed
+    behind the ledger's back makes it exit 1 naming that account."""
+    isolated = EmbeddedStore(tmp_path / "store")
+    isolated.start()
+    try:
+        gw = make_gateway(
+            [model_entry("m", mock_a.url, upstream_model="mock-model")],
+            store={"url": isolated.url},
+        )
+        admin = Admin(gw.url)
+        good, key = admin.funded(["m"], amount="5.00")
+        bad, _ = admin.funded(["m"], amount="5.00")
+        body = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 7}
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+            for _ in range(3):
+                async with session.post(
+                    gw.url + "/v1/chat/completions", data=orjson.dumps(body)
+                ) as r:
+                    assert r.status == 200
+        client = redis.Redis.from_url(isolated.url)
+        wait_no_holds(client, good)
+        config = tmp_path / "audit.yaml"
+        config.write_text(yaml.safe_dump({"store": {"url": isolated.url}}))
+        result = _audit(config)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "audited 2 accounts: 0 failing" in result.stdout
+        assert "m | " in result.stdout  # the drift line of model m
+        client.hincrby(account_keys(bad).account, "balance", 1)
+        result = _audit(config)
+        assert result.returncode == 1
+        assert f"FAIL {bad}: balance" in result.stdout
+        assert good not in result.stdout.split("token drift")[0].replace("FAIL", "")
+        client.close()
+    finally:
+        isolated.stop()
+
+
+def test_audit_opens_an_embedded_store_when_no_gateway_runs(tmp_path: Path) -> None:
+    """With `store.url: embedded` and no gateway running, audit starts the store on the data
+    directory itself, audits it, and stops it."""
+    data = tmp_path / "data"
+    store = EmbeddedStore(data)
+    client = redis.Redis.from_url(store.start())
+    key = account_keys("solo").account
+    client.hset(key, mapping={"id": "solo", "balance": 3, "held": 0, "topped_up": 0, "spent": 0})
+    client.close()
+    store.stop()
+    config = tmp_path / "embedded.yaml"
+    config.write_text(yaml.safe_dump({"store": {"url": "embedded", "data_dir": str(data)}}))
+    result = _audit(config)
+    assert result.returncode == 1
+    assert "FAIL solo: balance 0.000003 != top-ups 0.000000" in result.stdout
+    assert not (data / "store.url").exists()
