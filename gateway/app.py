@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from redis.exceptions import RedisError
 
 from gateway.accounts.holds import HoldSweeper
 from gateway.accounts.lifecycle import LifecycleSweeper
@@ -30,16 +31,25 @@ from gateway.keys import (
 )
 from gateway.ledger import Ledger
 from gateway.observability.access import access_middleware
+from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
 from gateway.ratelimit import RateLimiter
 from gateway.state import ConfigHolder
-from gateway.store.client import connect_store
+from gateway.store.client import check_eviction_policy, connect_store
 
 __all__ = ["create_app"]
+
+log = get_logger("gateway.app")
 
 
 async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     client = connect_store(app[STORE_URL])
+    try:
+        warning = await check_eviction_policy(client)
+    except (OSError, RedisError):
+        warning = "store not reachable at start; /readyz reports it until it is"
+    if warning:
+        log.warning("store check", warning=warning)
     app[STORE] = client
     ledger = app[LEDGER] = Ledger(client)
     redis_latency = app[METRICS].redis_latency

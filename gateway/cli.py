@@ -37,9 +37,10 @@ def _load_or_exit(path: str) -> Settings:
 
 def _run_worker(
     settings: Settings, config_path: str, store_url: str, host: str, port: int, reuse_port: bool
-) -> None:
+) -> int:
     """Serve in this process until SIGTERM/SIGINT (then drain and settle)."""
     from gateway.app import create_app
+    from gateway.store.client import StoreMisconfigured
 
     log = get_logger("gateway.cli")
     app = create_app(settings, store_url, config_path)
@@ -53,16 +54,21 @@ def _run_worker(
         )
 
     app.on_startup.append(announce)
-    web.run_app(
-        app,
-        host=host,
-        port=port,
-        access_log=None,
-        print=None,
-        loop=_new_loop(),
-        shutdown_timeout=settings.server.drain_timeout,
-        reuse_port=reuse_port,
-    )
+    try:
+        web.run_app(
+            app,
+            host=host,
+            port=port,
+            access_log=None,
+            print=None,
+            loop=_new_loop(),
+            shutdown_timeout=settings.server.drain_timeout,
+            reuse_port=reuse_port,
+        )
+    except StoreMisconfigured as exc:
+        log.error("refusing to start", reason=str(exc))
+        return 1
+    return 0
 
 
 def _serve(args: argparse.Namespace) -> int:
@@ -77,8 +83,7 @@ def _serve(args: argparse.Namespace) -> int:
     workers = settings.server.workers if args.workers is None else args.workers
     if args.worker:  # started by a supervisor, which runs the store and passes its URL
         store_url = os.environ[WORKER_STORE_ENV]
-        _run_worker(settings, args.config, store_url, host, port, reuse_port=True)
-        return 0
+        return _run_worker(settings, args.config, store_url, host, port, reuse_port=True)
     store: EmbeddedStore | None = None
     store_url = settings.store.url
     if store_url == "embedded":
@@ -91,8 +96,7 @@ def _serve(args: argparse.Namespace) -> int:
         log.info("embedded store started", data_dir=str(store.data_dir), pid=store.pid)
     try:
         if workers <= 1:
-            _run_worker(settings, args.config, store_url, host, port, reuse_port=False)
-            return 0
+            return _run_worker(settings, args.config, store_url, host, port, reuse_port=False)
         argv = ["serve", "--config", args.config, "--host", host, "--port", str(port)]
         argv += ["--log-level", args.log_level, "--worker"]
         env = {WORKER_STORE_ENV: store_url}  # not on the command line: a URL may hold a password

@@ -2,10 +2,37 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import redis.asyncio as aioredis
 from redis.exceptions import RedisError
 
-__all__ = ["connect_store", "ping_store"]
+__all__ = ["StoreMisconfigured", "check_eviction_policy", "connect_store", "ping_store"]
+
+
+class StoreMisconfigured(RuntimeError):
+    """The store would lose ledger data: the gateway refuses to start on it."""
+
+
+async def check_eviction_policy(client: aioredis.Redis) -> str | None:
+    """Refuse a store that may evict keys; return a warning when the policy cannot be read.
+
+    Ledger keys have no TTL, but settled-request markers and idempotency keys do, so neither an
+    `allkeys-*` nor a `volatile-*` policy is safe: the store must run with `noeviction`.
+    """
+    try:
+        answer: Any = await client.config_get("maxmemory-policy")
+    except RedisError as exc:  # managed services may forbid CONFIG
+        return f"could not read maxmemory-policy ({exc}); it must be noeviction"
+    policy = answer.get("maxmemory-policy") or answer.get(b"maxmemory-policy")
+    if isinstance(policy, bytes):
+        policy = policy.decode()
+    if policy and policy != "noeviction":
+        raise StoreMisconfigured(
+            f"the store's maxmemory-policy is {policy!r}: it could evict ledger keys; "
+            "run it with maxmemory-policy noeviction"
+        )
+    return None
 
 
 def connect_store(url: str) -> aioredis.Redis:

@@ -152,6 +152,13 @@ class EmbeddedStore:
                 process.kill()
                 process.wait(timeout=5)
 
+    def kill(self) -> None:
+        """SIGKILL the server (no shutdown flush): what a crash does. For fault tests."""
+        process, self._process = self._process, None
+        if process is not None:
+            process.kill()
+            process.wait(timeout=10)
+
     @staticmethod
     def running_url(data_dir: str | Path) -> str | None:
         """The URL of an embedded store already serving `data_dir` (another process's), if any."""
