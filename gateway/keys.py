@@ -38,5 +38,5 @@ RELOADER = web.AppKey("reloader", Reloader)
 # Settlements still running after their call was cut (shutdown): awaited before Redis closes.
 SETTLEMENTS = web.AppKey("settlements", set[asyncio.Task[None]])
 
-# Key of the per-request id in `request` (a plain string key: aiohttp has no typed request keys).
-REQUEST_ID = "request_id"
+# The id of each request, set first thing and sent back as `x-request-id`.
+REQUEST_ID = web.RequestKey("request_id", str)

@@ -21,9 +21,6 @@ __all__ = ["CALL_LOG", "ERROR_CODE", "CallLog", "access_middleware"]
 
 log = get_logger("gateway.access")
 
-CALL_LOG = "call_log"
-ERROR_CODE = "error_code"
-
 
 @dataclass(slots=True)
 class CallLog:
@@ -44,6 +41,10 @@ class CallLog:
     ttft: float | None = None  # seconds from arrival to the first relayed chunk
 
 
+CALL_LOG = web.RequestKey("call_log", CallLog)
+ERROR_CODE = web.RequestKey("error_code", str)
+
+
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Time data-plane calls; count, observe and log each one at its end."""
@@ -54,7 +55,6 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     metrics = request.app[METRICS]
     started = time.perf_counter()
-    request["started"] = started
     entry = request[CALL_LOG] = CallLog()
     metrics.in_flight.inc()
     status = 500
