@@ -77,13 +77,8 @@ def test_malformed_bodies_never_500_and_move_no_money(
     @given(body=_bodies)
     def check(body: bytes) -> None:
         headers = {"Authorization": f"Bearer {fuzz_target['key']}"} if data_plane else None
-        reply = (
-            admin.call(method, url_path, raw=body, headers=headers)
-            if not data_plane
-            else (
-                Admin(admin.base_url, token=None).call(method, url_path, raw=body, headers=headers)
-            )
-        )
+        client = Admin(admin.base_url, token=None) if data_plane else admin
+        reply = client.call(method, url_path, raw=body, headers=headers)
         assert reply.status < 500, (reply.status, reply.body)
         if reply.status >= 400:
             error = json.loads(reply.body)["error"]
