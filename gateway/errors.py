@@ -29,6 +29,7 @@ __all__ = [
     "ModelNotFound",
     "ModelNotSubscribed",
     "NotFound",
+    "RequestTimeout",
     "RequestTooLarge",
     "UpstreamTimeout",
     "UpstreamUnavailable",
@@ -65,6 +66,12 @@ class InvalidRequest(GatewayError):
     status = 400
     type = "invalid_request_error"
     code = "invalid_request"
+
+
+class RequestTimeout(GatewayError):
+    status = 408
+    type = "invalid_request_error"
+    code = "request_timeout"
 
 
 class NotFound(GatewayError):

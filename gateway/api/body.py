@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import orjson
 from aiohttp import web
 
-from gateway.errors import InvalidRequest, RequestTooLarge
+from gateway.errors import InvalidRequest, RequestTimeout, RequestTooLarge
 
 __all__ = ["parse_call_body", "read_body"]
 
 
-async def read_body(request: web.Request, limit: int) -> bytes:
-    """The raw body, or 413 when it is over `limit` bytes."""
+async def read_body(request: web.Request, limit: int, within: float = 30.0) -> bytes:
+    """The raw body; 413 when it is over `limit` bytes, 408 when it takes over `within` s."""
     length = request.content_length
     if length is not None and length > limit:
         raise RequestTooLarge(f"request body of {length} bytes is over the limit of {limit}")
     try:
-        return await request.read()
+        async with asyncio.timeout(within):
+            return await request.read()
     except web.HTTPRequestEntityTooLarge:
         raise RequestTooLarge(f"request body is over the limit of {limit} bytes") from None
+    except TimeoutError:
+        raise RequestTimeout(f"request body not received within {within:g}s") from None
 
 
 def parse_call_body(body: bytes) -> dict[str, Any]:

@@ -214,13 +214,15 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
     settings = snapshot.settings
     entry: CallLog = request[CALL_LOG]
     if not settings.billing.metering:
-        body = await read_body(request, settings.server.max_body_bytes)
+        body = await read_body(
+            request, settings.server.max_body_bytes, settings.server.read_timeout
+        )
         payload = parse_call_body(body)
         entry.model = payload["model"]
         return await _proxy_only(request, snapshot, body, payload, path)
     key = require_key(request)
     entry.account, entry.key_id = key.account_id, key.key_id
-    body = await read_body(request, settings.server.max_body_bytes)
+    body = await read_body(request, settings.server.max_body_bytes, settings.server.read_timeout)
     payload = parse_call_body(body)
     name = payload["model"]
     entry.model = name

@@ -14,6 +14,7 @@ from gateway.errors import (
     InvalidRequest,
     MethodNotAllowed,
     NotFound,
+    RequestTimeout,
     RequestTooLarge,
     error_response,
 )
@@ -50,7 +51,15 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except GatewayError as exc:
         request[ERROR_CODE] = exc.code
-        return error_response(exc)
+        response = error_response(exc)
+        if isinstance(exc, RequestTimeout):
+            # The rest of a slow body is not worth waiting for: answer, then hang up.
+            response.force_close()
+            await response.prepare(request)
+            await response.write_eof()
+            if request.transport is not None:
+                request.transport.close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

@@ -44,6 +44,8 @@ class ServerConfig(_Frozen):
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
     # On SIGTERM: stop accepting, let calls in flight finish this long, then cut and settle them.
     drain_timeout: Duration = 30.0
+    # A client must send its whole body within this: slow senders cannot hold a call open.
+    read_timeout: Duration = 30.0
     # Reload the config when its file changes (SIGHUP and POST /admin/reload always work).
     watch_config: bool = True
 
