@@ -34,6 +34,7 @@ from gateway.errors import (
 from gateway.keys import CONFIG, HTTP, LEDGER, LIMITER, METRICS, REQUEST_ID, SETTLEMENTS
 from gateway.ledger import Admission, Ledger
 from gateway.metering.completion import CompletionMeter
+from gateway.metering.enforcement import StrictGuard
 from gateway.metering.estimate import hold_amount, output_allowance
 from gateway.metering.lease import LeaseKeeper
 from gateway.metering.prompt import CallKind, count_prompt
@@ -283,6 +284,21 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
     )
     keeper.start()
 
+    guard = None
+    if stream and billing.enforcement == "strict" and pricing and model.billing == "tokens":
+        guard = StrictGuard(
+            ledger,
+            key.account_id,
+            request_id,
+            meter,
+            covered_tokens=output_tokens,
+            extension_tokens=default_out,
+            output_price=pricing.output_per_million,
+            send_usage=client_wants_usage,
+            prompt_tokens=call.prompt_tokens,
+            encoding=call.encoding,
+        )
+
     def transform(chunk: bytes) -> bytes:
         out = meter.feed(chunk)
         keeper.on_chunk()
@@ -323,6 +339,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
             upstream_call,
             timeouts,
             transform=transform,
+            gate=guard,
             flush=meter.flush,
             extra_headers=call.limits.headers,
         )

@@ -51,6 +51,7 @@ _SCRIPTS = (
     "authenticate",
     "checkpoint",
     "create_account",
+    "extend",
     "release",
     "reserve",
     "settle",
@@ -416,6 +417,11 @@ class Ledger:
         if done:
             self._index_hold(account_id, lease_until_ms)
         return done
+
+    async def extend(self, account_id: str, request_id: str, extra: int) -> bool:
+        """Grow a live call's hold by `extra` if the available balance covers it."""
+        k = account_keys(account_id)
+        return int(await self._run("extend", [k.account, k.holds], [request_id, extra])) == 1
 
     def _index_hold(self, account_id: str, lease_until_ms: int) -> None:
         """Note (without waiting) when the account's holds need a look if nobody settles them.

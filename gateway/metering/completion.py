@@ -23,7 +23,7 @@ _NULL_USAGE = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage"
 class CompletionMeter:
     """Collects one answer's completion text and the upstream's `usage`, if any."""
 
-    __slots__ = ("_pending", "_strip_usage", "done", "texts", "usage")
+    __slots__ = ("_pending", "_strip_usage", "done", "last", "texts", "usage")
 
     def __init__(self, strip_usage: bool = False) -> None:
         self._strip_usage = strip_usage
@@ -31,6 +31,7 @@ class CompletionMeter:
         self.texts: list[str] = []
         self.usage: dict[str, Any] | None = None
         self.done = False  # the stream's `[DONE]` was seen
+        self.last: dict[str, Any] | None = None  # the last chunk with choices (for its id)
 
     # whole answers ----------------------------------------------------------------------
 
@@ -98,6 +99,8 @@ class CompletionMeter:
         choices = obj.get("choices")
         if not isinstance(choices, list):
             return
+        if choices:
+            self.last = obj
         texts = self.texts
         for choice in choices:
             if not isinstance(choice, dict):

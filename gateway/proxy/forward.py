@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Literal, Protocol
 
 import aiohttp
 from aiohttp import web
@@ -32,6 +32,16 @@ RelayStatus = Literal["ok", "client_disconnected", "upstream_error", "upstream_t
 _CONNECT_FAILURES = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
 
 
+class StreamGate(Protocol):
+    """Strict enforcement's say over a stream: may it go on, and how does it end if not."""
+
+    def needs_more(self) -> bool: ...
+
+    async def extend(self) -> bool: ...
+
+    def closing_bytes(self) -> bytes: ...
+
+
 @dataclass(slots=True)
 class UpstreamCall:
     """An upstream answer whose headers have arrived and whose body is still to be read."""
@@ -50,6 +60,7 @@ class RelayOutcome:
     streamed: bool = False
     bytes_out: int = 0
     first_chunk_at: float | None = None
+    enforced: bool = False  # strict enforcement ended the stream (cleanly) before the upstream
     body: bytes | None = field(default=None, repr=False)  # the whole body when not streamed
 
 
@@ -106,6 +117,7 @@ async def relay(
     transform: ChunkTransform | None = None,
     flush: Callable[[], bytes] | None = None,
     extra_headers: Mapping[str, str] | None = None,
+    gate: StreamGate | None = None,
 ) -> tuple[web.StreamResponse, RelayOutcome]:
     """Relay the upstream answer to the client.
 
@@ -118,7 +130,9 @@ async def relay(
         if not outcome.streamed:
             return await _relay_whole(call, timeouts, outcome, extra_headers), outcome
         return (
-            await _relay_stream(request, call, timeouts, outcome, transform, flush, extra_headers),
+            await _relay_stream(
+                request, call, timeouts, outcome, transform, flush, extra_headers, gate
+            ),
             outcome,
         )
     finally:
@@ -191,6 +205,7 @@ async def _relay_stream(
     transform: ChunkTransform | None,
     flush: Callable[[], bytes] | None,
     extra_headers: Mapping[str, str] | None,
+    gate: StreamGate | None,
 ) -> web.StreamResponse:
     upstream = call.response
     chunk = await _first_chunk(call)
@@ -205,6 +220,11 @@ async def _relay_stream(
     try:
         async with asyncio.timeout(timeouts.idle) as deadline:
             while chunk:
+                if gate is not None and gate.needs_more() and not await gate.extend():
+                    # The balance cannot cover more: end the stream cleanly here.
+                    outcome.enforced = True
+                    await _send(response, gate.closing_bytes(), outcome)
+                    break
                 out = transform(chunk) if transform is not None else chunk
                 if not await _send(response, out, outcome):
                     break
@@ -218,6 +238,8 @@ async def _relay_stream(
     except (aiohttp.ClientError, asyncio.IncompleteReadError):
         outcome.status = "upstream_error"
     if outcome.status == "ok":
+        if outcome.enforced:
+            upstream.close()  # stop the generation nobody will pay for
         await response.write_eof()
         return response
     # Stop the upstream's generation, and end the client's stream without its last chunk so
