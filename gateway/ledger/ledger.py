@@ -198,10 +198,13 @@ class Ledger:
 
     async def get_account(self, account_id: str) -> AccountRecord | None:
         k = account_keys(account_id)
-        async with _guard(), self.client.pipeline(transaction=True) as pipe:
-            pipe.hgetall(k.account)
-            pipe.smembers(k.subscriptions)
-            data, subs = await pipe.execute()
+        # Two plain reads (a cluster client runs no MULTI): a view, not a money decision.
+        async with _guard():
+            reads: Any = await asyncio.gather(
+                self.client.hgetall(k.account),
+                self.client.smembers(k.subscriptions),
+            )
+        data, subs = reads
         if not data:
             return None
         return AccountRecord.from_hash(data, subs)
@@ -250,10 +253,9 @@ class Ledger:
 
     async def add_api_key(self, account_id: str, key_id: str, key_hash: str, meta: bytes) -> None:
         k = account_keys(account_id)
-        async with _guard(), self.client.pipeline(transaction=True) as pipe:
-            pipe.hset(k.api_keys, key_id, key_hash)
-            pipe.hset(k.api_key_meta, key_id, meta)
-            await pipe.execute()
+        async with _guard():  # metadata first: a key works only once both are written
+            await self.client.hset(k.api_key_meta, key_id, meta)
+            await self.client.hset(k.api_keys, key_id, key_hash)
 
     async def list_api_keys(self, account_id: str) -> dict[str, str]:
         """Key id -> its metadata JSON."""
@@ -265,10 +267,9 @@ class Ledger:
     async def revoke_api_key(self, account_id: str, key_id: str, meta: bytes) -> None:
         """The key stops working at once, on every instance: its hash is gone."""
         k = account_keys(account_id)
-        async with _guard(), self.client.pipeline(transaction=True) as pipe:
-            pipe.hdel(k.api_keys, key_id)
-            pipe.hset(k.api_key_meta, key_id, meta)
-            await pipe.execute()
+        async with _guard():  # the hash first: the key stops working before anything else
+            await self.client.hdel(k.api_keys, key_id)
+            await self.client.hset(k.api_key_meta, key_id, meta)
 
     async def authenticate(
         self, account_id: str, key_id: str, key_hash: str
@@ -303,10 +304,11 @@ class Ledger:
         """Store the account's channels; a new threshold starts a fresh low-balance crossing."""
         k = account_keys(account_id)
         threshold = "" if low_threshold is None else str(low_threshold)
-        async with _guard(), self.client.pipeline(transaction=True) as pipe:
-            pipe.set(k.notifications, preferences_json)
-            pipe.hset(k.account, mapping={"low_threshold": threshold, "low_notified": ""})
-            await pipe.execute()
+        async with _guard():
+            await self.client.set(k.notifications, preferences_json)
+            await self.client.hset(
+                k.account, mapping={"low_threshold": threshold, "low_notified": ""}
+            )
 
     async def dead_letters(self, account_id: str, limit: int) -> list[tuple[str, dict[str, str]]]:
         """The account's deliveries that kept failing, oldest first."""

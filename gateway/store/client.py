@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
 __all__ = ["StoreMisconfigured", "check_eviction_policy", "connect_store", "ping_store"]
@@ -36,10 +37,22 @@ async def check_eviction_policy(client: aioredis.Redis) -> str | None:
 
 
 def connect_store(url: str) -> aioredis.Redis:
-    """An async Redis client for `url` (`redis://`, `rediss://`, `unix://`).
+    """An async Redis client for `url` (`redis://`, `rediss://`, `unix://`,
+    `redis+cluster://`, `rediss+cluster://`).
 
     Short socket timeouts make a dead store fail calls fast (503) instead of hanging them.
+    Every ledger script touches one account's hash tag, so each runs on one cluster node.
     """
+    scheme, _, rest = url.partition("://")
+    if scheme.endswith("+cluster"):
+        cluster = RedisCluster.from_url(
+            f"{scheme.removesuffix('+cluster')}://{rest}",
+            decode_responses=False,
+            socket_connect_timeout=1.0,
+            socket_timeout=2.0,
+        )
+        # The cluster client offers the commands the ledger uses with the same signatures.
+        return cast(aioredis.Redis, cluster)
     return aioredis.Redis.from_url(
         url,
         decode_responses=False,
