@@ -12,6 +12,7 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import RedisStorage
@@ -19,6 +20,7 @@ from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimite
 from limits.storage import storage_from_string
 
 from gateway.errors import GatewayError, LedgerUnavailable
+from gateway.store.client import blocking_pool
 
 __all__ = ["Decision", "RateLimited", "RateLimiter", "Rule", "format_reset"]
 
@@ -98,7 +100,10 @@ class RateLimiter:
     """Checks and charges the limits of one call."""
 
     def __init__(self, store_url: str) -> None:
-        storage = storage_from_string(limits_url(store_url), implementation="redispy")
+        options: dict[str, Any] = {}
+        if "+cluster" not in store_url:
+            options["connection_pool"] = blocking_pool(store_url)
+        storage = storage_from_string(limits_url(store_url), implementation="redispy", **options)
         if not isinstance(storage, RedisStorage):  # pragma: no cover - the URL decides
             raise TypeError(f"unexpected rate-limit storage {storage!r}")
         self.storage = storage

@@ -8,7 +8,13 @@ import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import RedisError
 
-__all__ = ["StoreMisconfigured", "check_eviction_policy", "connect_store", "ping_store"]
+__all__ = [
+    "StoreMisconfigured",
+    "blocking_pool",
+    "check_eviction_policy",
+    "connect_store",
+    "ping_store",
+]
 
 
 class StoreMisconfigured(RuntimeError):
@@ -53,14 +59,20 @@ def connect_store(url: str) -> aioredis.Redis:
         )
         # The cluster client offers the commands the ledger uses with the same signatures.
         return cast(aioredis.Redis, cluster)
-    return aioredis.Redis.from_url(
+    return aioredis.Redis(connection_pool=blocking_pool(url))
+
+
+def blocking_pool(url: str) -> aioredis.BlockingConnectionPool:
+    """A pool that makes a burst of calls wait (up to 2 s) for a connection instead of failing:
+    a plain pool raises "Too many connections" when a burst exceeds its size."""
+    return aioredis.BlockingConnectionPool.from_url(
         url,
-        decode_responses=False,
+        max_connections=256,
+        timeout=2.0,
         socket_connect_timeout=1.0,
         socket_timeout=2.0,
         retry_on_timeout=False,
         health_check_interval=0,
-        max_connections=512,
     )
 
 
