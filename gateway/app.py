@@ -30,6 +30,7 @@ from gateway.keys import (
     STORE_URL,
 )
 from gateway.ledger import Ledger
+from gateway.metering.tokenizers import warm_encodings
 from gateway.observability.access import access_middleware
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
@@ -127,6 +128,11 @@ async def _reload_ctx(app: web.Application) -> AsyncIterator[None]:
     await asyncio.gather(watcher, *pending, return_exceptions=True)
 
 
+async def _warm_tokenizers(app: web.Application) -> None:
+    """Build every configured model's encoding before the first call needs it (~0.2 s each)."""
+    await warm_encodings(app[CONFIG].snapshot.settings)
+
+
 def create_app(
     settings: Settings, store_url: str, config_path: str | None = None
 ) -> web.Application:
@@ -142,6 +148,7 @@ def create_app(
     app[SETTLEMENTS] = set()
     app.cleanup_ctx.extend([_store_ctx, _http_ctx, _background_ctx, _reload_ctx])
     app.on_response_prepare.append(attach_request_id)
+    app.on_startup.append(_warm_tokenizers)
     app.add_routes([*inference.routes, *models.routes, *ops.routes])
     app.add_subapp("/admin", create_admin_app())
     return app

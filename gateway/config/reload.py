@@ -13,6 +13,7 @@ from pathlib import Path
 from watchfiles import Change, awatch
 
 from gateway.config.loader import ConfigError, load_settings
+from gateway.metering.tokenizers import warm_encodings
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
 from gateway.state import ConfigHolder
@@ -54,6 +55,7 @@ class Reloader:
                 return exc.problems
             if new == old:
                 return []
+            await warm_encodings(new)  # a new model's first call must not pay for it
             self.holder.swap(new)
             self.metrics.config_reloads.labels("ok").inc()
             old_models = {m.name for m in old.models}

@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import gzip
 import hashlib
 import threading
 from importlib import resources
+from typing import TYPE_CHECKING
 
 import tiktoken
 
 from gateway.metering.encodings import ENCODINGS
 
-__all__ = ["TokenizerError", "get_encoding", "known_encodings", "load_ranks"]
+if TYPE_CHECKING:
+    from gateway.config.schema import Settings
+
+__all__ = ["TokenizerError", "get_encoding", "known_encodings", "load_ranks", "warm_encodings"]
 
 
 class TokenizerError(RuntimeError):
@@ -53,6 +58,12 @@ def load_ranks(name: str) -> dict[bytes, int]:
             token, rank = line.split()
             ranks[base64.b64decode(token)] = int(rank)
     return ranks
+
+
+async def warm_encodings(settings: Settings) -> None:
+    """Build the encodings `settings` names, on a worker thread (the loop keeps serving)."""
+    names = sorted({model.tokenizer for model in settings.models})
+    await asyncio.to_thread(lambda: [get_encoding(name) for name in names])
 
 
 def get_encoding(name: str) -> tiktoken.Encoding:
