@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 from collections.abc import AsyncIterator
 
@@ -55,7 +56,11 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     ledger = app[LEDGER] = Ledger(client)
     redis_latency = app[METRICS].redis_latency
     ledger.observe = lambda operation, seconds: redis_latency.labels(operation).observe(seconds)
-    app[LIMITER] = RateLimiter(app[STORE_URL])
+    limiter = app[LIMITER] = RateLimiter(app[STORE_URL])
+    # Connect (and, on a cluster, learn the slot map) before the first burst of calls: a
+    # cluster client that initializes under concurrent first use can trip over itself.
+    with contextlib.suppress(Exception):
+        await limiter.storage.check()
     yield
     # Calls cut at shutdown settle in the background: let them finish before Redis closes.
     pending = app[SETTLEMENTS]

@@ -11,8 +11,9 @@ from __future__ import annotations
 import asyncio
 import math
 import time
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from limits import RateLimitItem, parse
 from limits.aio.storage import RedisStorage
@@ -23,6 +24,8 @@ from gateway.errors import GatewayError, LedgerUnavailable
 from gateway.store.client import blocking_pool
 
 __all__ = ["Decision", "RateLimited", "RateLimiter", "Rule", "format_reset"]
+
+T = TypeVar("T")
 
 
 class RateLimited(GatewayError):
@@ -132,11 +135,8 @@ class RateLimiter:
         rules = _rules(account_id, model, account, per_model)
         if not rules:
             return Decision()
-        try:
-            allowed = await asyncio.gather(*(self._hit(rule, tokens) for rule in rules))
-            stats = await asyncio.gather(*(self._stats(rule) for rule in rules))
-        except Exception as exc:  # limits wraps store errors in its own StorageError
-            raise LedgerUnavailable(f"rate-limit store unavailable ({exc})") from exc
+        allowed = await self._retrying(lambda: [self._hit(rule, tokens) for rule in rules])
+        stats = await self._retrying(lambda: [self._stats(rule) for rule in rules])
         now = time.time()
         headers: dict[str, str] = {}
         for rule, (reset, remaining) in zip(rules, stats, strict=True):
@@ -163,6 +163,18 @@ class RateLimiter:
             )
             raise RateLimited(f"rate limit reached for {what}", retry_after, headers)
         return Decision(headers, token_rules, tokens)
+
+    @staticmethod
+    async def _retrying(calls: Callable[[], list[Awaitable[T]]]) -> list[T]:
+        """Run the calls together; once more after a connection-level failure (a cluster
+        client may hand out a connection its node just closed); then fail closed."""
+        for attempt in (1, 2):
+            try:
+                return list(await asyncio.gather(*calls()))
+            except Exception as exc:  # limits wraps store errors in its own StorageError
+                if attempt == 2:
+                    raise LedgerUnavailable(f"rate-limit store unavailable ({exc})") from exc
+        raise AssertionError("unreachable")  # pragma: no cover
 
     async def _refund(self, rules: list[Rule], tokens: int) -> None:
         for rule in rules:
