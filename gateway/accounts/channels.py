@@ -33,6 +33,23 @@ def sign(secret: str, body: bytes) -> str:
     return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
 
 
+async def _post(
+    session: aiohttp.ClientSession,
+    url: str,
+    body: bytes,
+    headers: dict[str, str],
+    within: float,
+    who: str,
+) -> None:
+    """POST `body`; anything but a 2xx answer is a failed delivery."""
+    async with session.post(
+        url, data=body, headers=headers, timeout=aiohttp.ClientTimeout(total=within)
+    ) as resp:
+        await resp.read()
+        if not 200 <= resp.status < 300:
+            raise DeliveryError(f"{who} answered {resp.status}")
+
+
 def _summary(event: dict[str, Any]) -> str:
     data = event["data"]
     parts = [f"{key} {value}" for key, value in data.items()]
@@ -84,15 +101,7 @@ class Channel:
         headers = {"Content-Type": "application/json", "X-Gateway-Event": event["type"]}
         if self.secret:
             headers["X-Signature"] = sign(self.secret, body)
-        async with session.post(
-            self.target,
-            data=body,
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=config.timeout),
-        ) as resp:
-            await resp.read()
-            if not 200 <= resp.status < 300:
-                raise DeliveryError(f"webhook answered {resp.status}")
+        await _post(session, self.target, body, headers, config.timeout, "webhook")
         return len(body)
 
     async def _email(self, event: dict[str, Any], config: NotificationsConfig) -> int:
@@ -128,13 +137,5 @@ class Channel:
         headers = {"Content-Type": "application/json"}
         if token:
             headers["Authorization"] = f"Bearer {token}"
-        async with session.post(
-            config.sms.url,
-            data=body,
-            headers=headers,
-            timeout=aiohttp.ClientTimeout(total=config.timeout),
-        ) as resp:
-            await resp.read()
-            if not 200 <= resp.status < 300:
-                raise DeliveryError(f"SMS provider answered {resp.status}")
+        await _post(session, config.sms.url, body, headers, config.timeout, "SMS provider")
         return len(body)
