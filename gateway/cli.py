@@ -63,6 +63,7 @@ def _run_worker(
             print=None,
             loop=_new_loop(),
             shutdown_timeout=settings.server.drain_timeout,
+            keepalive_timeout=settings.server.idle_timeout,
             reuse_port=reuse_port,
         )
     except StoreMisconfigured as exc:

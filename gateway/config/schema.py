@@ -46,6 +46,9 @@ class ServerConfig(_Frozen):
     drain_timeout: Duration = 30.0
     # A client must send its whole body within this: slow senders cannot hold a call open.
     read_timeout: Duration = 30.0
+    # A connection with no complete request for this long is closed: idle keep-alive ones, and
+    # clients that trickle their headers in.
+    idle_timeout: Duration = 15.0
     # Reload the config when its file changes (SIGHUP and POST /admin/reload always work).
     watch_config: bool = True
 

@@ -53,3 +53,41 @@ async def test_deep_json_and_big_headers(gateway: Proc, api_key: str) -> None:
             gateway.url + "/v1/chat/completions", data=b"{}", headers={"X-Big": "a" * 20000}
         ) as resp:
             assert resp.status in (400, 431)
+
+
+async def test_trickled_headers_are_cut_off(
+    make_gateway: Callable[..., Proc], mock_a: Proc
+) -> None:
+    """A client that never finishes its headers is disconnected after server.idle_timeout."""
+    gw = make_gateway(
+        [model_entry("m", mock_a.url, upstream_model="mock-model")],
+        server={"idle_timeout": "1s"},
+    )
+    host, port = gw.url.removeprefix("http://").split(":")
+    reader, writer = await asyncio.open_connection(host, int(port))
+    started = time.monotonic()
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n")
+    await writer.drain()
+    closed = False
+    while time.monotonic() - started < 10:
+        try:
+            writer.write(b"X")  # one more header byte now and then, never the end
+            await writer.drain()
+        except ConnectionError:
+            closed = True
+            break
+        if reader.at_eof() or await _closed(reader):
+            closed = True
+            break
+    writer.close()
+    await asyncio.gather(writer.wait_closed(), return_exceptions=True)
+    assert closed
+    assert time.monotonic() - started < 5
+
+
+async def _closed(reader: asyncio.StreamReader) -> bool:
+    try:
+        data = await asyncio.wait_for(reader.read(1), timeout=0.2)
+    except TimeoutError:
+        return False
+    return data == b""
