@@ -58,7 +58,7 @@ class ValkeyCluster:
                     cwd=node_dir,
                     stdout=subprocess.DEVNULL,
                     stderr=subprocess.DEVNULL,
-                    preexec_fn=die_with_parent,  # noqa: PLW1509 - nodes must not outlive the tests
+                    preexec_fn=die_with_parent,
                 )
             )
             self.ports.append(port)
