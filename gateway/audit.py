@@ -14,7 +14,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from gateway.ledger.keys import account_keys
+from gateway.ledger.keys import ACCOUNT_KEY_PATTERN, account_id_of, account_keys, stream_id_after
 from gateway.money import format_micros
 from gateway.timefmt import now_ms
 
@@ -70,9 +70,10 @@ async def _sum_stream(
             decoded = {_text(k): _text(v) for k, v in fields.items()}
             total += int(decoded.get(field_name, "0") or 0)
             rows.append(decoded)
-        last = _text(batch[-1][0])
-        ms, seq = last.split("-")
-        start = f"{ms}-{int(seq) + 1}"
+        after = stream_id_after(_text(batch[-1][0]))
+        if after is None:
+            return total, rows
+        start = after
 
 
 async def audit_account(client: aioredis.Redis, account_id: str, report: AuditReport) -> None:
@@ -120,7 +121,6 @@ async def audit_account(client: aioredis.Redis, account_id: str, report: AuditRe
 async def audit_store(client: aioredis.Redis) -> AuditReport:
     """Audit every account in the store."""
     report = AuditReport()
-    async for key in client.scan_iter(match="gw:{a:*}:account", count=500):
-        name = _text(key)
-        await audit_account(client, name[len("gw:{a:") : -len("}:account")], report)
+    async for key in client.scan_iter(match=ACCOUNT_KEY_PATTERN, count=500):
+        await audit_account(client, account_id_of(_text(key)), report)
     return report

@@ -29,6 +29,7 @@ __all__ = [
     "ModelNotFound",
     "ModelNotSubscribed",
     "NotFound",
+    "RateLimited",
     "RequestTimeout",
     "RequestTooLarge",
     "UpstreamTimeout",
@@ -179,6 +180,22 @@ class IdempotencyConflict(GatewayError):
     status = 409
     type = "invalid_request_error"
     code = "idempotency_conflict"
+
+
+class RateLimited(GatewayError):
+    """A rate limit is exhausted: 429 with `Retry-After` and the x-ratelimit-* headers."""
+
+    status = 429
+    type = "rate_limit_error"
+    code = "rate_limit_exceeded"
+
+    def __init__(self, message: str, retry_after: int, headers: dict[str, str]) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+        self._headers = headers
+
+    def headers(self) -> dict[str, str]:
+        return {**self._headers, "Retry-After": str(self.retry_after)}
 
 
 class InternalError(GatewayError):

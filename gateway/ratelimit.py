@@ -20,26 +20,12 @@ from limits.aio.storage import RedisStorage
 from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
 from limits.storage import storage_from_string
 
-from gateway.errors import GatewayError, LedgerUnavailable
+from gateway.errors import LedgerUnavailable, RateLimited
 from gateway.store.client import blocking_pool
 
-__all__ = ["Decision", "RateLimited", "RateLimiter", "Rule", "format_reset"]
+__all__ = ["Decision", "RateLimiter", "Rule", "format_reset"]
 
 T = TypeVar("T")
-
-
-class RateLimited(GatewayError):
-    status = 429
-    type = "rate_limit_error"
-    code = "rate_limit_exceeded"
-
-    def __init__(self, message: str, retry_after: int, headers: dict[str, str]) -> None:
-        super().__init__(message)
-        self.retry_after = retry_after
-        self._headers = headers
-
-    def headers(self) -> dict[str, str]:
-        return {**self._headers, "Retry-After": str(self.retry_after)}
 
 
 def format_reset(seconds: float) -> str:

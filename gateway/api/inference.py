@@ -135,7 +135,8 @@ class _Call:
         self.log: CallLog | None = None
 
     async def settle(self, meter: CompletionMeter, status: CallStatus) -> None:
-        bill = bill_call(self.model, self.encoding, meter, self.prompt_tokens)
+        local_completion = await meter.count_local_tokens(self.encoding)
+        bill = bill_call(self.model, meter, self.prompt_tokens, local_completion)
         if self.log is not None:
             self.log.prompt_tokens = bill.prompt_tokens
             self.log.completion_tokens = bill.completion_tokens

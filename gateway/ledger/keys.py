@@ -11,11 +11,14 @@ from dataclasses import dataclass
 
 __all__ = [
     "ACCOUNT_ID",
+    "ACCOUNT_KEY_PATTERN",
     "HOLDS_DUE",
     "LIFECYCLE_DUE",
     "OUTBOX_DUE",
     "AccountKeys",
+    "account_id_of",
     "account_keys",
+    "stream_id_after",
     "valid_account_id",
 ]
 
@@ -37,6 +40,27 @@ LIFECYCLE_DUE = f"{PREFIX}:index:lifecycle"
 OUTBOX_DUE = f"{PREFIX}:index:outbox"
 # Accounts with open holds, scored by the earliest time one of their leases may end.
 HOLDS_DUE = f"{PREFIX}:index:holds"
+
+
+ACCOUNT_KEY_PATTERN = f"{PREFIX}:{{a:*}}:account"  # SCAN pattern matching every account
+
+
+def account_id_of(account_key: str) -> str:
+    """The account id inside an account hash's key name (the inverse of `.account`)."""
+    return account_key[len(f"{PREFIX}:{{a:") : -len("}:account")]
+
+
+def stream_id_after(stream_id: str) -> str | None:
+    """The first stream id after `stream_id` (an inclusive XRANGE start), None past the end."""
+    ms, seq = (int(part) for part in stream_id.split("-"))
+    if seq < _MAX_STREAM_PART:
+        return f"{ms}-{seq + 1}"
+    if ms < _MAX_STREAM_PART:
+        return f"{ms + 1}-0"
+    return None
+
+
+_MAX_STREAM_PART = 2**64 - 1
 
 
 def valid_account_id(account_id: str) -> bool:

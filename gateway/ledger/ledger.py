@@ -21,12 +21,15 @@ from redis.exceptions import RedisError
 
 from gateway.errors import LedgerUnavailable
 from gateway.ledger.keys import (
+    ACCOUNT_KEY_PATTERN,
     HOLDS_DUE,
     IDEMPOTENCY_TTL_SECONDS,
     LIFECYCLE_DUE,
     OUTBOX_DUE,
     SETTLED_TTL_SECONDS,
+    account_id_of,
     account_keys,
+    stream_id_after,
 )
 
 __all__ = ["AccountRecord", "Admission", "AdvanceResult", "Ledger", "SettleResult", "TopupResult"]
@@ -137,19 +140,6 @@ class TopupResult:
     balance: int = 0
     created_at: int = 0
     events: int = 0
-
-
-_MAX_PART = 2**64 - 1
-
-
-def _after(stream_id: str) -> str | None:
-    """The first stream id after `stream_id` (inclusive start for XRANGE), None past the end."""
-    ms, seq = (int(part) for part in stream_id.split("-"))
-    if seq < _MAX_PART:
-        return f"{ms}-{seq + 1}"
-    if ms < _MAX_PART:
-        return f"{ms + 1}-0"
-    return None
 
 
 @asynccontextmanager
@@ -473,7 +463,7 @@ class Ledger:
         """Up to `limit` usage records after cursor `after`, oldest first, and the cursor of the
         next page (None when there is no more)."""
         k = account_keys(account_id)
-        start = _after(after) if after else "-"
+        start = stream_id_after(after) if after else "-"
         if start is None:
             return [], None
         async with _guard():
@@ -484,12 +474,6 @@ class Ledger:
         ]
         cursor = records[-1][0] if len(entries) > limit else None
         return records, cursor
-
-    async def open_holds(self, account_id: str) -> dict[str, int]:
-        k = account_keys(account_id)
-        async with _guard():
-            raw: Any = await self.client.hgetall(k.holds)
-        return {_text(rid): int(v) for rid, v in raw.items()}
 
     # arrears lifecycle ------------------------------------------------------------------
 
@@ -529,9 +513,8 @@ class Ledger:
     async def account_ids(self) -> AsyncIterator[str]:
         """Every account id in the store (a full scan: for rebuilding the indexes)."""
         async with _guard():
-            async for key in self.client.scan_iter(match="gw:{a:*}:account", count=500):
-                name = _text(key)
-                yield name[len("gw:{a:") : -len("}:account")]
+            async for key in self.client.scan_iter(match=ACCOUNT_KEY_PATTERN, count=500):
+                yield account_id_of(_text(key))
 
     # locks ------------------------------------------------------------------------------
 

@@ -8,11 +8,14 @@ bytes it would have got without the gateway.
 
 from __future__ import annotations
 
+import asyncio
 import re
 from typing import Any
 
 import orjson
 import tiktoken
+
+from gateway.metering.prompt import OFFLOAD_BYTES
 
 __all__ = ["CompletionMeter"]
 
@@ -129,6 +132,12 @@ class CompletionMeter:
         if not self.texts:
             return 0
         return len(encoding.encode_ordinary("".join(self.texts)))
+
+    async def count_local_tokens(self, encoding: tiktoken.Encoding) -> int:
+        """`local_tokens`, on a worker thread for a long answer (as prompts are counted)."""
+        if sum(map(len, self.texts)) <= OFFLOAD_BYTES:
+            return self.local_tokens(encoding)
+        return await asyncio.to_thread(self.local_tokens, encoding)
 
     def upstream_tokens(self) -> tuple[int, int] | None:
         """(prompt, completion) tokens the upstream reported, if it did."""

@@ -49,7 +49,6 @@ class StrictGuard:
         self.output_price = output_price
         self.send_usage = send_usage
         self.prompt_tokens = prompt_tokens
-        self.stopped = False
 
     def needs_more(self) -> bool:
         """True when the pieces relayed so far come within the margin of the hold."""
@@ -59,7 +58,6 @@ class StrictGuard:
         """Hold one more extension; False when the balance cannot cover it."""
         extra = call_cost(0, self.extension, 0, self.output_price)
         if not await self.ledger.extend(self.account_id, self.request_id, extra):
-            self.stopped = True
             return False
         self.covered += self.extension
         return True

@@ -5,8 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
-import tiktoken
-
 from gateway.config.schema import ModelConfig
 from gateway.metering.completion import CompletionMeter
 from gateway.money import call_cost
@@ -28,12 +26,11 @@ class Bill:
 
 def bill_call(
     model: ModelConfig,
-    encoding: tiktoken.Encoding,
     meter: CompletionMeter,
     gateway_prompt_tokens: int,
+    local_completion: int,
 ) -> Bill:
     """The upstream's `usage` when it reported one (authoritative), the gateway's count else."""
-    local_completion = meter.local_tokens(encoding)
     reported = meter.upstream_tokens()
     if reported is not None:
         prompt, completion = reported

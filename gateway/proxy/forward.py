@@ -58,7 +58,6 @@ class RelayOutcome:
 
     status: RelayStatus = "ok"
     streamed: bool = False
-    bytes_out: int = 0
     first_chunk_at: float | None = None
     enforced: bool = False  # strict enforcement ended the stream (cleanly) before the upstream
     body: bytes | None = field(default=None, repr=False)  # the whole body when not streamed
@@ -158,7 +157,6 @@ async def _relay_whole(
             f"upstream {call.upstream.label} failed while answering: {exc.__class__.__name__}"
         ) from None
     outcome.body = body
-    outcome.bytes_out = len(body)
     headers = response_headers(upstream.headers)
     if extra_headers:
         headers.update(extra_headers)
@@ -174,7 +172,6 @@ async def _send(response: web.StreamResponse, data: bytes, outcome: RelayOutcome
     except (ConnectionError, aiohttp.ClientConnectionResetError):
         outcome.status = "client_disconnected"
         return False
-    outcome.bytes_out += len(data)
     return True
 
 

@@ -374,3 +374,19 @@ def test_local_tokens_count_the_joined_text() -> None:
     enc = get_encoding("cl100k_base")
     assert meter.local_tokens(enc) == len(enc.encode_ordinary("hello world")) == 2
     assert CompletionMeter().local_tokens(enc) == 0
+
+
+async def test_long_answer_is_counted_off_the_loop_with_the_same_result() -> None:
+    """A completion longer than the offload threshold is counted on a worker thread, and the
+    count equals the one made on the loop."""
+    from gateway.metering.prompt import OFFLOAD_BYTES
+    from gateway.metering.tokenizers import get_encoding
+
+    encoding = get_encoding("o200k_base")
+    meter = CompletionMeter()
+    meter.texts.extend(["word "] * (OFFLOAD_BYTES // 5 + 10))
+    assert sum(map(len, meter.texts)) > OFFLOAD_BYTES
+    assert await meter.count_local_tokens(encoding) == meter.local_tokens(encoding)
+    short = CompletionMeter()
+    short.texts.append("Hello there")
+    assert await short.count_local_tokens(encoding) == 2

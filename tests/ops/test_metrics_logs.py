@@ -87,12 +87,23 @@ async def test_metrics_series_and_values(make_gateway: Callable[..., Proc], mock
     right counts, and no label holds an account id."""
     gw = make_gateway([model_entry("m", mock_a.url, upstream_model="mock-model")])
     account_id, key = Admin(gw.url).funded(["m"])
-    await _calls(gw, key)
-    async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as resp:
-        assert resp.status == 200
-        assert resp.headers["Content-Type"].startswith("text/plain")
-        text = await resp.text()
-    families = {f.name: f for f in text_string_to_metric_families(text)}
+    ids = await _calls(gw, key)
+    # A call is counted when its handler ends, which (for a cut stream) can be a moment after
+    # the client has given up on it: wait until every call is in.
+    deadline = time.monotonic() + 10
+    while True:
+        async with aiohttp.ClientSession() as session, session.get(gw.url + "/metrics") as resp:
+            assert resp.status == 200
+            assert resp.headers["Content-Type"].startswith("text/plain")
+            text = await resp.text()
+        families = {f.name: f for f in text_string_to_metric_families(text)}
+        counted = sum(
+            s.value for s in families["gateway_requests"].samples if s.name.endswith("_total")
+        )
+        if counted >= len(ids) or time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.05)
+    assert counted == len(ids)
     assert set(families) >= SERIES, SERIES - set(families)
     assert account_id not in text
     samples = {
