@@ -23,7 +23,6 @@ from gateway.keys import (
     CONFIG,
     HTTP,
     LEDGER,
-    LIMITER,
     METRICS,
     RELOADER,
     SETTLEMENTS,
@@ -31,12 +30,13 @@ from gateway.keys import (
     STORE_URL,
 )
 from gateway.ledger import Ledger
+from gateway.ledger.ledger import SCRIPT_NAMES
 from gateway.metering.tokenizers import warm_encodings
 from gateway.observability.access import access_middleware
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
-from gateway.ratelimit import RateLimiter
 from gateway.state import ConfigHolder
+from gateway.store.channel import channel_for
 from gateway.store.client import check_eviction_policy, connect_store
 
 __all__ = ["create_app"]
@@ -53,19 +53,22 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     if warning:
         log.warning("store check", warning=warning)
     app[STORE] = client
-    ledger = app[LEDGER] = Ledger(client)
+    channel = channel_for(app[STORE_URL])
+    ledger = app[LEDGER] = Ledger(client, channel)
     redis_latency = app[METRICS].redis_latency
-    ledger.observe = lambda operation, seconds: redis_latency.labels(operation).observe(seconds)
-    limiter = app[LIMITER] = RateLimiter(app[STORE_URL])
+    by_operation = {name: redis_latency.labels(name) for name in SCRIPT_NAMES}
+    ledger.observe = lambda operation, seconds: by_operation[operation].observe(seconds)
     # Connect (and, on a cluster, learn the slot map) before the first burst of calls: a
     # cluster client that initializes under concurrent first use can trip over itself.
     with contextlib.suppress(Exception):
-        await limiter.storage.check()
+        await client.ping()
     yield
     # Calls cut at shutdown settle in the background: let them finish before Redis closes.
     pending = app[SETTLEMENTS]
     if pending:
         await asyncio.wait(pending, timeout=10)
+    if channel is not None:
+        await channel.aclose()
     await client.aclose()
 
 

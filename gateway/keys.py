@@ -11,14 +11,12 @@ from aiohttp import web
 from gateway.config.reload import Reloader
 from gateway.ledger import Ledger
 from gateway.observability.metrics import Metrics
-from gateway.ratelimit import RateLimiter
 from gateway.state import ConfigHolder
 
 __all__ = [
     "CONFIG",
     "HTTP",
     "LEDGER",
-    "LIMITER",
     "METRICS",
     "RELOADER",
     "REQUEST_ID",
@@ -32,7 +30,6 @@ STORE_URL = web.AppKey("store_url", str)
 STORE = web.AppKey("store", aioredis.Redis)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
 LEDGER = web.AppKey("ledger", Ledger)
-LIMITER = web.AppKey("limiter", RateLimiter)
 METRICS = web.AppKey("metrics", Metrics)
 RELOADER = web.AppKey("reloader", Reloader)
 # Settlements still running after their call was cut (shutdown): awaited before Redis closes.

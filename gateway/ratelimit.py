@@ -1,31 +1,26 @@
-"""Rate limits per account and per (account, model), on the shared Redis, with `limits`.
+"""Rate limits per account and per (account, model), checked and charged at admission.
 
-Requests use a moving window (exact); tokens a fixed window, because a call's tokens are a
-cost of thousands and the fixed window counts a cost with one INCRBY. Tokens are charged the
-hold estimate at admission and corrected at settlement (the difference is added, or refunded
-while the same window lasts). Limits hold across instances because the counters live in Redis.
+`limits` parses the limit strings ("600/minute") and gives the algorithm its name: a sliding
+window counter (the current fixed window's count plus the previous one's, weighted by how much
+of it the sliding window still overlaps). The counting runs inside the ledger's admission
+script (`ledger/lua/_prelude.lua`), on counters in the account's own slot, so checking and
+charging every rule costs no round trip beyond the hold's, and a refused call charges nothing.
+Tokens are charged the hold's estimate at admission and corrected at settlement by the same
+script that debits the call. Limits hold across instances because the counters live in Redis.
 """
 
 from __future__ import annotations
 
-import asyncio
+import functools
 import math
-import time
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from collections.abc import Sequence
+from typing import NamedTuple
 
-from limits import RateLimitItem, parse
-from limits.aio.storage import RedisStorage
-from limits.aio.strategies import FixedWindowRateLimiter, MovingWindowRateLimiter
-from limits.storage import storage_from_string
+from limits import parse
 
-from gateway.errors import LedgerUnavailable, RateLimited
-from gateway.store.client import blocking_pool
+from gateway.config.schema import ModelConfig, RateLimitsConfig
 
-__all__ = ["Decision", "RateLimiter", "Rule", "format_reset"]
-
-T = TypeVar("T")
+__all__ = ["RateRules", "format_reset", "headers_of", "rate_rules", "rule_spec"]
 
 
 def format_reset(seconds: float) -> str:
@@ -37,149 +32,45 @@ def format_reset(seconds: float) -> str:
     return f"{minutes}m{secs}s" if minutes else f"{secs}s"
 
 
-@dataclass(frozen=True, slots=True)
-class Rule:
-    """One limit on one subject: `scope` names the subject (account, or account and model)."""
-
-    kind: str  # requests | tokens
-    item: RateLimitItem
-    scope: tuple[str, ...]
-
-
-@dataclass(slots=True)
-class Decision:
-    """What admission found: the headers to send, and the token rules to correct later."""
-
-    headers: dict[str, str] = field(default_factory=dict)
-    token_rules: list[Rule] = field(default_factory=list)
-    tokens_charged: int = 0
+@functools.lru_cache(maxsize=4096)
+def rule_spec(text: str | None) -> str:
+    """`amount:window_ms` of a limit string, as the admission script reads it ('' = none)."""
+    if not text:
+        return ""
+    item = parse(text)
+    return f"{item.amount}:{item.get_expiry() * 1000}"
 
 
-def _rules(
-    account_id: str,
-    model: str,
-    account: dict[str, str | None],
-    per_model: dict[str, str | None],
-) -> list[Rule]:
-    rules: list[Rule] = []
-    for kind in ("requests", "tokens"):
-        text = account.get(kind)
-        if text:
-            rules.append(Rule(kind, parse(text), ("acct", account_id)))
-        text = per_model.get(kind)
-        if text:
-            rules.append(Rule(kind, parse(text), ("model", account_id, model)))
-    return rules
+class RateRules(NamedTuple):
+    """The rules one call is checked against; the account's own limits (admin API, stored
+    with the account) replace the two account defaults inside the script."""
+
+    account_requests: str
+    account_tokens: str
+    model_requests: str
+    model_tokens: str
 
 
-def limits_url(store_url: str) -> str:
-    """The `limits` storage string for a store URL (`async+redis://...`)."""
-    scheme, _, rest = store_url.partition("://")
-    mapped = {
-        "redis": "redis",
-        "rediss": "rediss",
-        "unix": "redis+unix",
-        "redis+cluster": "redis+cluster",
-        "rediss+cluster": "redis+cluster",
-    }[scheme]
-    return f"async+{mapped}://{rest}"
+def rate_rules(defaults: RateLimitsConfig, model: ModelConfig) -> RateRules:
+    own = model.rate_limits
+    return RateRules(
+        rule_spec(defaults.requests),
+        rule_spec(defaults.tokens),
+        rule_spec(own.requests if own else None),
+        rule_spec(own.tokens if own else None),
+    )
 
 
-class RateLimiter:
-    """Checks and charges the limits of one call."""
-
-    def __init__(self, store_url: str) -> None:
-        options: dict[str, Any] = {}
-        if "+cluster" not in store_url:
-            options["connection_pool"] = blocking_pool(store_url)
-        storage = storage_from_string(limits_url(store_url), implementation="redispy", **options)
-        if not isinstance(storage, RedisStorage):  # pragma: no cover - the URL decides
-            raise TypeError(f"unexpected rate-limit storage {storage!r}")
-        self.storage = storage
-        self.moving = MovingWindowRateLimiter(storage)
-        self.fixed = FixedWindowRateLimiter(storage)
-
-    async def _hit(self, rule: Rule, tokens: int) -> bool:
-        if rule.kind == "requests":
-            return await self.moving.hit(rule.item, *rule.scope)
-        return await self.fixed.hit(rule.item, *rule.scope, cost=tokens)
-
-    async def _stats(self, rule: Rule) -> tuple[float, int]:
-        limiter = self.moving if rule.kind == "requests" else self.fixed
-        stats = await limiter.get_window_stats(rule.item, *rule.scope)
-        return stats.reset_time, stats.remaining
-
-    async def admit(
-        self,
-        account_id: str,
-        model: str,
-        account: dict[str, str | None],
-        per_model: dict[str, str | None],
-        tokens: int,
-    ) -> Decision:
-        """Charge every rule; refuse (and undo the token charges) when any is exhausted."""
-        rules = _rules(account_id, model, account, per_model)
-        if not rules:
-            return Decision()
-        allowed = await self._retrying(lambda: [self._hit(rule, tokens) for rule in rules])
-        stats = await self._retrying(lambda: [self._stats(rule) for rule in rules])
-        now = time.time()
-        headers: dict[str, str] = {}
-        for rule, (reset, remaining) in zip(rules, stats, strict=True):
-            if rule.scope[0] != "acct" and f"x-ratelimit-limit-{rule.kind}" in headers:
-                continue
-            headers[f"x-ratelimit-limit-{rule.kind}"] = str(rule.item.amount)
-            headers[f"x-ratelimit-remaining-{rule.kind}"] = str(remaining)
-            headers[f"x-ratelimit-reset-{rule.kind}"] = format_reset(reset - now)
-        token_rules = [rule for rule in rules if rule.kind == "tokens"]
-        refused = [rule for rule, ok in zip(rules, allowed, strict=True) if not ok]
-        if refused:
-            # A fixed window counts a refused cost too: give every token charge back.
-            await self._refund(token_rules, tokens)
-            retry_after = max(
-                1,
-                max(
-                    math.ceil(reset - now)
-                    for rule, (reset, _) in zip(rules, stats, strict=True)
-                    if rule in refused
-                ),
-            )
-            what = ", ".join(
-                f"{r.kind} ({r.item.amount} per {r.item.get_expiry()}s)" for r in refused
-            )
-            raise RateLimited(f"rate limit reached for {what}", retry_after, headers)
-        return Decision(headers, token_rules, tokens)
-
-    @staticmethod
-    async def _retrying(calls: Callable[[], list[Awaitable[T]]]) -> list[T]:
-        """Run the calls together; once more after a connection-level failure (a cluster
-        client may hand out a connection its node just closed); then fail closed."""
-        for attempt in (1, 2):
-            try:
-                return list(await asyncio.gather(*calls()))
-            except Exception as exc:  # limits wraps store errors in its own StorageError
-                if attempt == 2:
-                    raise LedgerUnavailable(f"rate-limit store unavailable ({exc})") from exc
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    async def _refund(self, rules: list[Rule], tokens: int) -> None:
-        for rule in rules:
-            key = rule.item.key_for(*rule.scope)
-            current = await self.storage.get(key)
-            if tokens > 0 and current > 0:
-                await self.storage.incr(key, rule.item.get_expiry(), amount=-min(tokens, current))
-
-    async def correct(self, decision: Decision, actual_tokens: int) -> None:
-        """Settle the token charge at the call's actual tokens (best effort: never refuses)."""
-        delta = actual_tokens - decision.tokens_charged
-        if not decision.token_rules or delta == 0:
-            return
-        try:
-            if delta > 0:
-                for rule in decision.token_rules:
-                    key = rule.item.key_for(*rule.scope)
-                    await self.storage.incr(key, rule.item.get_expiry(), amount=delta)
-            else:
-                await self._refund(decision.token_rules, -delta)
-        except Exception:  # a missed correction must not fail a settled call
-            return
+def headers_of(values: Sequence[str]) -> dict[str, str]:
+    """OpenAI's x-ratelimit-* headers from the script's six values (limit, remaining, reset
+    ms for requests, then tokens; '' where no rule applies)."""
+    headers: dict[str, str] = {}
+    for kind, (limit, remaining, reset_ms) in (
+        ("requests", values[0:3]),
+        ("tokens", values[3:6]),
+    ):
+        if limit:
+            headers[f"x-ratelimit-limit-{kind}"] = limit
+            headers[f"x-ratelimit-remaining-{kind}"] = remaining
+            headers[f"x-ratelimit-reset-{kind}"] = format_reset(int(reset_ms) / 1000)
+    return headers

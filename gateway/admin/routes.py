@@ -31,6 +31,7 @@ from gateway.keys import CONFIG, LEDGER, RELOADER
 from gateway.ledger import AccountRecord, Ledger
 from gateway.ledger.keys import valid_account_id
 from gateway.money import format_micros, parse_amount
+from gateway.ratelimit import rule_spec
 from gateway.timefmt import iso_ms, now_ms
 
 __all__ = ["routes"]
@@ -255,7 +256,8 @@ async def put_rate_limits(request: web.Request) -> web.Response:
     requests, tokens = _limit_value(data, "requests"), _limit_value(data, "tokens")
     ledger = request.config_dict[LEDGER]
     await _existing(ledger, account_id)
-    await ledger.set_rate_limits(account_id, requests, tokens)
+    specs = (rule_spec(requests), rule_spec(tokens))
+    await ledger.set_rate_limits(account_id, requests, tokens, specs)
     return await get_rate_limits(request)
 
 

@@ -28,11 +28,12 @@ from gateway.errors import (
     InvalidApiKey,
     ModelNotFound,
     ModelNotSubscribed,
+    RateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.keys import CONFIG, HTTP, LEDGER, LIMITER, METRICS, REQUEST_ID, SETTLEMENTS
-from gateway.ledger import Admission, Ledger
+from gateway.keys import CONFIG, HTTP, LEDGER, METRICS, REQUEST_ID, SETTLEMENTS
+from gateway.ledger import Admission, Ledger, TokenCharge
 from gateway.metering.completion import CompletionMeter
 from gateway.metering.enforcement import StrictGuard
 from gateway.metering.estimate import hold_amount, output_allowance
@@ -44,7 +45,7 @@ from gateway.money import format_micros
 from gateway.observability.access import CALL_LOG, CallLog
 from gateway.proxy.forward import RelayOutcome, open_upstream, relay
 from gateway.proxy.routing import Upstream
-from gateway.ratelimit import Decision, RateLimiter
+from gateway.ratelimit import headers_of, rate_rules
 from gateway.state import Snapshot
 
 __all__ = ["require_key", "routes"]
@@ -72,6 +73,10 @@ def require_key(request: web.Request) -> ParsedKey:
 
 
 def _refuse(admission: Admission, model: str, hold: int) -> GatewayError:
+    if admission.code == "rate_limited":
+        retry_after = max(1, -(-admission.retry_after_ms // 1000))
+        headers = headers_of(admission.rate)
+        return RateLimited(f"rate limit reached for {admission.refused}", retry_after, headers)
     if admission.code == "insufficient_balance":
         available = format_micros(admission.available or 0)
         return InsufficientBalance(
@@ -115,15 +120,13 @@ class _Call:
     def __init__(
         self,
         ledger: Ledger,
-        limiter: RateLimiter,
         key: ParsedKey,
         model: ModelConfig,
         request_id: str,
         stream: bool,
     ) -> None:
         self.ledger = ledger
-        self.limiter = limiter
-        self.limits = Decision()
+        self.charge: TokenCharge | None = None
         self.key = key
         self.model = model
         self.request_id = request_id
@@ -163,20 +166,19 @@ class _Call:
             "upstream": self.upstream_label,
         }
         self.finished = True
-        await asyncio.gather(
-            self.ledger.settle(self.key.account_id, self.request_id, bill.cost, now_ms, record),
-            self.limiter.correct(self.limits, bill.prompt_tokens + bill.completion_tokens),
+        await self.ledger.settle(
+            self.key.account_id,
+            self.request_id,
+            bill.cost,
+            now_ms,
+            record,
+            charge=self.charge,
+            actual_tokens=bill.prompt_tokens + bill.completion_tokens,
         )
 
     async def release(self) -> None:
         self.finished = True
         await self.ledger.release(self.key.account_id, self.request_id)
-
-
-def _model_limits(model: ModelConfig) -> dict[str, str | None]:
-    if model.rate_limits is None:
-        return {}
-    return {"requests": model.rate_limits.requests, "tokens": model.rate_limits.tokens}
 
 
 def _status_of(outcome: RelayOutcome) -> CallStatus:
@@ -240,7 +242,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
     entry.stream = stream
 
     ledger = request.app[LEDGER]
-    call = _Call(ledger, request.app[LIMITER], key, model, request_id, stream)
+    call = _Call(ledger, key, model, request_id, stream)
     call.log = entry
     call.prompt_tokens = await count_prompt(kind, payload, call.encoding, len(body))
     default_out = model.hold_output_tokens
@@ -249,7 +251,8 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
     output_tokens = output_allowance(kind, payload, default_out)
     hold = hold_amount(model, call.prompt_tokens, output_tokens)
     billing = settings.billing
-    lease_until = int((time.time() + billing.hold_lease) * 1000)
+    now = int(time.time() * 1000)
+    lease_until = now + int(billing.hold_lease * 1000)
     pricing = model.pricing
     info = hold_info(
         model.name,
@@ -269,9 +272,14 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         lease_until,
         model.billing == "dedicated",
         info,
+        now,
+        call.prompt_tokens + output_tokens,
+        rate_rules(settings.rate_limits, model),
     )
     if admission.code != "ok":
         raise _refuse(admission, model.name, hold)
+    call.charge = admission.charge
+    limit_headers = headers_of(admission.rate)
 
     meter = CompletionMeter(strip_usage=add_usage)
     keeper = LeaseKeeper(
@@ -307,16 +315,6 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
 
     metrics = request.app[METRICS]
     try:
-        call.limits = await call.limiter.admit(
-            key.account_id,
-            model.name,
-            {
-                "requests": admission.limit_requests or settings.rate_limits.requests,
-                "tokens": admission.limit_tokens or settings.rate_limits.tokens,
-            },
-            _model_limits(model),
-            call.prompt_tokens + output_tokens,
-        )
         timeouts = settings.proxy.timeouts
         upstream_call = await open_upstream(
             request.app[HTTP],
@@ -330,9 +328,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         call.upstream_label = entry.upstream = upstream_call.upstream.label
         if upstream_call.response.status >= 400:
             # The upstream's own error passes through as it came and costs nothing.
-            response, _ = await relay(
-                request, upstream_call, timeouts, extra_headers=call.limits.headers
-            )
+            response, _ = await relay(request, upstream_call, timeouts, extra_headers=limit_headers)
             await call.release()
             return response
         response, outcome = await relay(
@@ -342,7 +338,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
             transform=transform,
             gate=guard,
             flush=meter.flush,
-            extra_headers=call.limits.headers,
+            extra_headers=limit_headers,
         )
         if outcome.body is not None:
             meter.observe_body(outcome.body)

@@ -5,7 +5,8 @@ from gateway.ledger.ledger import (
     Admission,
     Ledger,
     SettleResult,
+    TokenCharge,
     TopupResult,
 )
 
-__all__ = ["AccountRecord", "Admission", "Ledger", "SettleResult", "TopupResult"]
+__all__ = ["AccountRecord", "Admission", "Ledger", "SettleResult", "TokenCharge", "TopupResult"]

@@ -150,6 +150,15 @@ class AccountKeys:
         """String: JSON of the account's own notification channels and chosen events."""
         return f"{PREFIX}:{self.tag}:notify"
 
+    def rate(self, kind: str, model: str = "") -> str:
+        """Hash: one rate-limit rule's sliding-window counter (`w`, `c`, `p`, see
+        `_prelude.lua`); `kind` is requests or tokens; `model` names a model's own limit."""
+        return (
+            f"{PREFIX}:{self.tag}:rate:{kind}:{model}"
+            if model
+            else (f"{PREFIX}:{self.tag}:rate:{kind}")
+        )
+
     def settled(self, request_id: str) -> str:
         """String: the cost a request was settled at (present once settled)."""
         return f"{PREFIX}:{self.tag}:settled:{request_id}"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
@@ -17,7 +17,7 @@ from typing import Any
 
 import redis.asyncio as aioredis
 from redis.commands.core import AsyncScript
-from redis.exceptions import RedisError
+from redis.exceptions import NoScriptError, RedisError
 
 from gateway.errors import LedgerUnavailable
 from gateway.ledger.keys import (
@@ -31,8 +31,17 @@ from gateway.ledger.keys import (
     account_keys,
     stream_id_after,
 )
+from gateway.store.channel import ScriptChannel
 
-__all__ = ["AccountRecord", "Admission", "AdvanceResult", "Ledger", "SettleResult", "TopupResult"]
+__all__ = [
+    "AccountRecord",
+    "Admission",
+    "AdvanceResult",
+    "Ledger",
+    "SettleResult",
+    "TokenCharge",
+    "TopupResult",
+]
 
 # Drop an index entry only if nobody re-marked it since it was read (a new event re-scores it).
 _REMOVE_IF_SCORE = """
@@ -49,7 +58,10 @@ end
 return 0
 """
 
-_SCRIPTS = (
+# How long hold-index entries wait to go out together (see Ledger._index_hold).
+INDEX_BATCH_SECONDS = 0.05
+
+SCRIPT_NAMES = (
     "advance",
     "authenticate",
     "checkpoint",
@@ -104,14 +116,25 @@ class AccountRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class TokenCharge:
+    """What admission charged to the token limits, for settlement to correct."""
+
+    model: str
+    tokens: int
+    windows: tuple[str, str] = ("", "")  # account's and account+model's rule ('' = none)
+
+
+@dataclass(frozen=True, slots=True)
 class Admission:
     """The reserve script's answer: `ok` with the amount held, or the refusal's code."""
 
     code: str
     held: int = 0
     available: int | None = None
-    limit_requests: str = ""  # the account's own rate limits; "" means the configured default
-    limit_tokens: str = ""
+    charge: TokenCharge | None = None
+    rate: tuple[str, ...] = ()  # the x-ratelimit-* values (see ratelimit.headers_of)
+    retry_after_ms: int = 0  # rate_limited: when the call would fit
+    refused: str = ""  # rate_limited: the rules that refused it
 
 
 @dataclass(frozen=True, slots=True)
@@ -156,25 +179,50 @@ async def _guard() -> AsyncIterator[None]:
 class Ledger:
     """Money operations on one Redis (or Redis Cluster) store."""
 
-    def __init__(self, client: aioredis.Redis) -> None:
+    def __init__(self, client: aioredis.Redis, channel: ScriptChannel | None = None) -> None:
         self.client = client
+        self.channel = channel  # the scripts' pipelined connection (single-node stores)
         lua = resources.files("gateway.ledger").joinpath("lua")
         prelude = lua.joinpath("_prelude.lua").read_text()
+        self._sources = {
+            name: prelude + lua.joinpath(f"{name}.lua").read_text() for name in SCRIPT_NAMES
+        }
         self._scripts: dict[str, AsyncScript] = {
-            name: client.register_script(prelude + lua.joinpath(f"{name}.lua").read_text())
-            for name in _SCRIPTS
+            name: client.register_script(source) for name, source in self._sources.items()
         }
         self._remove_if_score = client.register_script(_REMOVE_IF_SCORE)
         self._background: set[asyncio.Task[None]] = set()
+        self._index_pending: dict[str, int] = {}  # account -> earliest lease end to index
+        self._index_timer: asyncio.TimerHandle | None = None
         # Called with (script name, seconds) after every script: the Redis latency metric.
         self.observe: Callable[[str, float], None] | None = None
         self._unlock = client.register_script(_UNLOCK)
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        """EVALSHA, loading the script first if the store lost it (a restart, a new node).
+        On the pipelined channel when there is one; else redis-py's evalsha, called directly
+        rather than through its Script object, whose per-call checks cost more than the rest
+        of this path."""
+        script = self._scripts[name]
+        sha: str = script.sha
         started = time.perf_counter()
+        channel = self.channel
         try:
-            async with _guard():
-                return await self._scripts[name](keys=keys, args=args)
+            if channel is not None:
+                try:
+                    return await channel.execute("EVALSHA", sha, len(keys), *keys, *args)
+                except NoScriptError:
+                    await channel.execute("SCRIPT", "LOAD", self._sources[name])
+                    return await channel.execute("EVALSHA", sha, len(keys), *keys, *args)
+            try:
+                return await self.client.evalsha(sha, len(keys), *keys, *args)
+            except NoScriptError:
+                await self.client.script_load(script.script)
+                return await self.client.evalsha(sha, len(keys), *keys, *args)
+        except (RedisError, OSError) as exc:
+            raise LedgerUnavailable(
+                f"the ledger store is unavailable ({exc.__class__.__name__})"
+            ) from exc
         finally:
             if self.observe is not None:
                 self.observe(name, time.perf_counter() - started)
@@ -272,12 +320,21 @@ class Ledger:
             return None
         return out[1], tuple(out[2:])
 
-    async def set_rate_limits(self, account_id: str, requests: str, tokens: str) -> None:
-        """The account's own limits ("" falls back to the configured defaults)."""
+    async def set_rate_limits(
+        self, account_id: str, requests: str, tokens: str, specs: tuple[str, str]
+    ) -> None:
+        """The account's own limits ("" falls back to the configured defaults), as written
+        and as the admission script reads them (`specs`, see ratelimit.rule_spec)."""
         k = account_keys(account_id)
         async with _guard():
             await self.client.hset(
-                k.account, mapping={"rl_requests": requests, "rl_tokens": tokens}
+                k.account,
+                mapping={
+                    "rl_requests": requests,
+                    "rl_tokens": tokens,
+                    "rl_requests_spec": specs[0],
+                    "rl_tokens_spec": specs[1],
+                },
             )
 
     async def get_rate_limits(self, account_id: str) -> tuple[str, str]:
@@ -322,11 +379,27 @@ class Ledger:
         request_id: str,
         lease_until_ms: int,
         dedicated: bool,
-        hold_info: str = "",
+        hold_info: str,
+        now_ms: int,
+        tokens: int,
+        rules: Sequence[str],
     ) -> Admission:
-        """Authenticate, check and hold in one round trip."""
+        """Authenticate, check and charge the rate limits, and hold, in one round trip.
+        `rules`: the four rule specs of ratelimit.RateRules; `tokens`: the token limits'
+        charge (the hold's estimate)."""
         k = account_keys(account_id)
-        keys = [k.account, k.api_keys, k.subscriptions, k.holds, k.hold_leases, k.hold_info]
+        keys = [
+            k.account,
+            k.api_keys,
+            k.subscriptions,
+            k.holds,
+            k.hold_leases,
+            k.hold_info,
+            k.rate("requests"),
+            k.rate("tokens"),
+            k.rate("requests", model),
+            k.rate("tokens", model),
+        ]
         args = [
             key_id,
             key_hash,
@@ -336,14 +409,21 @@ class Ledger:
             lease_until_ms,
             "1" if dedicated else "0",
             hold_info,
+            now_ms,
+            tokens,
+            *rules,
         ]
         out = [_text(x) for x in await self._run("reserve", keys, args)]
-        if out[0] == "ok":
+        code = out[0]
+        if code == "ok":
             self._index_hold(account_id, lease_until_ms)
-            return Admission("ok", held=int(out[1]), limit_requests=out[2], limit_tokens=out[3])
-        if out[0] == "insufficient_balance":
-            return Admission(out[0], available=int(out[1]))
-        return Admission(out[0])
+            charge = TokenCharge(model, tokens, (out[2], out[3]))
+            return Admission("ok", held=int(out[1]), charge=charge, rate=tuple(out[4:10]))
+        if code == "rate_limited":
+            return Admission(code, retry_after_ms=int(out[1]), refused=out[2], rate=tuple(out[3:9]))
+        if code == "insufficient_balance":
+            return Admission(code, available=int(out[1]))
+        return Admission(code)
 
     async def settle(
         self,
@@ -353,10 +433,14 @@ class Ledger:
         now_ms: int,
         record: Mapping[str, Any],
         only_if_lease_ended: bool = False,
+        charge: TokenCharge | None = None,
+        actual_tokens: int = 0,
     ) -> SettleResult:
         """Debit `cost`, release the hold, append `record`; a second call changes nothing.
-        A sweeper passes `only_if_lease_ended`: a call whose gateway is alive is left alone."""
+        A sweeper passes `only_if_lease_ended`: a call whose gateway is alive is left alone.
+        With `charge`, the token limits are corrected from its estimate to `actual_tokens`."""
         k = account_keys(account_id)
+        model = charge.model if charge else ""
         keys = [
             k.account,
             k.holds,
@@ -366,6 +450,8 @@ class Ledger:
             k.outbox,
             k.hold_info,
             k.checkpoints,
+            k.rate("tokens"),
+            k.rate("tokens", model),
         ]
         args: list[Any] = [
             request_id,
@@ -374,6 +460,8 @@ class Ledger:
             SETTLED_TTL_SECONDS,
             account_id,
             "1" if only_if_lease_ended else "0",
+            actual_tokens - charge.tokens if charge else 0,
+            *(charge.windows if charge else ("", "")),
         ]
         for field, value in record.items():
             args.extend((field, value))
@@ -417,16 +505,29 @@ class Ledger:
 
     def _index_hold(self, account_id: str, lease_until_ms: int) -> None:
         """Note (without waiting) when the account's holds need a look if nobody settles them.
-        A crash before this lands is caught by the sweepers' periodic full scan."""
-        task = asyncio.ensure_future(self._mark_earliest(HOLDS_DUE, account_id, lease_until_ms))
+        Batched: every account noted within INDEX_BATCH_SECONDS goes out in one ZADD, so a
+        busy gateway spends one round trip per batch on the index, not one per call. A crash
+        before a batch lands is caught by the sweepers' periodic full scan."""
+        pending = self._index_pending
+        earlier = pending.get(account_id)
+        if earlier is None or lease_until_ms < earlier:
+            pending[account_id] = lease_until_ms
+        if self._index_timer is None:
+            loop = asyncio.get_running_loop()
+            self._index_timer = loop.call_later(INDEX_BATCH_SECONDS, self._flush_index)
+
+    def _flush_index(self) -> None:
+        self._index_timer = None
+        batch, self._index_pending = self._index_pending, {}
+        task = asyncio.ensure_future(self._mark_earliest(HOLDS_DUE, batch))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _mark_earliest(self, index: str, account_id: str, at_ms: int) -> None:
+    async def _mark_earliest(self, index: str, scores: Mapping[str, int]) -> None:
         try:
-            await self.client.zadd(index, {account_id: at_ms}, lt=True)
+            await self.client.zadd(index, dict(scores), lt=True)
         except (RedisError, OSError):
-            return  # the periodic scan re-indexes it
+            return  # the periodic scan re-indexes them
 
     async def expired_holds(
         self, account_id: str, now_ms: int, limit: int = 100

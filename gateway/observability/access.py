@@ -72,26 +72,26 @@ def _record(request: web.Request, entry: CallLog, status: int, elapsed: float) -
     metrics = request.app[METRICS]
     settings = request.app[CONFIG].snapshot.settings
     model = entry.model if entry.model and settings.model(entry.model) else "other"
-    metrics.requests.labels(model, str(status)).inc()
-    metrics.duration.labels(model).observe(elapsed)
+    metrics.child(metrics.requests, model, str(status)).inc()
+    metrics.child(metrics.duration, model).observe(elapsed)
     if entry.ttft is not None:
-        metrics.ttft.labels(model).observe(entry.ttft)
+        metrics.child(metrics.ttft, model).observe(entry.ttft)
     if entry.prompt_tokens:
-        metrics.tokens.labels(model, "prompt").inc(entry.prompt_tokens)
+        metrics.child(metrics.tokens, model, "prompt").inc(entry.prompt_tokens)
     if entry.completion_tokens:
-        metrics.tokens.labels(model, "completion").inc(entry.completion_tokens)
+        metrics.child(metrics.tokens, model, "completion").inc(entry.completion_tokens)
     if entry.cost:
-        metrics.billed.labels(model).inc(entry.cost)
+        metrics.child(metrics.billed, model).inc(entry.cost)
     if entry.usage_source == "upstream":
         for kind, upstream, local in (
             ("prompt", entry.prompt_tokens, entry.local_prompt_tokens),
             ("completion", entry.completion_tokens, entry.local_completion_tokens),
         ):
-            metrics.drift_upstream.labels(model, kind).inc(upstream or 0)
-            metrics.drift_local.labels(model, kind).inc(local or 0)
+            metrics.child(metrics.drift_upstream, model, kind).inc(upstream or 0)
+            metrics.child(metrics.drift_local, model, kind).inc(local or 0)
     code = request.get(ERROR_CODE)
     if code is not None and status < 500:
-        metrics.rejections.labels(code).inc()
+        metrics.child(metrics.rejections, code).inc()
     log.info(
         "call",
         request_id=request[REQUEST_ID],

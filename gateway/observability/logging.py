@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import sys
 
+import orjson
 import structlog
 
 __all__ = ["configure_logging", "get_logger"]
@@ -20,15 +21,24 @@ def configure_logging(level: str = "info", json: bool | None = None) -> None:
     renderer: structlog.typing.Processor = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer()
     )
+    # structlog's own lines (one per call: the access log) are rendered by orjson straight to
+    # bytes; stdlib records keep the str renderer their formatter needs.
+    fast: structlog.typing.Processor = (
+        structlog.processors.JSONRenderer(serializer=orjson.dumps) if json else renderer
+    )
     shared: list[structlog.typing.Processor] = [
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
     ]
     structlog.configure(
-        processors=[*shared, structlog.processors.format_exc_info, renderer],
+        processors=[*shared, structlog.processors.format_exc_info, fast],
         wrapper_class=structlog.make_filtering_bound_logger(logging.getLevelName(level.upper())),
-        logger_factory=structlog.PrintLoggerFactory(sys.stderr),
+        logger_factory=(
+            structlog.BytesLoggerFactory(sys.stderr.buffer)
+            if json
+            else structlog.PrintLoggerFactory(sys.stderr)
+        ),
         cache_logger_on_first_use=True,
     )
     handler = logging.StreamHandler(sys.stderr)

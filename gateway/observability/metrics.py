@@ -9,6 +9,7 @@ No account id is ever a label. With several workers, prometheus-client's multipr
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -17,6 +18,7 @@ from prometheus_client import (
     Histogram,
     generate_latest,
 )
+from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 
 __all__ = ["Metrics"]
@@ -45,7 +47,18 @@ _REDIS_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.
 class Metrics:
     """Every series the gateway exports."""
 
+    def child(self, metric: MetricWrapperBase, *labels: str) -> Any:
+        """`metric.labels(*labels)`, remembered: `labels()` validates and takes a lock on
+        every call, a few per metered call. Label values are bounded (models, statuses,
+        error codes), and so is this cache."""
+        key = (id(metric), labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
+
     def __init__(self) -> None:
+        self._children: dict[tuple[int, tuple[str, ...]], Any] = {}
         self.multiprocess_dir = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
         registry = self.registry = CollectorRegistry(auto_describe=True)
         self.requests = Counter(

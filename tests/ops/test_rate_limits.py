@@ -34,7 +34,11 @@ def limited(make_gateway: Callable[..., Proc], mock_a: Proc) -> Callable[..., Pr
 
 async def test_requests_limit_gives_429_with_headers(limited: Callable[..., Proc]) -> None:
     """With 3 requests per minute, the 4th call is 429 rate_limit_exceeded with Retry-After;
-    every answer carries x-ratelimit-limit/remaining/reset for requests and tokens."""
+    every answer carries x-ratelimit-limit/remaining/reset for requests and tokens.
+
+    The limit is a sliding-window counter: the previous minute's count weighs in by the share
+    of it still inside the sliding minute, so when the calls straddle a minute boundary the
+    wait can pass one minute (never two)."""
     gw = limited(rate_limits={"requests": "3/minute", "tokens": "100000/minute"})
     _, key = Admin(gw.url).funded(["m"])
     remaining = []
@@ -49,7 +53,7 @@ async def test_requests_limit_gives_429_with_headers(limited: Callable[..., Proc
     status, headers, answer = await _post(gw, key, CHAT)
     assert status == 429
     assert answer["error"]["code"] == "rate_limit_exceeded"
-    assert 1 <= int(headers["Retry-After"]) <= 60
+    assert 1 <= int(headers["Retry-After"]) <= 120
     assert headers["x-ratelimit-remaining-requests"] == "0"
 
 

@@ -108,8 +108,8 @@ async def test_workers_share_one_store_port_metrics_and_limits(
                     )
                 )
         assert totals == {16.0}
-        listening = [line for line in gw.log().splitlines() if "gateway listening" in line]
-        assert len({line.split('"pid": ')[1].split(",")[0] for line in listening}) == 2
+        listening = [e for e in gw.events() if e.get("event") == "gateway listening"]
+        assert len({event["pid"] for event in listening}) == 2
     finally:
         code = gw.stop(signal.SIGTERM, timeout=30)
     assert code == 0

@@ -1,15 +1,26 @@
--- Admission in one step: authenticate the key, check the account may call the model, and
--- hold the call's estimated cost against its available balance (balance - open holds).
+-- Admission in one step: authenticate the key, check the account may call the model, check and
+-- charge its rate limits, and hold the call's estimated cost against its available balance
+-- (balance - open holds). Nothing is charged or held unless every check passes.
 -- KEYS[1] account hash, KEYS[2] api key hashes, KEYS[3] subscriptions set,
--- KEYS[4] holds hash, KEYS[5] hold leases zset, KEYS[6] hold info hash
+-- KEYS[4] holds hash, KEYS[5] hold leases zset, KEYS[6] hold info hash,
+-- KEYS[7..10] rate-limit counters: account requests, account tokens, account+model requests,
+-- account+model tokens
 -- ARGV[1] key id, ARGV[2] sha256 of the secret, ARGV[3] model, ARGV[4] hold (micro-units),
 -- ARGV[5] request id, ARGV[6] lease end (ms), ARGV[7] '1' if the model is dedicated,
--- ARGV[8] what a sweeper needs to settle the call if its gateway dies (see keys.py)
+-- ARGV[8] what a sweeper needs to settle the call if its gateway dies (see keys.py),
+-- ARGV[9] now (ms), ARGV[10] tokens charged to the token limits (the hold's estimate),
+-- ARGV[11..14] rule specs ('amount:window_ms' or ''): default account requests, default
+-- account tokens, model requests, model tokens. The account's own limits (admin API) replace
+-- the two defaults.
+-- Replies: {'ok', hold, account tokens window, model tokens window, headers...},
+-- {'rate_limited', retry ms, refused rules, headers...} or {refusal code[, detail]};
+-- headers are 6 values: limit, remaining, reset ms for requests, then for tokens ('' = none).
 local stored = redis.call('HGET', KEYS[2], ARGV[1])
 if not stored or stored ~= ARGV[2] then
   return {'invalid_api_key'}
 end
-local acct = redis.call('HMGET', KEYS[1], 'state', 'balance', 'held', 'rl_requests', 'rl_tokens')
+local acct = redis.call('HMGET', KEYS[1], 'state', 'balance', 'held', 'rl_requests_spec',
+  'rl_tokens_spec')
 local state, balance, held = acct[1], tonumber(acct[2]), tonumber(acct[3])
 if not state then
   return {'invalid_api_key'}
@@ -24,18 +35,65 @@ end
 if redis.call('SISMEMBER', KEYS[3], ARGV[3]) == 0 then
   return {'model_not_subscribed'}
 end
+if redis.call('HEXISTS', KEYS[4], ARGV[5]) == 1 then
+  return {'duplicate_request'}
+end
+
+local now, tokens = tonumber(ARGV[9]), tonumber(ARGV[10])
+local rules = {}  -- {rule, cost, kind}
+local function add(spec, key, kind, cost)
+  local rule = rl_spec(spec)
+  if rule then
+    rule.kind = kind
+    rules[#rules + 1] = {rl_load(rule, key, now), cost}
+  end
+  return rule
+end
+local acct_req = add(rl_spec(acct[4]) and acct[4] or ARGV[11], KEYS[7], 'requests', 1)
+local acct_tok = add(rl_spec(acct[5]) and acct[5] or ARGV[12], KEYS[8], 'tokens', tokens)
+local model_req = add(ARGV[13], KEYS[9], 'requests', 1)
+local model_tok = add(ARGV[14], KEYS[10], 'tokens', tokens)
+
+local refused, retry = {}, 0
+for _, entry in ipairs(rules) do
+  local rule, cost = entry[1], entry[2]
+  if rule.used + cost > rule.limit then
+    refused[#refused + 1] = rule.kind .. ' (' .. rule.limit .. ' per ' ..
+      math.floor(rule.window / 1000) .. 's)'
+    retry = math.max(retry, rl_retry_ms(rule, cost))
+  end
+end
+
+-- The x-ratelimit-* values: the account's rule, else the model's. `remaining` counts this call.
+local charged = #refused == 0
+local function header(rule, cost)
+  if not rule then
+    return '', '', ''
+  end
+  local after = rule.used + (charged and cost or 0)
+  return rule.limit, math.max(0, rule.limit - after), math.floor(rule.window - rule.elapsed)
+end
+local function headers()
+  local req_l, req_r, req_t = header(acct_req or model_req, 1)
+  local tok_l, tok_r, tok_t = header(acct_tok or model_tok, tokens)
+  return req_l, req_r, req_t, tok_l, tok_r, tok_t
+end
+
+if not charged then
+  return {'rate_limited', math.ceil(retry), table.concat(refused, ', '), headers()}
+end
+
 local hold = tonumber(ARGV[4])
 if dedicated then
   hold = 0
 elseif balance - held < hold then
   return {'insufficient_balance', balance - held}
 end
-if redis.call('HEXISTS', KEYS[4], ARGV[5]) == 1 then
-  return {'duplicate_request'}
+for _, entry in ipairs(rules) do
+  rl_charge(entry[1], entry[2])
 end
 redis.call('HSET', KEYS[4], ARGV[5], hold)
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
 redis.call('HSET', KEYS[6], ARGV[5], ARGV[8])
 redis.call('HINCRBY', KEYS[1], 'held', hold)
--- The account's own rate limits ('' = the configured defaults) ride along: no extra trip.
-return {'ok', hold, acct[4] or '', acct[5] or ''}
+return {'ok', hold, acct_tok and acct_tok.idx or '', model_tok and model_tok.idx or '', headers()}

@@ -3,10 +3,13 @@
 -- one that takes it below its low-balance threshold says so once per crossing.
 -- KEYS[1] account hash, KEYS[2] holds hash, KEYS[3] hold leases zset, KEYS[4] usage stream,
 -- KEYS[5] settled marker of this request, KEYS[6] outbox stream, KEYS[7] hold info hash,
--- KEYS[8] checkpoints hash
+-- KEYS[8] checkpoints hash, KEYS[9..10] the account's and the account+model's token-limit
+-- counters
 -- ARGV[1] request id, ARGV[2] cost (micro-units), ARGV[3] now (ms), ARGV[4] marker ttl (s),
 -- ARGV[5] account id, ARGV[6] '1' to settle only a hold whose lease has ended (a sweeper
--- settling for a dead gateway), ARGV[7..] the usage record's field/value pairs
+-- settling for a dead gateway), ARGV[7] tokens to add to (or, negative, give back from) the
+-- token limits' charge made at admission, ARGV[8..9] the windows that charge landed in (''
+-- = none), ARGV[10..] the usage record's field/value pairs
 local previous = redis.call('GET', KEYS[5])
 if previous then
   return {'duplicate', tonumber(previous)}
@@ -34,11 +37,20 @@ redis.call('HDEL', KEYS[8], ARGV[1])
 local balance = redis.call('HINCRBY', KEYS[1], 'balance', -cost)
 redis.call('HINCRBY', KEYS[1], 'spent', cost)
 local record = {}
-for i = 7, #ARGV do
+for i = 10, #ARGV do
   record[#record + 1] = ARGV[i]
 end
 redis.call('XADD', KEYS[4], '*', unpack(record))
 redis.call('SET', KEYS[5], cost, 'EX', ARGV[4])
+local correction = tonumber(ARGV[7])
+if correction ~= 0 then
+  if ARGV[8] ~= '' then
+    rl_correct(KEYS[9], tonumber(ARGV[8]), correction)
+  end
+  if ARGV[9] ~= '' then
+    rl_correct(KEYS[10], tonumber(ARGV[9]), correction)
+  end
+end
 local events = 0
 local frozen_now = 0
 if threshold and threshold ~= '' and notified ~= '1' and balance < tonumber(threshold) then
