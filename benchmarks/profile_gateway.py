@@ -141,10 +141,10 @@ def family(pid: int) -> dict[str, int]:
 def summarize(raw: Path, top: int) -> str:
     by_thread: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
     for line in raw.read_text().splitlines():
-        stack, _, count = line.rpartition(" ")
-        if stack and count.isdigit():
+        stack, _, tail = line.rpartition(" ")
+        if stack and tail.isdigit():
             thread, _, rest = stack.partition(";")
-            by_thread[thread].append((rest, int(count)))
+            by_thread[thread].append((rest, int(tail)))
     # The event loop's thread: the one serving HTTP. Pool threads (tokenizer off-loading,
     # DNS, file watching) mostly wait, and py-spy cannot always tell waiting from working.
     stacks = max(by_thread.values(), key=lambda items: sum(c for s, c in items if "aiohttp/" in s))
