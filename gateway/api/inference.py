@@ -26,6 +26,7 @@ from gateway.errors import (
     InsufficientBalance,
     InternalError,
     InvalidApiKey,
+    LedgerUnavailable,
     ModelNotFound,
     ModelNotSubscribed,
     RateLimited,
@@ -43,12 +44,17 @@ from gateway.metering.tokenizers import get_encoding
 from gateway.metering.usage import CallStatus, bill_call
 from gateway.money import format_micros
 from gateway.observability.access import CALL_LOG, CallLog
+from gateway.observability.logging import get_logger
 from gateway.proxy.forward import RelayOutcome, open_upstream, relay
 from gateway.proxy.routing import Upstream
 from gateway.ratelimit import headers_of, rate_rules
 from gateway.state import Snapshot
 
 __all__ = ["require_key", "routes"]
+
+log = get_logger("gateway.billing")
+# Seconds between tries of a settlement the store did not take (about 6 s in all).
+SETTLE_RETRY_DELAYS = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 
 _REFUSALS: dict[str, type[GatewayError]] = {
     "invalid_api_key": InvalidApiKey,
@@ -166,15 +172,32 @@ class _Call:
             "upstream": self.upstream_label,
         }
         self.finished = True
-        await self.ledger.settle(
-            self.key.account_id,
-            self.request_id,
-            bill.cost,
-            now_ms,
-            record,
-            charge=self.charge,
-            actual_tokens=bill.prompt_tokens + bill.completion_tokens,
-        )
+        # The client already has its answer: a store that does not answer now is retried
+        # (settling is idempotent per request) before the call is left to the orphan sweeper,
+        # which settles its hold from the lease once that ends.
+        for delay in (*SETTLE_RETRY_DELAYS, None):
+            try:
+                await self.ledger.settle(
+                    self.key.account_id,
+                    self.request_id,
+                    bill.cost,
+                    now_ms,
+                    record,
+                    charge=self.charge,
+                    actual_tokens=bill.prompt_tokens + bill.completion_tokens,
+                )
+                return
+            except LedgerUnavailable as exc:
+                if delay is None:
+                    log.error(
+                        "settlement failed; the hold is left to the sweeper",
+                        request_id=self.request_id,
+                        account=self.key.account_id,
+                        cost=format_micros(bill.cost),
+                        error=str(exc),
+                    )
+                    return
+                await asyncio.sleep(delay)
 
     async def release(self) -> None:
         self.finished = True
@@ -339,6 +362,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
             gate=guard,
             flush=meter.flush,
             extra_headers=limit_headers,
+            send_whole=True,
         )
         if outcome.body is not None:
             meter.observe_body(outcome.body)

@@ -199,12 +199,12 @@ class Ledger:
         self._unlock = client.register_script(_UNLOCK)
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA, loading the script first if the store lost it (a restart, a new node).
-        On the pipelined channel when there is one; else redis-py's evalsha, called directly
-        rather than through its Script object, whose per-call checks cost more than the rest
-        of this path."""
-        script = self._scripts[name]
-        sha: str = script.sha
+        """EVALSHA; on NOSCRIPT (the store restarted, failed over or was flushed) one EVAL of
+        the source, which runs it and caches it again in one step (a SCRIPT LOAD and a second
+        EVALSHA could be split by another flush). On the pipelined channel when there is one;
+        else redis-py's evalsha, called directly rather than through its Script object, whose
+        per-call checks cost more than the rest of this path."""
+        sha: str = self._scripts[name].sha
         started = time.perf_counter()
         channel = self.channel
         try:
@@ -212,13 +212,12 @@ class Ledger:
                 try:
                     return await channel.execute("EVALSHA", sha, len(keys), *keys, *args)
                 except NoScriptError:
-                    await channel.execute("SCRIPT", "LOAD", self._sources[name])
-                    return await channel.execute("EVALSHA", sha, len(keys), *keys, *args)
+                    source = self._sources[name]
+                    return await channel.execute("EVAL", source, len(keys), *keys, *args)
             try:
                 return await self.client.evalsha(sha, len(keys), *keys, *args)
             except NoScriptError:
-                await self.client.script_load(script.script)
-                return await self.client.evalsha(sha, len(keys), *keys, *args)
+                return await self.client.eval(self._sources[name], len(keys), *keys, *args)
         except (RedisError, OSError) as exc:
             raise LedgerUnavailable(
                 f"the ledger store is unavailable ({exc.__class__.__name__})"
@@ -256,12 +255,16 @@ class Ledger:
         now_ms: int,
         topup_id: str,
     ) -> TopupResult:
-        """Credit `amount`; with an idempotency key, at most once per key."""
+        """Credit `amount`; with an idempotency key, at most once per key. Without one, the
+        top-up's own id is the key: a client library that resends the script after a lost
+        reply (redis-py retries once on a fresh connection) cannot credit it twice."""
+        if not idem_key:
+            idem_key, fingerprint = f"auto:{topup_id}", topup_id
         k = account_keys(account_id)
         keys = [k.account, k.idempotency(idem_key or "-"), k.topups, k.outbox]
         args = [
             amount,
-            fingerprint if idem_key else "",
+            fingerprint,
             now_ms,
             IDEMPOTENCY_TTL_SECONDS,
             topup_id,

@@ -117,17 +117,27 @@ async def relay(
     flush: Callable[[], bytes] | None = None,
     extra_headers: Mapping[str, str] | None = None,
     gate: StreamGate | None = None,
+    send_whole: bool = False,
 ) -> tuple[web.StreamResponse, RelayOutcome]:
     """Relay the upstream answer to the client.
 
     Raises 502/504 only while the client has been sent nothing; after that, failures end up
-    in the outcome's status. A non-streamed body is kept in the outcome for the meter.
+    in the outcome's status. A non-streamed body is kept in the outcome for the meter, and
+    with `send_whole` it is written out here, so that what the caller does next (settling the
+    call) adds nothing to the client's wait, as for a stream.
     """
     upstream = call.response
     outcome = RelayOutcome(streamed=_is_event_stream(upstream))
     try:
         if not outcome.streamed:
-            return await _relay_whole(call, timeouts, outcome, extra_headers), outcome
+            whole = await _relay_whole(call, timeouts, outcome, extra_headers)
+            if send_whole:
+                try:
+                    await whole.prepare(request)
+                    await whole.write_eof()
+                except (ConnectionError, aiohttp.ClientConnectionResetError):
+                    outcome.status = "client_disconnected"
+            return whole, outcome
         return (
             await _relay_stream(
                 request, call, timeouts, outcome, transform, flush, extra_headers, gate

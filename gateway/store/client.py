@@ -6,19 +6,17 @@ from typing import Any, cast
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 __all__ = [
     "StoreMisconfigured",
+    "blocking_pool",
     "check_eviction_policy",
     "connect_store",
     "ping_store",
-    "store_pool",
 ]
-
-
-# Connections one process may open to the store (Valkey's default maxclients is 10000).
-POOL_SIZE = 4096
 
 
 class StoreMisconfigured(RuntimeError):
@@ -63,23 +61,24 @@ def connect_store(url: str) -> aioredis.Redis:
         )
         # The cluster client offers the commands the ledger uses with the same signatures.
         return cast(aioredis.Redis, cluster)
-    return aioredis.Redis(connection_pool=store_pool(url))
+    return aioredis.Redis(connection_pool=blocking_pool(url))
 
 
-def store_pool(url: str) -> aioredis.ConnectionPool:
-    """A connection per command in flight, kept for reuse.
-
-    A plain pool, not redis-py's BlockingConnectionPool: that one takes a lock and arms a
-    timeout for every command it hands a connection to, a tenth of a metered call's CPU. The
-    size bound is far above what a gateway process keeps in flight (each call holds a
-    connection only for its admission and its settlement scripts), so a burst never meets it.
-    """
-    return aioredis.ConnectionPool.from_url(
+def blocking_pool(url: str) -> aioredis.BlockingConnectionPool:
+    """A pool that makes a burst of calls wait (up to 2 s) for a connection instead of failing:
+    a plain pool raises "Too many connections" when a burst exceeds its size."""
+    return aioredis.BlockingConnectionPool.from_url(
         url,
-        max_connections=POOL_SIZE,
+        max_connections=256,
+        timeout=2.0,
         socket_connect_timeout=1.0,
         socket_timeout=2.0,
         retry_on_timeout=False,
+        # One retry on a fresh connection after a connection error: after a store restart the
+        # pool still holds connections to the old process, and redis-py only finds out when a
+        # command fails on one. Safe: the commands sent this way are reads and idempotent
+        # writes; every money change is a script that cannot apply twice (see Ledger.topup).
+        retry=Retry(NoBackoff(), 1),
         health_check_interval=0,
     )
 

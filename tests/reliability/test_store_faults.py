@@ -172,3 +172,40 @@ async def test_settlement_is_idempotent_per_request(
     await client.aclose()
     assert (first.code, second.code) == ("ok", "duplicate")
     assert redis_client.hget(account_keys(account_id).account, "balance") == b"999000"
+
+
+async def test_settlement_the_store_missed_is_retried_after_the_answer(
+    make_gateway: Callable[..., Proc], mock_a: Proc, own_store: EmbeddedStore
+) -> None:
+    """The store goes away while a call is with the upstream: the client still gets its
+    answer, and the settlement, retried in the background, lands exactly once when the store
+    is back (long before the hold's lease would hand it to the sweeper)."""
+    gw = make_gateway(
+        [model_entry("m", mock_a.url, upstream_model="mock-model")],
+        store={"url": own_store.url},
+        billing={"hold_lease": "60s"},
+    )
+    admin = Admin(gw.url)
+    account_id, key = admin.funded(["m"], amount="5.00")
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+        slow = session.post(
+            gw.url + "/v1/chat/completions",
+            data=orjson.dumps(CHAT),
+            headers={"x-mock-ttft": "1.0"},
+        )
+        pending = asyncio.ensure_future(slow)
+        await asyncio.sleep(0.4)  # admitted and held; the upstream is still thinking
+        own_store.stop()
+        response = await pending
+        assert response.status == 200
+        answer = orjson.loads(await response.read())
+        await asyncio.sleep(0.5)  # the first tries fail against the stopped store
+        own_store.start()
+    client = redis.Redis.from_url(own_store.url)
+    try:
+        _, records = assert_invariant(admin, client, account_id, micros("5.00"))
+    finally:
+        client.close()
+    assert len(records) == 1
+    assert int(records[0]["prompt_tokens"]) == answer["usage"]["prompt_tokens"]
+    assert int(records[0]["completion_tokens"]) == answer["usage"]["completion_tokens"]
