@@ -26,8 +26,24 @@ REPLY_PRIMING = 3
 OFFLOAD_BYTES = 16 * 1024
 
 
+# Short strings (roles, names, a system prompt's short lines) recur in nearly every call: their
+# counts are kept, per encoding, up to SHORT_CACHE_SIZE of them. A count is a pure function of
+# (encoding, text), so a kept one is exact.
+SHORT_TEXT = 64
+SHORT_CACHE_SIZE = 4096
+_short_counts: dict[tuple[str, str], int] = {}
+
+
 def _count(encoding: tiktoken.Encoding, text: str) -> int:
-    return len(encoding.encode_ordinary(text))
+    if len(text) > SHORT_TEXT:
+        return len(encoding.encode_ordinary(text))
+    key = (encoding.name, text)
+    found = _short_counts.get(key)
+    if found is None:
+        found = len(encoding.encode_ordinary(text))
+        if len(_short_counts) < SHORT_CACHE_SIZE:
+            _short_counts[key] = found
+    return found
 
 
 def _chat(encoding: tiktoken.Encoding, payload: dict[str, Any]) -> int:
