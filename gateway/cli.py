@@ -90,7 +90,8 @@ def _serve(args: argparse.Namespace) -> int:
     if store_url == "embedded":
         store = EmbeddedStore(settings.store.data_dir, appendfsync=settings.store.appendfsync)
         try:
-            store_url = store.start()
+            store.start()
+            store_url = store.local_url
         except EmbeddedStoreError as exc:
             log.error("embedded store failed to start", error=str(exc))
             return 1

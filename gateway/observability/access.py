@@ -15,11 +15,11 @@ from aiohttp.typedefs import Handler
 
 from gateway.keys import CONFIG, METRICS, REQUEST_ID
 from gateway.money import format_micros
-from gateway.observability.logging import get_logger
+from gateway.observability.logging import get_access_logger
 
 __all__ = ["CALL_LOG", "ERROR_CODE", "CallLog", "access_middleware"]
 
-log = get_logger("gateway.access")
+log = get_access_logger("gateway.access")
 
 
 @dataclass(slots=True)

@@ -43,6 +43,10 @@ def _free_port(host: str) -> int:
         return port
 
 
+# sun_path holds 108 bytes on Linux, the terminating NUL included.
+_MAX_SOCKET_PATH = 100
+
+
 class EmbeddedStore:
     """Start, watch and stop one Valkey server bound to loopback."""
 
@@ -92,6 +96,7 @@ class EmbeddedStore:
                 # Ledger keys must never be evicted: refuse writes instead when memory is full.
                 "maxmemory-policy": "noeviction",
                 "logfile": "valkey.log",
+                **self._socket_config(),
             },
         )
         log = open(self.data_dir / "valkey.stdout", "ab")  # noqa: SIM115 - kept for the child
@@ -110,6 +115,23 @@ class EmbeddedStore:
         # Tell other commands (`audit`) where this store answers while it runs.
         (self.data_dir / "store.url").write_text(f"{self.url}\n{self._process.pid}\n")
         return self.url
+
+    @property
+    def socket_path(self) -> Path | None:
+        """The server's Unix socket beside its data (None where the path is too long for
+        one): the gateway's own connections use it, cheaper per command than TCP loopback."""
+        path = self.data_dir / "valkey.sock"
+        return path if len(str(path).encode()) < _MAX_SOCKET_PATH else None
+
+    @property
+    def local_url(self) -> str:
+        """The URL for clients on this machine: the Unix socket if there is one, else TCP."""
+        path = self.socket_path
+        return f"unix://{path}?db=0" if path is not None else self.url
+
+    def _socket_config(self) -> dict[str, str]:
+        path = self.socket_path
+        return {} if path is None else {"unixsocket": str(path), "unixsocketperm": "700"}
 
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

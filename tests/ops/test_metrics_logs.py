@@ -8,6 +8,7 @@ import json
 import os
 import pty
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -20,6 +21,7 @@ import orjson
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from gateway.observability.logging import ACCESS_FLUSH_SECONDS
 from tests.admin_client import Admin
 from tests.conftest import GATEWAY_ENV, model_entry
 from tests.procs import Proc, free_port, wait_http
@@ -238,3 +240,24 @@ def test_grafana_dashboard_uses_exported_series() -> None:
         exported |= {name, f"{name}_total", f"{name}_bucket", f"{name}_count", f"{name}_sum"}
     assert used
     assert used <= exported, used - exported
+
+
+async def test_access_lines_are_batched_but_never_lost(
+    make_gateway: Callable[..., Proc], mock_a: Proc
+) -> None:
+    """Access lines are written in batches (at most ACCESS_FLUSH_SECONDS late), and the
+    ones still waiting when the gateway is stopped are written before it exits."""
+    gw = make_gateway([model_entry("m", mock_a.url, upstream_model="mock-model")])
+    _, key = Admin(gw.url).funded(["m"])
+    body = orjson.dumps({"model": "m", "messages": [{"role": "user", "content": "hi"}]})
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+        async with session.post(gw.url + "/v1/chat/completions", data=body) as r:
+            first = r.headers["x-request-id"]
+        await asyncio.sleep(ACCESS_FLUSH_SECONDS + 0.4)
+        assert first in _access_lines(gw)
+        ids = []
+        for _ in range(5):
+            async with session.post(gw.url + "/v1/chat/completions", data=body) as r:
+                ids.append(r.headers["x-request-id"])
+    assert gw.stop(signal.SIGTERM) == 0
+    assert set(ids) <= set(_access_lines(gw))
