@@ -34,6 +34,11 @@ def _payload(event: bytes) -> bytes | None:
     return b"\n".join(lines)
 
 
+def _usage_only(obj: dict[str, Any] | None) -> bool:
+    """The usage chunk only the gateway asked for (no choices)."""
+    return obj is not None and bool(obj.get("usage")) and not obj.get("choices")
+
+
 def _loads(payload: bytes) -> Any:
     try:
         return orjson.loads(payload)
@@ -76,25 +81,43 @@ class CompletionMeter:
         Python work was most of a streamed call's metering cost."""
         data = self._pending + chunk if self._pending else chunk
         if b"\r" in data:  # CRLF separators: the general, slower split
-            events = []
-            start = 0
-            for match in _EVENT_END.finditer(data):
-                events.append(data[start : match.end()])
-                start = match.end()
-            self._pending = data[start:]
-        else:
-            events = data.split(b"\n\n")
-            self._pending = events.pop()
-            events = [event + b"\n\n" for event in events] if self._strip_usage else events
-        if not events:
+            return self._feed_crlf(data, chunk)
+        cut = data.rfind(b"\n\n")
+        if cut < 0:
+            self._pending = data
             return b"" if self._strip_usage else chunk
+        complete, self._pending = data[:cut], data[cut + 2 :]
+        events = complete.split(b"\n\n")
+        if complete.count(b"\n") == 2 * (len(events) - 1):  # one line per event: the usual
+            payloads = [e[6:] if e[:6] == b"data: " else _payload(e) for e in events]
+        else:
+            payloads = [_payload(e) for e in events]
+        objects = self._parse(payloads)
+        if not self._strip_usage:
+            return chunk
+        kept = [e for e, obj in zip(events, objects, strict=True) if not _usage_only(obj)]
+        if not kept:
+            return b""
+        out = b"\n\n".join(kept) + b"\n\n"
+        if b'"usage"' in out:  # inside a JSON string the quotes would be escaped
+            for pattern in _NULL_USAGE:
+                out = out.replace(pattern, b"")
+        return out
+
+    def _feed_crlf(self, data: bytes, chunk: bytes) -> bytes:
+        events = []
+        start = 0
+        for match in _EVENT_END.finditer(data):
+            events.append(data[start : match.end()])
+            start = match.end()
+        self._pending = data[start:]
         objects = self._parse([_payload(event) for event in events])
         if not self._strip_usage:
             return chunk
         out: list[bytes] = []
         for event, obj in zip(events, objects, strict=True):
-            if obj is not None and obj.get("usage") and not obj.get("choices"):
-                continue  # the usage chunk only the gateway asked for
+            if _usage_only(obj):
+                continue
             if b"usage" in event:
                 for pattern in _NULL_USAGE:
                     event = event.replace(pattern, b"")
@@ -103,12 +126,15 @@ class CompletionMeter:
 
     def _parse(self, payloads: list[bytes | None]) -> list[dict[str, Any] | None]:
         """Each payload's JSON object (None for `[DONE]`, comments and what is not JSON),
-        taking its text and usage on the way."""
+        taking its text and usage on the way. (`[DONE]` entries become None in place.)"""
         wanted: list[bytes] = []
-        for payload in payloads:
-            if payload == b"[DONE]":
+        for k, payload in enumerate(payloads):
+            if payload is None:
+                continue
+            if payload[:1] == b"[" and payload.strip() == b"[DONE]":
                 self.done = True
-            elif payload is not None:
+                payloads[k] = None
+            else:
                 wanted.append(payload)
         if len(wanted) == 1:
             parsed = [_loads(wanted[0])]
@@ -123,7 +149,7 @@ class CompletionMeter:
         objects: list[dict[str, Any] | None] = []
         take = self._take
         for payload in payloads:
-            obj = None if payload is None or payload == b"[DONE]" else next(found)
+            obj = None if payload is None else next(found)
             if isinstance(obj, dict):
                 take(obj, "delta")
                 objects.append(obj)
