@@ -1,31 +1,34 @@
-"""What the gateway adds to a chat completion: latency at one request in flight, and throughput.
+"""What the gateway adds to a chat completion, what metering costs, and how it compares.
 
 Why: the gateway sits inline on every model call, so its cost has to be a number, not a
 guess. The only honest baseline is the same upstream hit directly, in the same run, on the
-same machine, with the same client: this script starts the project's mock upstream and two
-gateways as real processes (exactly as the CLI starts them), pins them to separate CPUs, and
-measures three paths side by side:
+same machine, with the same client; the only honest comparison is other gateways measured
+the same way. This script starts, as real processes, a native upstream (Debian's nginx
+serving the project's mock answers from memory; the python mock when nginx cannot be had),
+this project's gateway twice and, when `benchmarks/peers.py` can prepare them, LiteLLM's
+proxy and Portkey's gateway. It pins the processes under test to CPU 0 and the upstream and
+load generators to CPU 1, and measures side by side:
 
-- direct: the mock upstream itself;
-- proxy: a gateway with `billing.metering: false` (forward and relay, nothing counted);
-- gateway: a gateway with metering on (key, prompt counting, hold, rate limits, settle).
+- direct: the upstream itself;
+- proxy: this gateway with `billing.metering: false` (forward and relay, nothing counted);
+- gateway: this gateway with metering on (key, prompt counting, hold, rate limits, settle);
+- LiteLLM, Portkey: the peers, each with the one upstream URL it was given.
 
 The proxy separates what the extra hop costs from what metering costs. Measured:
 
-1. non-streamed latency at one request in flight (the three targets interleaved);
-2. streamed time to first token and total time, and, against a second mock that paces its
-   tokens, the largest gap between consecutive chunks;
-3. requests per second at N concurrent connections, non-streamed and streamed.
+1. non-streamed latency at one request in flight (targets interleaved), 1, 10 and 100 KB
+   prompts;
+2. streamed time to first token and total time, and, against the python mock pacing its
+   tokens 20 ms apart, the largest gap between consecutive chunks;
+3. requests per second at N concurrent connections (wrk), non-streamed and streamed, with
+   the CPU seconds and peak memory each target's process tree spends per 1,000 calls, and
+   the metered gateway again with `server.workers: 2`;
+4. the highest fixed request rate at which the added p99 stays under 10 ms without errors
+   (an open-loop sweep).
 
-The client is a minimal keep-alive HTTP/1.1 client on asyncio protocols (uvloop when
-installed): it timestamps bytes as they arrive, with far less overhead than a full HTTP
-client. Throughput uses `wrk` when it is on PATH, else the same client with N connections.
-Calls carry `Authorization: Bearer $BENCH_API_KEY`, or, when that is unset, a key the script
-has the metered gateway's admin API issue to a fresh, topped-up account, so every call through
-it is fully metered; the same bytes go to the mock and the proxy, which need no key. Everything
-binds to 127.0.0.1. One markdown table is printed, with the cost of metering (gateway vs proxy)
-under it, then the tokenizer throughput of bench_tokenizer.py; `--json` keeps the raw numbers.
-benchmarks/README.md explains each row.
+One markdown table is printed, with the cost of metering (gateway vs proxy), the ratios to
+the peers and the upstream's headroom under it, then the tokenizer throughput of
+bench_tokenizer.py; `--json` keeps the raw numbers. benchmarks/README.md explains each row.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import argparse
 import asyncio
 import contextlib
 import gc
-import http.client
+import importlib
 import importlib.metadata
 import itertools
 import json
@@ -46,7 +49,6 @@ import secrets
 import shlex
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -57,30 +59,66 @@ from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
-from typing import Any, cast
+from types import ModuleType
+from typing import Any
 
 import yaml
+from rig.client import (
+    HOST,
+    MAX_TOKENS,
+    PROMPT_SIZES,
+    Client,
+    Exchange,
+    SseClock,
+    Target,
+    bearer,
+    problem,
+    user_message,
+)
+from rig.nginx import PACKAGE as NGINX_PACKAGE
+from rig.nginx import canned_answers, find_nginx, nginx_version, start_nginx
+from rig.openloop import FixedRate, Step, Sweep, percentile, rates
+from rig.procs import (
+    CpuWatch,
+    Proc,
+    TreeMeter,
+    TreeUsage,
+    affinity,
+    comm,
+    cpu_ticks,
+    descendants,
+    free_port,
+    http_call,
+    pin_prefix,
+    spawn,
+    stop,
+    tree,
+    wait_healthy,
+)
 
-HOST = "127.0.0.1"
-PATH = "/v1/chat/completions"
-MAX_TOKENS = 64
 PACED_TOKEN_DELAY = 0.02
 GATEWAY_CPU = 0
 CLIENT_CPU = 1
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 10.0
+PEER_START_TIMEOUT = 180.0  # LiteLLM imports for a long while before it answers
 PHASE_TIMEOUT = 180.0  # a safety net: no phase of a full run comes near it
-DONE_EVENT = b"data: [DONE]\n\n"
-TOKEN_EVENT = re.compile(rb'"content":"(?!")')
+GIVE_UP = 3  # failed calls in a row after which a 1-in-flight phase stops calling a target
 ACCOUNT = "bench"
 ADMIN_TOKEN_ENV = "BENCH_ADMIN_TOKEN"  # noqa: S105 - the name of a variable, not a secret
-MODELS = {"bench-model": "mock", "bench-model-paced": "mock-paced"}  # model -> its mock
-TARGETS = ("direct", "proxy", "gateway")  # the targets' labels, in the table's order
+MODELS = ("bench-model", "bench-model-paced")  # the gateways' models: plain and paced
+UPSTREAM_MODEL = "mock-model"  # the model name every gateway and peer sends upstream
+PEERS = ("litellm", "portkey")
+TARGETS = ("direct", "proxy", "gateway", *PEERS)  # the targets' labels, in the table's order
+WORKERS = 2  # server.workers of the scaling row
+WORKERS_LABEL = f"gateway-{WORKERS}w"
 LABELS = {
     "direct": "direct",
     "proxy": "proxy (metering off)",
     "gateway": "gateway (metering on)",
+    WORKERS_LABEL: f"gateway (metering on), {WORKERS} workers",
+    "litellm": "LiteLLM proxy",
+    "portkey": "Portkey gateway",
 }
+CACHE = Path(__file__).with_name(".cache")  # where peers.py keeps what it installs
 TOKENIZER_SECONDS = 0.3  # bench_tokenizer.py --seconds, run after the table
 
 
@@ -92,322 +130,30 @@ class Plan:
     """How many requests and seconds each phase gets."""
 
     warmup: int  # requests per target before each 1-in-flight phase
-    latency_requests: int  # non-streamed, per target
+    latency_requests: tuple[int, ...]  # non-streamed, per target, one per PROMPT_SIZES
     stream_requests: int  # streamed, per target
     paced_streams: int  # paced streams in flight per target
     paced_rounds: int  # paced streams per connection
     connections: int
     duration: float  # seconds per throughput row
     load_warmup: float  # seconds of discarded load before each throughput row
+    sweep_seconds: float  # seconds per rate of the sweep (at least)
+    sweep_samples: int  # calls per rate of the sweep (at least): p99 of a few is noise
+    sweep_start: int = 50  # calls per second of the sweep's first step
+    sweep_factor: float = 1.4  # each step's rate over the last one's
+    sweep_top: int = 20000  # no step above this rate
+    added_limit_ms: float = 10.0  # a step passes while the added p99 stays under this
 
 
 def make_plan(args: argparse.Namespace) -> Plan:
-    """The full plan (~2 min), or the quick one (~1 min); --duration/--connections override."""
+    """The full plan (~10 min with peers), or the quick one (~4 min); options override."""
     if args.quick:
-        plan = Plan(50, 500, 300, 4, 3, args.connections, 5.0, 1.0)
+        plan = Plan(50, (500, 150, 60), 200, 4, 2, args.connections, 3.0, 1.0, 1.2, 100)
     else:
-        plan = Plan(200, 2000, 2000, 4, 12, args.connections, 10.0, 2.0)
+        plan = Plan(200, (2000, 500, 200), 1000, 4, 12, args.connections, 10.0, 2.0, 3.0, 300)
     if args.duration is not None:
         plan = Plan(**{**asdict(plan), "duration": args.duration})
     return plan
-
-
-# -- requests ----------------------------------------------------------------------------
-
-
-def user_message(min_bytes: int = 1024) -> str:
-    """A deterministic prose message of at least `min_bytes` bytes."""
-    sentence = (
-        "The gateway forwards each call to the model server, counts the tokens of the "
-        "prompt and of the answer, and writes the cost to the account of the caller. "
-    )
-    text = "Summarize these notes in one line. "
-    while len(text.encode()) < min_bytes:
-        text += sentence
-    return text.strip()
-
-
-def request_bytes(port: int, model: str, stream: bool, api_key: str) -> bytes:
-    """A complete HTTP/1.1 POST of the benchmark's chat completion."""
-    body = json.dumps(
-        {
-            "model": model,
-            "messages": [
-                {"role": "system", "content": "You are a concise assistant."},
-                {"role": "user", "content": user_message()},
-            ],
-            "max_tokens": MAX_TOKENS,
-            "stream": stream,
-        },
-        separators=(",", ":"),
-    ).encode()
-    head = (
-        f"POST {PATH} HTTP/1.1\r\n"
-        f"Host: {HOST}:{port}\r\n"
-        f"Authorization: Bearer {api_key}\r\n"
-        "Content-Type: application/json\r\n"
-        "Accept: */*\r\n"
-        f"Content-Length: {len(body)}\r\n\r\n"
-    )
-    return head.encode() + body
-
-
-@dataclass(frozen=True)
-class Target:
-    """One way to reach a model: directly at a mock upstream, or through a gateway."""
-
-    label: str  # one of TARGETS
-    port: int
-    model: str
-    api_key: str  # sent to all: the mock and the proxy ignore it, the gateway requires it
-
-    def payload(self, stream: bool) -> bytes:
-        return request_bytes(self.port, self.model, stream, self.api_key)
-
-
-# -- a minimal HTTP/1.1 client -------------------------------------------------------------
-
-
-class ProtocolError(Exception):
-    """The server sent something this client cannot frame."""
-
-
-_HEAD, _LENGTH, _CHUNK_SIZE, _CHUNK_DATA, _CHUNK_END, _TRAILER, _DONE = range(7)
-
-
-class ResponseParser:
-    """Incremental HTTP/1.1 response framing: Content-Length or chunked bodies."""
-
-    def __init__(self) -> None:
-        self.reset()
-
-    def reset(self) -> None:
-        self._buf = bytearray()
-        self._state = _HEAD
-        self._remaining = 0
-        self.status = 0
-        self.keep_alive = True
-        self.tail = b""  # the last bytes of the body, to check how a stream ended
-        self.preview = b""  # the first bytes of the body, for error messages
-
-    @property
-    def done(self) -> bool:
-        return self._state == _DONE
-
-    def feed(self, data: bytes) -> bytes:
-        """Consume `data`; return the body bytes it completed (de-chunked)."""
-        buf = self._buf
-        buf += data
-        out = bytearray()
-        pos = 0
-        while self._state != _DONE:
-            step = self._step(buf, pos, out)
-            if step < 0:
-                break
-            pos = step
-        del buf[:pos]
-        if self._state == _DONE and buf:
-            raise ProtocolError("bytes after the end of the response")
-        body = bytes(out)
-        if body:
-            self.tail = (self.tail + body)[-32:]
-            if len(self.preview) < 512:
-                self.preview += body[: 512 - len(self.preview)]
-        return body
-
-    def _step(self, buf: bytearray, pos: int, out: bytearray) -> int:
-        """Advance one state from `pos`; the new position, or -1 when more bytes are needed."""
-        state = self._state
-        if state in (_LENGTH, _CHUNK_DATA):
-            if pos == len(buf):
-                return -1
-            take = min(self._remaining, len(buf) - pos)
-            out += buf[pos : pos + take]
-            self._remaining -= take
-            if not self._remaining:
-                self._state = _DONE if state == _LENGTH else _CHUNK_END
-            return pos + take
-        if state == _CHUNK_END:
-            if len(buf) - pos < 2:
-                return -1
-            if buf[pos : pos + 2] != b"\r\n":
-                raise ProtocolError("chunk not followed by CRLF")
-            self._state = _CHUNK_SIZE
-            return pos + 2
-        marker = b"\r\n\r\n" if state == _HEAD else b"\r\n"
-        end = buf.find(marker, pos)
-        if end < 0:
-            return -1
-        line = bytes(buf[pos:end])
-        if state == _HEAD:
-            self._head(line)
-        elif state == _CHUNK_SIZE:
-            self._chunk_size(line)
-        elif not line:  # an empty line ends the trailer section
-            self._state = _DONE
-        return end + len(marker)
-
-    def _head(self, head: bytes) -> None:
-        status_line, *lines = head.decode("latin-1").split("\r\n")
-        parts = status_line.split(" ", 2)
-        if len(parts) < 2 or not parts[0].startswith("HTTP/1."):
-            raise ProtocolError(f"bad status line {status_line!r}")
-        self.status = int(parts[1])
-        headers = {}
-        for line in lines:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip().lower()
-        self.keep_alive = headers.get("connection") != "close"
-        if "chunked" in headers.get("transfer-encoding", ""):
-            self._state = _CHUNK_SIZE
-        elif "content-length" in headers:
-            self._remaining = int(headers["content-length"])
-            self._state = _LENGTH if self._remaining else _DONE
-        elif self.status in (204, 304):
-            self._state = _DONE
-        else:
-            raise ProtocolError("response has neither Content-Length nor chunked framing")
-
-    def _chunk_size(self, line: bytes) -> None:
-        try:
-            size = int(line.split(b";", 1)[0], 16)
-        except ValueError:
-            raise ProtocolError(f"bad chunk size {line!r}") from None
-        self._remaining = size
-        self._state = _CHUNK_DATA if size else _TRAILER
-
-
-class SseClock:
-    """Arrival times of the SSE events that carry a non-empty `content` (the tokens)."""
-
-    def __init__(self) -> None:
-        self._pending = bytearray()
-        self.token_ns: list[int] = []
-
-    def feed(self, body: bytes, now_ns: int) -> None:
-        pending = self._pending
-        pending += body
-        while (end := pending.find(b"\n\n")) >= 0:
-            event = bytes(pending[:end])
-            del pending[: end + 2]
-            if event.startswith(b"data: {") and TOKEN_EVENT.search(event):
-                self.token_ns.append(now_ns)
-
-
-@dataclass(slots=True)
-class Exchange:
-    """One request and its complete response."""
-
-    status: int
-    start_ns: int
-    end_ns: int
-    keep_alive: bool
-    tail: bytes
-    preview: bytes
-    token_ns: list[int]
-
-
-class _Connection(asyncio.Protocol):
-    """One keep-alive connection; one request in flight at a time."""
-
-    def __init__(self) -> None:
-        self.transport: asyncio.Transport | None = None
-        self.parser = ResponseParser()
-        self.waiter: asyncio.Future[Exchange] | None = None
-        self.clock: SseClock | None = None
-        self.start_ns = 0
-        self.lost = False
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-
-    def data_received(self, data: bytes) -> None:
-        now = time.perf_counter_ns()
-        waiter = self.waiter
-        if waiter is None or waiter.done():
-            self._abort()  # bytes nobody asked for
-            return
-        try:
-            body = self.parser.feed(data)
-        except (ProtocolError, ValueError) as exc:
-            waiter.set_exception(ProtocolError(str(exc)))
-            self._abort()
-            return
-        if self.clock is not None and body:
-            self.clock.feed(body, now)
-        if self.parser.done:
-            p = self.parser
-            tokens = self.clock.token_ns if self.clock is not None else []
-            waiter.set_result(
-                Exchange(p.status, self.start_ns, now, p.keep_alive, p.tail, p.preview, tokens)
-            )
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = True
-        if self.waiter is not None and not self.waiter.done():
-            self.waiter.set_exception(ConnectionResetError("connection closed mid-response"))
-
-    def _abort(self) -> None:
-        if self.transport is not None:
-            self.transport.abort()
-
-    def send(self, payload: bytes, clock: SseClock | None) -> asyncio.Future[Exchange]:
-        assert self.transport is not None
-        self.parser.reset()
-        self.clock = clock
-        self.waiter = asyncio.get_running_loop().create_future()
-        self.start_ns = time.perf_counter_ns()
-        self.transport.write(payload)
-        return self.waiter
-
-    def close(self) -> None:
-        if self.transport is not None:
-            self.transport.close()
-
-
-class Client:
-    """A reconnecting keep-alive client of one target; it tallies its failures."""
-
-    def __init__(self, target: Target) -> None:
-        self.target = target
-        self.errors: Counter[str] = Counter()
-        self._conn: _Connection | None = None
-
-    async def _connection(self) -> _Connection:
-        if self._conn is None or self._conn.lost:
-            loop = asyncio.get_running_loop()
-            _, self._conn = await loop.create_connection(_Connection, HOST, self.target.port)
-        return self._conn
-
-    async def exchange(self, payload: bytes, clock: SseClock | None = None) -> Exchange | None:
-        """Send one request; None (and an error tallied) if no complete response came back."""
-        try:
-            conn = await self._connection()
-            result = await conn.send(payload, clock)
-        except (OSError, ProtocolError) as exc:
-            self.errors[type(exc).__name__] += 1
-            self.close()
-            await asyncio.sleep(0.01)  # do not spin on a refused connection
-            return None
-        if not result.keep_alive:
-            self.close()
-        return result
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-
-def problem(result: Exchange, stream: bool, check_tokens: bool) -> str | None:
-    """Why a response does not count as a success, or None."""
-    if result.status != 200:
-        return f"HTTP {result.status}"
-    if stream and not result.tail.endswith(DONE_EVENT):
-        return "stream without [DONE]"
-    if check_tokens and len(result.token_ns) != MAX_TOKENS:
-        return f"{len(result.token_ns)} token events, not {MAX_TOKENS}"
-    return None
 
 
 # -- 1-in-flight measurements ------------------------------------------------------------
@@ -433,37 +179,46 @@ class Samples:
             self.max_gap.append(max(gaps, default=0))
 
 
-async def probe(client: Client, payload: bytes, stream: bool, samples: Samples | None) -> None:
-    """One request; its timings and failures go to `samples` (None: warm-up, not counted)."""
+async def probe(client: Client, payload: bytes, stream: bool, samples: Samples | None) -> bool:
+    """One request; its timings and failures go to `samples` (None: warm-up, not counted).
+
+    True when it succeeded.
+    """
     clock = SseClock() if stream else None
     result = await client.exchange(payload, clock)
-    if samples is None:
-        client.errors.clear()
-        return
-    samples.errors.update(client.errors)
+    errors = Counter(client.errors)
     client.errors.clear()
-    if result is None:
-        return
-    why = problem(result, stream, check_tokens=stream)
+    why = None if result is None else problem(result, stream, check_tokens=stream)
     if why is not None:
-        samples.errors[why] += 1
-        return
-    samples.add(result)
+        errors[why] += 1
+    if samples is not None:
+        samples.errors.update(errors)
+        if result is not None and why is None:
+            samples.add(result)
+    return result is not None and why is None
 
 
 async def interleaved(
-    targets: Sequence[Target], stream: bool, warmup: int, count: int
+    targets: Sequence[Target], stream: bool, warmup: int, count: int, prompt_bytes: int = 1024
 ) -> dict[str, Samples]:
-    """`count` requests per target, one at a time, round-robin; who goes first rotates."""
+    """`count` requests per target, one at a time, round-robin; who goes first rotates.
+
+    A target that fails GIVE_UP calls in a row gets no more (a stuck peer would stall the
+    phase for everyone); its row then shows the errors.
+    """
     clients = [Client(t) for t in targets]
-    payloads = [t.payload(stream) for t in targets]
+    payloads = [t.payload(stream, prompt_bytes) for t in targets]
     samples = {t.label: Samples() for t in targets}
+    failed = [0] * len(targets)
     n = len(clients)
     try:
         for i in range(warmup + count):
             for k in ((i + j) % n for j in range(n)):
+                if failed[k] >= GIVE_UP:
+                    continue
                 sink = samples[targets[k].label] if i >= warmup else None
-                await probe(clients[k], payloads[k], stream, sink)
+                ok = await probe(clients[k], payloads[k], stream, sink)
+                failed[k] = 0 if ok else failed[k] + 1
     finally:
         for client in clients:
             client.close()
@@ -482,12 +237,16 @@ async def paced(targets: Sequence[Target], streams: int, rounds: int) -> dict[st
 
     async def worker(target: Target, offset: float) -> None:
         client = Client(target)
-        payload = target.payload(stream=True)
+        payload = target.payload(stream=True, paced=True)
         try:
             await asyncio.sleep(offset)
             await probe(client, payload, True, None)
+            failed = 0
             for _ in range(rounds):
-                await probe(client, payload, True, samples[target.label])
+                ok = await probe(client, payload, True, samples[target.label])
+                failed = 0 if ok else failed + 1
+                if failed >= GIVE_UP:
+                    break
         finally:
             client.close()
 
@@ -497,29 +256,26 @@ async def paced(targets: Sequence[Target], streams: int, rounds: int) -> dict[st
     return samples
 
 
-async def first_contact(targets: Sequence[Target]) -> list[str]:
-    """One non-streamed and one streamed call per target; fail loudly if any is refused.
+async def first_contact(target: Target, paced: bool = False) -> tuple[list[str], str | None]:
+    """One non-streamed and one streamed call (paced: one paced stream): (times, failure).
 
     These are the cold calls (lazy imports, tokenizer loads, first store scripts); their
     times are reported, never mixed into the measurements.
     """
-    times = []
-    for target in targets:
-        for stream in (False, True):
-            client = Client(target)
-            result = await client.exchange(target.payload(stream), SseClock())
-            client.close()
-            if result is None:
-                raise RuntimeError(f"{target.label}:{target.port} did not answer: {client.errors}")
-            why = problem(result, stream, check_tokens=stream)
-            if why is not None:
-                preview = result.preview.decode("utf-8", "replace")
-                raise RuntimeError(
-                    f"{target.label} {target.model} stream={stream}: {why} {preview}"
-                )
-            elapsed = (result.end_ns - result.start_ns) / 1e6
-            times.append(f"{target.label} {'stream' if stream else 'plain'} {elapsed:.1f} ms")
-    return times
+    times: list[str] = []
+    for stream in (True,) if paced else (False, True):
+        client = Client(target)
+        result = await client.exchange(target.payload(stream, paced=paced), SseClock())
+        client.close()
+        kind = "paced" if paced else "stream" if stream else "plain"
+        if result is None:
+            return times, f"{kind} call got no answer: {dict(client.errors)}"
+        why = problem(result, stream, check_tokens=stream)
+        if why is not None:
+            preview = " ".join(result.preview.decode("utf-8", "replace").split())[:160]
+            return times, f"{kind} call: {why}: {preview}"
+        times.append(f"{target.label} {kind} {(result.end_ns - result.start_ns) / 1e6:.1f} ms")
+    return times, None
 
 
 # -- throughput ----------------------------------------------------------------------------
@@ -527,7 +283,7 @@ async def first_contact(targets: Sequence[Target]) -> list[str]:
 
 @dataclass
 class LoadResult:
-    """One throughput row."""
+    """One throughput row, with what the target's process tree used during it."""
 
     tool: str
     requests: int
@@ -536,18 +292,25 @@ class LoadResult:
     p50_ms: float = math.nan
     p99_ms: float = math.nan
     latency_ns: list[int] = field(default_factory=list)  # every sample (asyncio only)
+    usage: TreeUsage | None = None
 
     @property
     def rps(self) -> float:
         return self.requests / self.seconds if self.seconds else 0.0
 
+    @property
+    def cpu_per_1k(self) -> float | None:
+        """CPU seconds of the target's process tree per 1,000 calls."""
+        if self.usage is None or not self.requests:
+            return None
+        return self.usage.cpu_seconds / self.requests * 1000
 
-async def python_load(target: Target, stream: bool, plan: Plan) -> LoadResult:
-    """`plan.connections` keep-alive connections in closed loops for warm-up + duration."""
+
+async def python_load(target: Target, stream: bool, plan: Plan, seconds: float) -> LoadResult:
+    """`plan.connections` keep-alive connections in closed loops for `seconds`."""
     payload = target.payload(stream)
-    begin = time.perf_counter_ns() + int(plan.load_warmup * 1e9)
-    end = begin + int(plan.duration * 1e9)
-    result = LoadResult("asyncio", 0, plan.duration, Counter())
+    end = time.perf_counter_ns() + int(seconds * 1e9)
+    result = LoadResult("asyncio", 0, seconds, Counter())
 
     async def worker() -> None:
         client = Client(target)
@@ -559,7 +322,7 @@ async def python_load(target: Target, stream: bool, plan: Plan) -> LoadResult:
                 why = problem(exchange, stream, check_tokens=False)
                 if why is not None:
                     result.errors[why] += 1
-                elif begin <= exchange.end_ns < end:
+                elif exchange.end_ns < end:
                     result.requests += 1
                     result.latency_ns.append(exchange.end_ns - exchange.start_ns)
             result.errors.update(client.errors)
@@ -571,16 +334,19 @@ async def python_load(target: Target, stream: bool, plan: Plan) -> LoadResult:
             group.create_task(worker())
     result.p50_ms = percentile(result.latency_ns, 50)
     result.p99_ms = percentile(result.latency_ns, 99)
+    if not result.requests:
+        result.errors["no call completed within the row"] += 1
     return result
 
 
 WRK_SCRIPT = """\
 local f = assert(io.open({body}, "rb"))
 wrk.method = "POST"
+wrk.path = {path}
 wrk.body = f:read("*a")
 f:close()
 wrk.headers["Content-Type"] = "application/json"
-wrk.headers["Authorization"] = {auth}
+{headers}
 
 done = function(summary, latency, requests)
   local e = summary.errors
@@ -601,14 +367,16 @@ def lua_string(text: str) -> str:
 
 def wrk_script(workdir: Path, target: Target, stream: bool) -> Path:
     """Write the request body and a Lua script that POSTs it; return the script's path."""
-    body = target.payload(stream).split(b"\r\n\r\n", 1)[1]
-    name = f"{target.label}-{target.model}-{'stream' if stream else 'plain'}"
+    name = f"{target.label}-{'stream' if stream else 'plain'}"
     body_path = workdir / f"{name}.json"
-    body_path.write_bytes(body)
+    body_path.write_bytes(target.body(stream))
+    headers = "\n".join(
+        f"wrk.headers[{lua_string(k)}] = {lua_string(v)}" for k, v in target.headers
+    )
     script = workdir / f"{name}.lua"
     script.write_text(
         WRK_SCRIPT.format(
-            body=lua_string(str(body_path)), auth=lua_string(f"Bearer {target.api_key}")
+            body=lua_string(str(body_path)), path=lua_string(target.path), headers=headers
         )
     )
     return script
@@ -618,7 +386,7 @@ def run_wrk(
     script: Path, target: Target, connections: int, seconds: float, pin: list[str]
 ) -> LoadResult:
     """One wrk run (one thread, on the client CPU); parse the numbers its Lua `done` prints."""
-    url = f"http://{HOST}:{target.port}{PATH}"
+    url = f"http://{HOST}:{target.port}{target.path}"
     duration = f"{max(1, round(seconds))}s"
     command = [*pin, "wrk", "-t1", f"-c{connections}", f"-d{duration}", "--timeout", "10s"]
     command += ["-s", str(script), url]
@@ -631,112 +399,38 @@ def run_wrk(
     errors = Counter({k: v for k, v in kinds.items() if v})
     if status:
         errors["non-2xx"] = status
+    if not n:  # wrk's percentiles of nothing are 0, which would read as instant answers
+        errors["no call completed within the row"] = 1
+        return LoadResult("wrk", 0, us / 1e6, errors)
     return LoadResult("wrk", n - status, us / 1e6, errors, p50 / 1000, p99 / 1000)
-
-
-def wrk_load(workdir: Path, target: Target, stream: bool, plan: Plan, pin: list[str]) -> LoadResult:
-    script = wrk_script(workdir, target, stream)
-    run_wrk(script, target, plan.connections, plan.load_warmup, pin)
-    return run_wrk(script, target, plan.connections, plan.duration, pin)
 
 
 # -- processes -----------------------------------------------------------------------------
 
 
-@dataclass
-class Proc:
-    """A started child process and where its output goes."""
-
-    name: str
-    popen: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def pin_prefix(cpu: int, pinned: bool) -> list[str]:
-    return ["taskset", "-c", str(cpu)] if pinned else []
-
-
-def spawn(
+def gateway_cli(
     name: str, args: list[str], port: int, workdir: Path, pin: list[str], env: dict[str, str]
 ) -> Proc:
     """Start `python -m gateway ARGS` with its output in WORKDIR/NAME.log."""
-    log = workdir / f"{name}.log"
-    with log.open("ab") as out:
-        popen = subprocess.Popen(
-            [*pin, sys.executable, "-m", "gateway", *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **env},
-        )
-    return Proc(name, popen, port, log)
-
-
-def http_call(
-    port: int, method: str, path: str, body: Any = None, headers: dict[str, str] | None = None
-) -> tuple[int, Any]:
-    """One JSON call with http.client (which ignores proxy settings): (status, decoded body)."""
-    conn = http.client.HTTPConnection(HOST, port, timeout=5.0)
-    try:
-        data = None if body is None else json.dumps(body)
-        conn.request(method, path, body=data, headers=headers or {})
-        response = conn.getresponse()
-        raw = response.read()
-    finally:
-        conn.close()
-    try:
-        return response.status, json.loads(raw) if raw else None
-    except ValueError:
-        return response.status, raw.decode("utf-8", "replace")
-
-
-def healthy(port: int) -> bool:
-    try:
-        return http_call(port, "GET", "/healthz")[0] == 200
-    except OSError:
-        return False
-
-
-def wait_healthy(proc: Proc) -> None:
-    deadline = time.monotonic() + START_TIMEOUT
-    while time.monotonic() < deadline:
-        if proc.popen.poll() is not None:
-            raise RuntimeError(f"{proc.name} exited with {proc.popen.returncode}")
-        if healthy(proc.port):
-            return
-        time.sleep(0.1)
-    raise RuntimeError(f"{proc.name} was not healthy within {START_TIMEOUT:.0f}s")
-
-
-def stop(proc: Proc) -> None:
-    """SIGTERM, then SIGKILL if it lingers."""
-    if proc.popen.poll() is None:
-        proc.popen.send_signal(signal.SIGTERM)
-        try:
-            proc.popen.wait(timeout=STOP_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.popen.kill()
-            proc.popen.wait(timeout=5)
+    return spawn(name, [*pin, sys.executable, "-m", "gateway", *args], port, workdir, env)
 
 
 def start_mock(name: str, workdir: Path, pin: list[str], *extra: str) -> Proc:
     port = free_port()
     args = ["mock-upstream", "--host", HOST, "--port", str(port)]
     args += ["--max-tokens", str(MAX_TOKENS), *extra]
-    return spawn(name, args, port, workdir, pin, {})
+    return gateway_cli(name, args, port, workdir, pin, {})
 
 
 def gateway_config(
-    port: int, data_dir: Path, upstreams: dict[str, int], metering: bool = True
+    port: int,
+    data_dir: Path,
+    upstreams: dict[str, str],
+    metering: bool = True,
+    workers: int = 1,
+    appendfsync: str = "always",
 ) -> dict[str, Any]:
-    """A gateway's config: one model per mock upstream, an embedded store of its own.
+    """A gateway's config: one model per upstream base URL, an embedded store of its own.
 
     Rate limits are set far above any rate this machine reaches, so they are checked (their
     cost is part of the gateway's) but never refuse a call. The admin API's token is read from
@@ -749,13 +443,16 @@ def gateway_config(
             "name": name,
             "tokenizer": "o200k_base",
             "pricing": {"input_per_million": "0.15", "output_per_million": "0.60"},
-            "upstreams": [{"url": f"http://{HOST}:{upstream}/v1", "model": "mock-model"}],
+            "upstreams": [{"url": url, "model": UPSTREAM_MODEL}],
         }
-        for name, upstream in upstreams.items()
+        for name, url in upstreams.items()
     ]
+    server: dict[str, Any] = {"host": HOST, "port": port, "admin_token_env": ADMIN_TOKEN_ENV}
+    if workers != 1:
+        server["workers"] = workers
     config: dict[str, Any] = {
-        "server": {"host": HOST, "port": port, "admin_token_env": ADMIN_TOKEN_ENV},
-        "store": {"url": "embedded", "data_dir": str(data_dir)},
+        "server": server,
+        "store": {"url": "embedded", "data_dir": str(data_dir), "appendfsync": appendfsync},
         "rate_limits": {"requests": "1000000/minute", "tokens": "1000000000/minute"},
         "models": models,
     }
@@ -768,17 +465,20 @@ def start_gateway(
     name: str,
     workdir: Path,
     pin: list[str],
-    upstreams: dict[str, int],
+    upstreams: dict[str, str],
     admin_token: str,
-    metering: bool,
+    metering: bool = True,
+    workers: int = 1,
+    appendfsync: str = "always",
 ) -> Proc:
     """`gateway serve` with WORKDIR/NAME.yaml, its store in WORKDIR/NAME-store."""
     port = free_port()
     path = workdir / f"{name}.yaml"
-    config = gateway_config(port, workdir / f"{name}-store", upstreams, metering)
+    store = workdir / f"{name}-store"
+    config = gateway_config(port, store, upstreams, metering, workers, appendfsync)
     path.write_text(yaml.safe_dump(config, sort_keys=False))
     env = {ADMIN_TOKEN_ENV: admin_token}
-    return spawn(name, ["serve", "--config", str(path)], port, workdir, pin, env)
+    return gateway_cli(name, ["serve", "--config", str(path)], port, workdir, pin, env)
 
 
 def provision_key(port: int, admin_token: str) -> tuple[str, str]:
@@ -811,131 +511,306 @@ def provision_key(port: int, admin_token: str) -> tuple[str, str]:
     return str(answer["key"]), f"issued by the admin API to account '{ACCOUNT}'"
 
 
-def children(pid: int) -> list[int]:
-    """Pids whose parent is `pid` (a gateway's Valkey)."""
-    found = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError, ValueError, IndexError):
-            if int(_stat_fields(str(stat))[1]) == pid:
-                found.append(int(stat.parent.name))
-    return found
+def settle(pid: int, timeout: float = 5.0) -> None:
+    """Wait until a target's process tree is idle (a backlog left by a load, worked off).
 
-
-def _stat_fields(path: str) -> list[str]:
-    """The fields of a /proc/PID/stat line after the command name (which may hold spaces)."""
-    return Path(path).read_text().rsplit(")", 1)[1].split()
-
-
-def _cpu_ticks(pid: int) -> int:
-    """CPU ticks used by `pid` and its reaped children (utime+stime+cutime+cstime)."""
-    try:
-        fields = _stat_fields(f"/proc/{pid}/stat")
-    except OSError:
-        return 0
-    return sum(int(v) for v in fields[11:15])
-
-
-def _busy_ticks() -> int:
-    """CPU ticks the whole machine spent in processes (user, nice, system; not irq time)."""
-    fields = Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]
-    return int(fields[0]) + int(fields[1]) + int(fields[2])
-
-
-class CpuWatch:
-    """CPU time that processes other than the benchmark's used while it measured.
-
-    The benchmark's own processes (this one with its reaped `wrk` children, the mocks, the
-    two gateways and their Valkeys) are subtracted from the machine's busy time; what remains is
-    interference, such as a test suite started on the same CPUs.
+    So the next row's target does not share CPU 0 with the last one's leftovers.
     """
-
-    def __init__(self, pids: Sequence[int]) -> None:
-        self.pids = list(pids)
-        self._start = self._sample()
-        self._began = time.monotonic()
-
-    def _sample(self) -> tuple[int, int]:
-        return _busy_ticks(), sum(_cpu_ticks(pid) for pid in self.pids)
-
-    def report(self) -> str:
-        busy, ours = self._sample()
-        hz = os.sysconf("SC_CLK_TCK")
-        other = max(0, (busy - self._start[0]) - (ours - self._start[1])) / hz
-        wall = time.monotonic() - self._began
-        return f"{other:.1f} CPU-s in {wall:.0f} s ({100 * other / wall:.0f}% of one CPU)"
+    pids = tree(pid)
+    deadline = time.monotonic() + timeout
+    before = sum(cpu_ticks(p, reaped=False) for p in pids)
+    while time.monotonic() < deadline:
+        time.sleep(0.2)
+        now = sum(cpu_ticks(p, reaped=False) for p in pids)
+        if now - before <= 1:  # at most one tick (10 ms) in 200 ms: timers, not work
+            return
+        before = now
 
 
-def affinity(pid: int) -> str:
+def one_line(text: str, limit: int = 160) -> str:
+    flat = " ".join(text.split())
+    return flat if len(flat) <= limit else flat[: limit - 3] + "..."
+
+
+def load_peers() -> ModuleType | str:
+    """benchmarks/peers.py, imported only now; or why it cannot be."""
     try:
-        return ",".join(str(c) for c in sorted(os.sched_getaffinity(pid)))
-    except OSError:
-        return "?"
+        return importlib.import_module("peers")
+    except ModuleNotFoundError as exc:
+        if exc.name == "peers":
+            return "benchmarks/peers.py not found"
+        return one_line(f"peers.py failed to import: {exc}")
+    except Exception as exc:
+        return one_line(f"peers.py failed to import: {type(exc).__name__}: {exc}")
 
 
-# -- the run -------------------------------------------------------------------------------
+@dataclass
+class Peer:
+    """A peer to measure: its spec once prepared, its process once started."""
+
+    label: str
+    spec: Any = None  # a peers.PeerSpec
+    proc: Proc | None = None
+
+
+def prepare_peer(module: ModuleType, label: str, workdir: Path, upstream_url: str) -> Peer | str:
+    """peers.prepare_<label>(...): the prepared peer, or a one-line reason it cannot run."""
+    peer_dir = workdir / label
+    peer_dir.mkdir(exist_ok=True)
+    CACHE.mkdir(exist_ok=True)
+    try:
+        prepare = getattr(module, f"prepare_{label}")
+        spec = prepare(CACHE, peer_dir, free_port(), upstream_url, UPSTREAM_MODEL)
+    except Exception as exc:
+        unavailable = getattr(module, "PeerUnavailable", ())
+        if isinstance(exc, unavailable):
+            return one_line(str(exc))
+        return one_line(f"prepare_{label} failed: {type(exc).__name__}: {exc}")
+    return Peer(label, spec)
+
+
+def start_peer(peer: Peer, workdir: Path, pin: list[str]) -> Proc:
+    """The peer's argv, pinned like the gateway, in its own process group (stopped whole).
+
+    Loopback calls must not go through a proxy the environment may name.
+    """
+    spec = peer.spec
+    env = {"NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost", **spec.env}
+    return spawn(peer.label, [*pin, *spec.argv], spec.port, workdir, env, spec.cwd, group=True)
+
+
+def peer_target(peer: Peer) -> Target:
+    spec = peer.spec
+    return Target(peer.label, spec.port, spec.model, tuple(spec.headers.items()), spec.path)
+
+
+def install(packages: Sequence[str]) -> bool:
+    """apt-get install PACKAGES; refresh the package lists once if the first try fails."""
+    command = ["apt-get", "install", "-y", "--no-install-recommends", *packages]
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+
+    def run(argv: list[str]) -> bool:
+        done = subprocess.run(argv, env=env, capture_output=True, check=False, timeout=600)
+        return done.returncode == 0
+
+    return run(command) or (run(["apt-get", "update"]) and run(command))
+
+
+# -- the stack -----------------------------------------------------------------------------
 
 
 @dataclass
 class Stack:
     """The running processes and the targets they offer."""
 
-    mock: Proc
-    paced_mock: Proc
-    gateway: Proc  # metering on
-    proxy: Proc  # the same gateway with metering off
+    upstream: str  # how the direct target is served, for the report
+    upstream_url: str  # the base URL the gateways and peers forward to
+    procs: dict[str, Proc]  # by name: upstream (nginx or mock), mock-paced, gateways, peers
+    key: str
     key_source: str
-    targets: list[Target]  # direct, proxy, gateway (the order of TARGETS), plain mock
-    paced_targets: list[Target]  # the same three, paced mock
+    admin_token: str
+    requested: list[str]  # the peers asked for: they get rows, run or not
+    skipped: dict[str, str]  # by label: why that target's (remaining) rows were not run
+    roots: dict[str, int] = field(default_factory=dict)  # by label: root pid serving it
+    targets: list[Target] = field(default_factory=list)  # in TARGETS order, those that run
+    paced: dict[str, Target] = field(default_factory=dict)  # by label: paced streams' target
+    names: dict[str, str] = field(default_factory=dict)  # by label: the name in the table
+    paced_skipped: dict[str, str] = field(default_factory=dict)  # by label: why not paced
+    peers: dict[str, Any] = field(default_factory=dict)  # by label: its PeerSpec
+    appendfsync: str = "always"  # the gateways' embedded stores' fsync policy
+
+    def drop(self, label: str, why: str) -> None:
+        """Stop measuring a target: its remaining rows say `not run: why`."""
+        self.targets = [t for t in self.targets if t.label != label]
+        self.paced.pop(label, None)
+        self.skipped.setdefault(label, why)
+
+    def check_peers(self, phase: str) -> None:
+        """Drop a peer whose process has exited, with the phase it was found before."""
+        for label in PEERS:
+            proc = self.procs.get(label)
+            if proc is not None and label not in self.skipped and proc.popen.poll() is not None:
+                self.drop(label, f"exited with {proc.popen.returncode} before {phase}")
+
+
+def start_upstream(
+    workdir: Path, pin: list[str], choice: str, may_install: bool, paced_port: int
+) -> tuple[Proc, str, str]:
+    """(the upstream process, what it is, its base URL): nginx if it can be had, else the mock.
+
+    `choice` is `auto`, `nginx` or `mock`; with `auto`, a missing nginx is installed (when
+    allowed) and, if it still cannot be had, the mock is used and the report says why.
+    """
+    why_not = ""
+    binary = None
+    if choice != "mock":
+        binary = find_nginx()
+        why_not = "nginx not found (installing is off)"
+        if binary is None and may_install:
+            progress(f"nginx not found: installing {NGINX_PACKAGE} with apt-get (as root)")
+            installed = install([NGINX_PACKAGE])
+            binary = find_nginx()
+            why_not = f"nginx not found; apt-get install {NGINX_PACKAGE} " + (
+                "succeeded but gave no nginx" if installed else "failed"
+            )
+    if binary is not None:
+        plain, sse = canned_answers(paced_port)
+        proc = start_nginx(binary, workdir, pin, paced_port, plain, sse)
+        what = (
+            f"{nginx_version(binary)} (native; canned answers of the mock in memory, one "
+            "worker process, two hops: a body-sniffing proxy in front of the answers)"
+        )
+        return proc, what, f"http://{HOST}:{proc.port}/v1"
+    if choice == "nginx":
+        raise SystemExit(f"--upstream nginx: {why_not}")
+    proc = start_mock("mock", workdir, pin)
+    url = f"http://{HOST}:{proc.port}/v1"
+    if choice == "mock":
+        return proc, "python mock (--upstream mock)", url
+    progress(f"{why_not}: falling back to the python mock as the upstream")
+    return proc, f"python mock (fallback: {why_not})", url
+
+
+def move_store(gateway: Proc, cpu: int) -> None:
+    """Pin a gateway's embedded Valkey (every thread of it) to `cpu`: in production the store
+    is a service of its own, so by default it runs beside the upstream, not on the gateway's
+    core. Its CPU still counts in the gateway's CPU column (it is in the process tree)."""
+    for pid in descendants(gateway.popen.pid):
+        if comm(pid).startswith("valkey"):
+            subprocess.run(
+                ["taskset", "-a", "-p", "-c", str(cpu), str(pid)],
+                check=True,
+                stdout=subprocess.DEVNULL,
+            )
 
 
 @contextlib.contextmanager
-def running_stack(workdir: Path, pinned: bool) -> Iterator[Stack]:
-    """Start the mocks and both gateways; always stop them (SIGTERM) on the way out."""
-    procs: list[Proc] = []
+def running_stack(
+    workdir: Path, pinned: bool, args: argparse.Namespace, may_install: bool
+) -> Iterator[Stack]:
+    """Start the upstreams, both gateways and the peers; always stop them on the way out."""
+    procs: dict[str, Proc] = {}
     try:
-        client_pin = pin_prefix(CLIENT_CPU, pinned)
-        mock = start_mock("mock", workdir, client_pin)
-        procs.append(mock)
+        client_pin = pin_prefix(str(CLIENT_CPU), pinned)
+        gateway_pin = pin_prefix(str(GATEWAY_CPU), pinned)
         paced_mock = start_mock(
             "mock-paced", workdir, client_pin, "--token-delay", str(PACED_TOKEN_DELAY)
         )
-        procs.append(paced_mock)
-        ports = {"mock": mock.port, "mock-paced": paced_mock.port}
-        upstreams = {model: ports[mock_name] for model, mock_name in MODELS.items()}
-        admin_token = secrets.token_urlsafe(24)
-        gateway_pin = pin_prefix(GATEWAY_CPU, pinned)
-        gateway = start_gateway("gateway", workdir, gateway_pin, upstreams, admin_token, True)
-        procs.append(gateway)
-        proxy = start_gateway("proxy", workdir, gateway_pin, upstreams, admin_token, False)
-        procs.append(proxy)
-        for proc in procs:
-            wait_healthy(proc)
-        key, key_source = provision_key(gateway.port, admin_token)
-
-        def trio(model_suffix: str, direct_port: int) -> list[Target]:
-            return [
-                Target("direct", direct_port, "mock-model", key),
-                Target("proxy", proxy.port, f"bench-model{model_suffix}", key),
-                Target("gateway", gateway.port, f"bench-model{model_suffix}", key),
-            ]
-
-        yield Stack(
-            mock,
-            paced_mock,
-            gateway,
-            proxy,
-            key_source,
-            trio("", mock.port),
-            trio("-paced", paced_mock.port),
+        procs["mock-paced"] = paced_mock
+        wait_healthy(paced_mock)
+        upstream, what, url = start_upstream(
+            workdir, client_pin, args.upstream, may_install, paced_mock.port
         )
+        procs[upstream.name] = upstream
+        native = upstream.name == "nginx"
+        paced_url = url if native else f"http://{HOST}:{paced_mock.port}/v1"
+        upstreams = {MODELS[0]: url, MODELS[1]: paced_url}
+        admin_token = secrets.token_urlsafe(24)
+        for name, metering in (("gateway", True), ("proxy", False)):
+            procs[name] = start_gateway(
+                name, workdir, gateway_pin, upstreams, admin_token, metering, 1, args.appendfsync
+            )
+        skipped: dict[str, str] = {}
+        peers = start_peers(args.peers, workdir, url, gateway_pin, procs, skipped)
+        for name in ("mock-paced", upstream.name, "gateway", "proxy"):
+            wait_healthy(procs[name])
+        if pinned and args.store_cpu == "upstream":
+            for name in ("gateway", "proxy"):
+                move_store(procs[name], CLIENT_CPU)
+        key, key_source = provision_key(procs["gateway"].port, admin_token)
+        for peer in peers:
+            wait_peer(peer, skipped)
+        stack = Stack(what, url, procs, key, key_source, admin_token, args.peers, skipped)
+        stack.appendfsync = args.appendfsync
+        add_targets(stack, peers, native)
+        yield stack
     except Exception:  # not on Ctrl-C or SIGTERM: then the logs are of no interest
-        for proc in procs:
-            tail = proc.log.read_text(errors="replace")[-2000:] if proc.log.exists() else ""
-            print(f"--- {proc.name} log (tail) ---\n{tail}", file=sys.stderr)
+        for proc in procs.values():
+            print(f"--- {proc.name} log (tail) ---\n{proc.log_tail()}", file=sys.stderr)
         raise
     finally:
-        for proc in reversed(procs):
+        for proc in reversed(procs.values()):
             stop(proc)
+
+
+def start_peers(
+    wanted: Sequence[str],
+    workdir: Path,
+    url: str,
+    pin: list[str],
+    procs: dict[str, Proc],
+    skipped: dict[str, str],
+) -> list[Peer]:
+    """Prepare and start each wanted peer; the reason of each that cannot go to `skipped`."""
+    if not wanted:
+        return []
+    module = load_peers()
+    if isinstance(module, str):
+        skipped.update(dict.fromkeys(wanted, module))
+        return []
+    started = []
+    for label in wanted:
+        progress(f"preparing {LABELS[label]} (peers.py; may install into {CACHE} once)")
+        peer = prepare_peer(module, label, workdir, url)
+        if isinstance(peer, str):
+            skipped[label] = peer
+            progress(f"{LABELS[label]}: not run: {peer}")
+            continue
+        peer.proc = procs[label] = start_peer(peer, workdir, pin)
+        started.append(peer)
+    return started
+
+
+def wait_peer(peer: Peer, skipped: dict[str, str]) -> None:
+    """Wait for a peer's health path; on failure, stop it and record a one-line reason."""
+    assert peer.proc is not None
+    spec = peer.spec
+    try:
+        wait_healthy(peer.proc, spec.health_path, dict(spec.headers), PEER_START_TIMEOUT)
+    except RuntimeError as exc:
+        lines = [line for line in peer.proc.log_tail().splitlines() if line.strip()]
+        last = f"; log: {lines[-1]}" if lines else ""
+        skipped[peer.label] = one_line(f"did not start: {exc}{last}")
+        progress(f"{LABELS[peer.label]}: {skipped[peer.label]}")
+        print(f"--- {peer.label} log (tail) ---\n{peer.proc.log_tail()}", file=sys.stderr)
+        stop(peer.proc)
+
+
+def add_targets(stack: Stack, peers: Sequence[Peer], native: bool) -> None:
+    """The targets of the running processes, in the table's order."""
+    procs = stack.procs
+    upstream = procs.get("nginx") or procs["mock"]
+    auth = bearer(stack.key)
+    stack.targets = [
+        Target("direct", upstream.port, UPSTREAM_MODEL, auth),
+        Target("proxy", procs["proxy"].port, MODELS[0], auth),
+        Target("gateway", procs["gateway"].port, MODELS[0], auth),
+    ]
+    paced_port = upstream.port if native else procs["mock-paced"].port
+    stack.paced = {
+        "direct": Target("direct", paced_port, UPSTREAM_MODEL, auth),
+        "proxy": Target("proxy", procs["proxy"].port, MODELS[1], auth),
+        "gateway": Target("gateway", procs["gateway"].port, MODELS[1], auth),
+    }
+    stack.names = {label: LABELS[label] for label in TARGETS}
+    stack.roots = {"direct": upstream.popen.pid}
+    stack.roots |= {name: procs[name].popen.pid for name in ("proxy", "gateway")}
+    for peer in peers:
+        assert peer.proc is not None
+        stack.names[peer.label] = f"{LABELS[peer.label]} {peer.spec.version}"
+        stack.peers[peer.label] = peer.spec
+        if peer.label in stack.skipped:
+            continue
+        target = peer_target(peer)
+        stack.targets.append(target)
+        stack.roots[peer.label] = peer.proc.popen.pid
+        if native:
+            stack.paced[peer.label] = target
+        else:
+            stack.paced_skipped[peer.label] = "needs the nginx upstream to reach the paced mock"
+
+
+# -- the run -------------------------------------------------------------------------------
 
 
 def progress(message: str) -> None:
@@ -961,131 +836,397 @@ def quiet_gc() -> Iterator[None]:
         gc.enable()
 
 
+def latency_key(prompt_bytes: int) -> str:
+    return f"plain-{prompt_bytes // 1024}k"
+
+
 @dataclass
 class Results:
     """Everything measured, keyed by phase and then by target label."""
 
-    nonstream: dict[str, Samples] = field(default_factory=dict)
-    stream: dict[str, Samples] = field(default_factory=dict)
+    latency: dict[str, dict[str, Samples]] = field(default_factory=dict)  # plain-1k.., stream
+    # (latency key, peer label): the direct calls interleaved with that peer's
+    peer_direct: dict[tuple[str, str], Samples | None] = field(default_factory=dict)
     paced: dict[str, Samples] = field(default_factory=dict)
     load: dict[str, LoadResult] = field(default_factory=dict)  # "label/plain|stream"
+    sweeps: dict[str, Sweep] = field(default_factory=dict)
+    baseline: dict[int, Step] = field(default_factory=dict)  # the direct upstream, by rate
     cold: list[str] = field(default_factory=list)  # the first calls, described
+    workers_note: str = ""  # how the WORKERS gateway ran, or why it did not
 
 
-def run_phases(
-    runner: asyncio.Runner, stack: Stack, plan: Plan, load_tool: str, workdir: Path, pinned: bool
-) -> Results:
-    """Every measurement, in order; each async phase runs with the collector paused."""
-    results = Results()
-    trio, paced_trio = stack.targets, stack.paced_targets
-    budget = PHASE_TIMEOUT + plan.load_warmup + plan.duration
+class Runner:
+    """Runs the phases in order on one event loop; each async phase with the collector off."""
 
-    def timed(what: str, phase: Callable[[], Awaitable[Any]]) -> Any:
+    def __init__(
+        self,
+        loop: asyncio.Runner,
+        stack: Stack,
+        plan: Plan,
+        load_tool: str,
+        workdir: Path,
+        pinned: bool,
+    ) -> None:
+        self.loop = loop
+        self.stack = stack
+        self.plan = plan
+        self.load_tool = load_tool
+        self.workdir = workdir
+        self.pinned = pinned
+        self.results = Results()
+        self.own_ticks = 0  # CPU ticks of processes started and stopped during the phases
+
+    def timed(self, what: str, phase: Callable[[], Awaitable[Any]]) -> Any:
         progress(what)
+        budget = PHASE_TIMEOUT + self.plan.load_warmup + self.plan.duration
         with quiet_gc():
-            return runner.run(asyncio.wait_for(phase(), timeout=budget))
+            return self.loop.run(asyncio.wait_for(phase(), timeout=budget))
 
-    results.cold = timed("first contact", lambda: first_contact(trio))
-    timed("first paced contact", lambda: first_contact(paced_trio))
-    results.nonstream = timed(
-        f"non-streamed latency: {plan.latency_requests} per target, 1 in flight",
-        lambda: interleaved(trio, False, plan.warmup, plan.latency_requests),
-    )
-    results.stream = timed(
-        f"streamed latency: {plan.stream_requests} per target, 1 in flight",
-        lambda: interleaved(trio, True, plan.warmup, plan.stream_requests),
-    )
-    results.paced = timed(
-        f"paced streams: {plan.paced_streams} in flight per target, {plan.paced_rounds} rounds",
-        lambda: paced(paced_trio, plan.paced_streams, plan.paced_rounds),
-    )
-    for stream in (False, True):
-        for target in trio:  # one load at a time, never two
-            key = f"{target.label}/{'stream' if stream else 'plain'}"
-            what = f"throughput {key}: {plan.connections} connections, {plan.duration:g} s"
-            if load_tool == "wrk":
-                progress(what + " (wrk)")
-                pin = pin_prefix(CLIENT_CPU, pinned)
-                results.load[key] = wrk_load(workdir, target, stream, plan, pin)
+    def contact(self) -> None:
+        """First calls to each target; a peer that fails them is dropped, others stop the run."""
+        for target in list(self.stack.targets):
+            for paced_call in (False, True):
+                aim = self.stack.paced.get(target.label) if paced_call else target
+                if aim is None:
+                    continue
+                what = f"first {'paced ' if paced_call else ''}contact: {target.label}"
+                times, why = self.timed(what, partial(first_contact, aim, paced_call))
+                self.results.cold += times
+                if why is None:
+                    continue
+                if target.label not in PEERS:
+                    raise RuntimeError(f"{target.label} {aim.model}: {why}")
+                progress(f"{target.label}: not run: {why}")
+                self.stack.drop(target.label, f"first call failed: {why}")
+                break
+
+    def latency(self) -> None:
+        """This project's targets interleaved, then each peer interleaved with direct alone:
+        a slow peer run between the gateway's calls on the same core would evict the
+        gateway's caches and measure the peer's footprint, not the gateway (as in `paced`).
+        A peer's `added` is against the direct calls of its own group."""
+        plan, results = self.plan, self.results
+        targets = self.stack.targets
+        ours = [t for t in targets if t.label not in PEERS]
+        direct = [t for t in targets if t.label == "direct"]
+        groups = [ours] + [[*direct, t] for t in targets if t.label in PEERS]
+
+        def run(key: str, what: str, phase: Callable[[list[Target]], Any]) -> None:
+            merged: dict[str, Samples] = {}
+            for group in groups:
+                names = ", ".join(t.label for t in group)
+                found = self.timed(f"{what} ({names})", partial(phase, group))
+                if group is not ours:  # its peer's added figures use this group's direct
+                    direct_here = found.pop("direct", None)
+                    for label in found:
+                        results.peer_direct[(key, label)] = direct_here
+                merged |= {label: samples for label, samples in found.items()}
+            results.latency[key] = merged
+
+        for size, count in zip(PROMPT_SIZES, plan.latency_requests, strict=True):
+            self.stack.check_peers(f"the {size // 1024} KB latency row")
+            warmup = min(plan.warmup, max(10, count // 5))
+            run(
+                latency_key(size),
+                f"non-streamed latency, {size // 1024} KB prompt: {count} per target, 1 in flight",
+                partial(interleaved, stream=False, warmup=warmup, count=count, prompt_bytes=size),
+            )
+        self.stack.check_peers("the streamed latency rows")
+        run(
+            "stream",
+            f"streamed latency: {plan.stream_requests} per target, 1 in flight",
+            partial(interleaved, stream=True, warmup=plan.warmup, count=plan.stream_requests),
+        )
+
+    def paced(self) -> None:
+        """This project's targets together (as before), then each peer alone on CPU 0."""
+        plan = self.plan
+        self.stack.check_peers("the paced rows")
+        ours = [self.stack.paced[label] for label in ("direct", "proxy", "gateway")]
+        groups = [ours] + [[t] for label, t in self.stack.paced.items() if label in PEERS]
+        for group in groups:
+            names = ", ".join(t.label for t in group)
+            self.results.paced |= self.timed(
+                f"paced streams ({names}): {plan.paced_streams} in flight per target, "
+                f"{plan.paced_rounds} rounds",
+                partial(paced, group, plan.paced_streams, plan.paced_rounds),
+            )
+
+    def load(self, target: Target, stream: bool, key: str | None = None) -> LoadResult:
+        """One throughput row; the non-streamed ones also meter the target's process tree."""
+        plan = self.plan
+        key = key or f"{target.label}/{'stream' if stream else 'plain'}"
+        what = f"throughput {key}: {plan.connections} connections, {plan.duration:g} s"
+        root = self.stack.roots[target.label]
+        if self.load_tool == "wrk":
+            progress(what + " (wrk)")
+            pin = pin_prefix(str(CLIENT_CPU), self.pinned)
+            script = wrk_script(self.workdir, target, stream)
+            run_wrk(script, target, plan.connections, plan.load_warmup, pin)
+            settle(root)  # calls the warm-up left in flight must not load the timed run
+            with TreeMeter(root) as meter:
+                result = run_wrk(script, target, plan.connections, plan.duration, pin)
+        else:
+            self.timed(what + " (warm-up)", partial(python_load, target, stream, plan, 1.0))
+            settle(root)
+            with TreeMeter(root) as meter:
+                result = self.timed(what, partial(python_load, target, stream, plan, plan.duration))
+        if not stream:
+            result.usage = meter.usage()
+        settle(root)
+        self.results.load[key] = result
+        return result
+
+    def throughput(self) -> None:
+        for stream in (False, True):
+            self.stack.check_peers(f"the {'streamed' if stream else 'non-streamed'} load rows")
+            for target in self.stack.targets:  # one load at a time, never two
+                try:
+                    self.load(target, stream)
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    if target.label not in PEERS:
+                        raise
+                    self.stack.drop(target.label, one_line(f"load failed: {exc}"))
+            if not stream:
+                try:
+                    self.workers_row()
+                except (RuntimeError, subprocess.TimeoutExpired) as exc:
+                    self.results.workers_note = one_line(f"not run: {exc}")
+                    progress(f"{WORKERS} workers: {self.results.workers_note}")
+
+    def workers_row(self) -> None:
+        """The metered gateway with server.workers: WORKERS, on both CPUs, for one row."""
+        stack = self.stack
+        cpus = f"{GATEWAY_CPU},{CLIENT_CPU}"
+        progress(f"starting the metered gateway with server.workers: {WORKERS}")
+        upstreams = {MODELS[0]: stack.upstream_url, MODELS[1]: stack.upstream_url}
+        pin = pin_prefix(cpus, self.pinned)
+        proc = start_gateway(
+            WORKERS_LABEL,
+            self.workdir,
+            pin,
+            upstreams,
+            stack.admin_token,
+            workers=WORKERS,
+            appendfsync=stack.appendfsync,
+        )
+        try:
+            wait_healthy(proc)
+            key, _ = provision_key(proc.port, stack.admin_token)
+            target = Target(WORKERS_LABEL, proc.port, MODELS[0], bearer(key))
+            stack.roots[WORKERS_LABEL] = proc.popen.pid
+            _, why = self.timed("first contact: workers", partial(first_contact, target))
+            if why is not None:
+                raise RuntimeError(f"{WORKERS_LABEL}: {why}")
+            self.load(target, False, f"{WORKERS_LABEL}/plain")
+            where = f"taskset -c {cpus}" if self.pinned else "unpinned"
+            self.results.workers_note = (
+                f"supervisor + {WORKERS} workers + Valkey, {where}: the workers share both "
+                "CPUs with the load generator and the upstream"
+            )
+        finally:
+            # its CPU is the benchmark's, not interference: count it before it is gone
+            self.own_ticks += sum(cpu_ticks(pid) for pid in tree(proc.popen.pid))
+            stop(proc)
+
+    def sweep(self) -> None:
+        """The open-loop rate sweep of every target but direct (direct is the baseline)."""
+        plan, stack, baseline = self.plan, self.stack, self.results.baseline
+        steps = rates(plan.sweep_start, plan.sweep_factor, plan.sweep_top)
+        direct = stack.targets[0]
+        base = FixedRate(direct, direct.payload(False), False)
+        self.timed("rate sweep: warming up", partial(base.step, plan.sweep_start, 0.5))
+        stack.check_peers("the rate sweep")
+        for target in stack.targets[1:]:
+            pool = FixedRate(target, target.payload(False), False)
+            self.timed(f"rate sweep {target.label}: warm-up", partial(pool.step, steps[0], 0.5))
+            sweep = Sweep(target.label)
+            for rate in steps:
+                if rate not in baseline:
+                    baseline[rate] = self.attempt(base, rate, None)[-1]
+                if (why := baseline[rate].failure(None, plan.added_limit_ms)) is not None:
+                    sweep.stop = f"generator limit: direct fails {rate}/s ({why})"
+                    break
+                tries = self.attempt(pool, rate, baseline[rate])
+                sweep.steps += tries
+                if (why := tries[-1].failure(baseline[rate], plan.added_limit_ms)) is not None:
+                    sweep.stop = f"fails {rate}/s twice: {why}"
+                    break
+                sweep.passed = tries[-1]
             else:
-                results.load[key] = timed(what, partial(python_load, target, stream, plan))
-    return results
+                sweep.stop = f"passed every rate up to the top, {steps[-1]}/s"
+            pool.close()
+            settle(stack.roots[target.label])
+            self.results.sweeps[target.label] = sweep
+        base.close()
+        self.results.sweeps["direct"] = direct_sweep(baseline, plan.added_limit_ms)
+
+    def attempt(self, pool: FixedRate, rate: int, reference: Step | None) -> list[Step]:
+        """One sweep step, repeated once if it fails: a lone stall (another process on the
+        CPU, a collector pass) must not end a sweep; a real limit fails twice."""
+        plan = self.plan
+        seconds = max(plan.sweep_seconds, plan.sweep_samples / rate)
+        tries: list[Step] = []
+        for _ in range(2):
+            tries.append(
+                self.timed(
+                    f"rate sweep {pool.target.label}: {rate}/s for {seconds:.1f} s",
+                    partial(pool.step, rate, seconds),
+                )
+            )
+            why = tries[-1].failure(reference, plan.added_limit_ms)
+            if why is None:
+                break
+            progress(f"  {why}")
+        return tries
+
+
+def direct_sweep(baseline: dict[int, Step], limit_ms: float) -> Sweep:
+    """The direct upstream's steps as a sweep: it passed every rate up to its `passed` one."""
+    sweep = Sweep("direct")
+    for rate in sorted(baseline):
+        step = baseline[rate]  # the last try at that rate
+        sweep.steps.append(step)
+        if (why := step.failure(None, limit_ms)) is not None:
+            sweep.stop = f"fails {rate}/s: {why}"
+            break
+        sweep.passed = step
+    else:
+        top = max(baseline, default=0)
+        sweep.stop = f"passed every rate the targets needed (up to {top}/s)"
+    return sweep
+
+
+def run_phases(runner: Runner) -> Results:
+    """Every measurement, in order."""
+    runner.contact()
+    runner.latency()
+    runner.paced()
+    runner.throughput()
+    runner.sweep()
+    return runner.results
 
 
 # -- report --------------------------------------------------------------------------------
 
 
-def percentile(values: Sequence[int], q: float) -> float:
-    """Linear-interpolated percentile (numpy's default) of nanosecond values, in ms."""
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    value = ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
-    return value / 1e6
-
-
 @dataclass
 class Row:
-    """One line of the table: milliseconds, requests per second, failed requests."""
+    """One line of the table: milliseconds, requests per second, CPU s, MiB, failed requests.
+
+    `note` replaces the numbers when the target was not run (`not run: why`); `rate_text`
+    replaces the req/s cell of a sweep row that did not end on a passing rate.
+    """
 
     target: str
     mode: str
-    p50_ms: float
-    p99_ms: float
-    added_p50_ms: float | None
-    added_p99_ms: float | None
-    rps: float | None
-    errors: int
+    p50_ms: float | None = None
+    p99_ms: float | None = None
+    added_p50_ms: float | None = None
+    added_p99_ms: float | None = None
+    rps: float | None = None
+    cpu_s_per_1k: float | None = None
+    peak_mib: float | None = None
+    errors: int = 0
+    note: str | None = None
+    rate_text: str | None = None
 
 
-def row_group(
-    mode: str,
-    pct: dict[str, tuple[float, float]],
-    errors: dict[str, int],
-    rps: dict[str, float] | None = None,
-) -> list[Row]:
-    """One row per target (in the order of TARGETS), from (p50, p99) of each; added vs direct."""
-    d50, d99 = pct["direct"]
-    rows = []
-    for label in TARGETS:
-        p50, p99 = pct[label]
-        base = label == "direct"
-        added50, added99 = (None, None) if base else (p50 - d50, p99 - d99)
-        rate = None if rps is None else rps[label]
-        rows.append(Row(LABELS[label], mode, p50, p99, added50, added99, rate, errors[label]))
-    return rows
+MODE_LATENCY = "non-stream {size} KB, 1 in flight"
+MODE_TTFT = "stream TTFT, 1 in flight"
+MODE_TOTAL = "stream total, 1 in flight"
+MODE_PACED = "paced stream, max chunk gap"
+MODE_SWEEP = "max rate, added p99 < {limit:g} ms"
 
 
 def p50_p99(values: Sequence[int]) -> tuple[float, float]:
-    return percentile(values, 50), percentile(values, 99)
+    return percentile(list(values), 50), percentile(list(values), 99)
 
 
-def build_rows(results: Results, plan: Plan) -> list[Row]:
-    ns, st, pc = results.nonstream, results.stream, results.paced
+def build_rows(results: Results, stack: Stack, plan: Plan) -> list[Row]:
+    """Every row of the table, mode by mode, target by target (TARGETS order)."""
+    labels = ["direct", "proxy", "gateway", *stack.requested]
+    rows: list[Row] = []
 
-    def latency(mode: str, phase: dict[str, Samples], metric: str) -> list[Row]:
-        pct = {label: p50_p99(getattr(phase[label], metric)) for label in TARGETS}
-        errors = {label: sum(phase[label].errors.values()) for label in TARGETS}
-        return row_group(mode, pct, errors)
+    def group(mode: str, found: dict[str, Row], why_not: dict[str, str] | None = None) -> None:
+        """Rows for `mode`: measured ones with added vs direct, `not run` for the rest."""
+        direct = found.get("direct")
+        for label in [*labels, *(k for k in found if k not in labels)]:
+            row = found.get(label)
+            if row is None:
+                why = stack.skipped.get(label) or (why_not or {}).get(label, "not measured")
+                rows.append(Row(stack.names.get(label, label), mode, note=f"not run: {why}"))
+                continue
+            if label != "direct" and direct is not None and row.added_p50_ms is None:
+                if row.p50_ms is not None and direct.p50_ms is not None:
+                    row.added_p50_ms = row.p50_ms - direct.p50_ms
+                if row.p99_ms is not None and direct.p99_ms is not None:
+                    row.added_p99_ms = row.p99_ms - direct.p99_ms
+            rows.append(row)
 
-    def load(mode: str, kind: str) -> list[Row]:
-        runs = {label: results.load[f"{label}/{kind}"] for label in TARGETS}
-        pct = {label: (r.p50_ms, r.p99_ms) for label, r in runs.items()}
-        errors = {label: sum(r.errors.values()) for label, r in runs.items()}
-        return row_group(mode, pct, errors, {label: r.rps for label, r in runs.items()})
+    def sampled(
+        mode: str, phase: dict[str, Samples], metric: str, key: str | None = None
+    ) -> dict[str, Row]:
+        """Rows of a phase; a peer measured beside its own direct calls (`key` given) gets
+        its added figures from those."""
+        found = {}
+        for label, samples in phase.items():
+            p50, p99 = p50_p99(getattr(samples, metric))
+            errors = sum(samples.errors.values())
+            row = found[label] = Row(stack.names[label], mode, p50, p99, errors=errors)
+            own = results.peer_direct.get((key, label)) if key is not None else None
+            if own is not None and getattr(own, metric):
+                direct_p50, direct_p99 = p50_p99(getattr(own, metric))
+                row.added_p50_ms = None if p50 is None else p50 - direct_p50
+                row.added_p99_ms = None if p99 is None else p99 - direct_p99
+        return found
 
-    conns = f"{plan.connections} conns"
-    return [
-        *latency("non-stream, 1 in flight", ns, "total"),
-        *latency("stream TTFT, 1 in flight", st, "ttft"),
-        *latency("stream total, 1 in flight", st, "total"),
-        *latency("paced stream, max chunk gap", pc, "max_gap"),
-        *load(f"non-stream, {conns}", "plain"),
-        *load(f"stream, {conns}", "stream"),
-    ]
+    for size in PROMPT_SIZES:
+        mode = MODE_LATENCY.format(size=size // 1024)
+        key = latency_key(size)
+        group(mode, sampled(mode, results.latency.get(key, {}), "total", key))
+    stream = results.latency.get("stream", {})
+    group(MODE_TTFT, sampled(MODE_TTFT, stream, "ttft", "stream"))
+    group(MODE_TOTAL, sampled(MODE_TOTAL, stream, "total", "stream"))
+    group(MODE_PACED, sampled(MODE_PACED, results.paced, "max_gap"), stack.paced_skipped)
+    for kind in ("plain", "stream"):
+        mode = f"{'non-stream' if kind == 'plain' else 'stream'}, {plan.connections} conns"
+        found = {}
+        for key, load in results.load.items():
+            label, _, of = key.partition("/")
+            if of != kind:
+                continue
+            name = LABELS[WORKERS_LABEL] if label == WORKERS_LABEL else stack.names[label]
+            found[label] = Row(
+                name, mode, load.p50_ms, load.p99_ms, rps=load.rps, errors=sum(load.errors.values())
+            )
+            if load.usage is not None:
+                found[label].cpu_s_per_1k = load.cpu_per_1k
+                found[label].peak_mib = load.usage.peak_rss_mib
+        group(mode, found)
+    group(MODE_SWEEP.format(limit=plan.added_limit_ms), sweep_rows(results, stack, plan))
+    return rows
+
+
+def sweep_rows(results: Results, stack: Stack, plan: Plan) -> dict[str, Row]:
+    """Per target: the last passing rate, with its p50/p99 and added vs direct at that rate."""
+    mode = MODE_SWEEP.format(limit=plan.added_limit_ms)
+    found = {}
+    for label, sweep in results.sweeps.items():
+        row = Row(stack.names[label], mode, errors=sum(sum(s.errors.values()) for s in sweep.steps))
+        step = sweep.passed
+        if step is None:
+            row.rate_text = f"< {plan.sweep_start}"
+        else:
+            row.p50_ms, row.p99_ms, row.rps = step.p50_ms, step.p99_ms, float(step.rate)
+            base = results.baseline.get(step.rate)
+            if label != "direct" and base is not None:
+                row.added_p50_ms = step.p50_ms - base.p50_ms
+                row.added_p99_ms = step.p99_ms - base.p99_ms
+            if sweep.stop.startswith(("generator", "passed every")):
+                row.rate_text = f">= {step.rate}"
+        found[label] = row
+    return found
 
 
 def metering_costs(rows: Sequence[Row]) -> list[str]:
@@ -1099,14 +1240,67 @@ def metering_costs(rows: Sequence[Row]) -> list[str]:
         by_mode.setdefault(row.mode, {})[row.target] = row
     lines = []
     for mode, group in by_mode.items():
-        proxy, gateway = group[LABELS["proxy"]], group[LABELS["gateway"]]
-        text = (
-            f"metering cost: {signed(gateway.p50_ms - proxy.p50_ms)} ms p50, "
-            f"{signed(gateway.p99_ms - proxy.p99_ms)} ms p99"
-        )
+        proxy, gateway = group.get(LABELS["proxy"]), group.get(LABELS["gateway"])
+        if proxy is None or gateway is None or proxy.p50_ms is None or gateway.p50_ms is None:
+            continue
+        assert proxy.p99_ms is not None
+        assert gateway.p99_ms is not None
+        parts = [
+            f"{signed(gateway.p50_ms - proxy.p50_ms)} ms p50",
+            f"{signed(gateway.p99_ms - proxy.p99_ms)} ms p99",
+        ]
+        if mode.startswith("max rate"):
+            parts = []  # latencies at two different rates: not a cost
         if gateway.rps is not None and proxy.rps:
-            text += f", throughput {signed(100 * (gateway.rps / proxy.rps - 1), 1)}%"
-        lines.append(f"- {mode}: {text} vs proxy")
+            parts.append(f"throughput {signed(100 * (gateway.rps / proxy.rps - 1), 1)}%")
+        lines.append(f"- {mode}: metering cost: {', '.join(parts)} vs proxy")
+    return lines
+
+
+def comparisons(rows: Sequence[Row], stack: Stack, results: Results, plan: Plan) -> list[str]:
+    """The lines that answer the comparisons: upstream headroom, peers, workers, generator."""
+    by: dict[tuple[str, str], Row] = {(r.mode, r.target): r for r in rows}
+    plain = f"non-stream, {plan.connections} conns"
+    stream = f"stream, {plan.connections} conns"
+    sweep = MODE_SWEEP.format(limit=plan.added_limit_ms)
+
+    def rps(mode: str, label: str) -> float | None:
+        row = by.get((mode, stack.names.get(label, LABELS.get(label, label))))
+        return None if row is None else row.rps
+
+    def ratio(a: float | None, b: float | None) -> str:
+        return "n/a" if not a or not b else f"{a / b:.1f}x"
+
+    lines = []
+    direct, gateway = rps(plain, "direct"), rps(plain, "gateway")
+    if direct and gateway:
+        verdict = "ok" if direct >= 3 * gateway else "NOT MET: the upstream may be the limit"
+        lines.append(
+            f"- upstream headroom ({plain}): direct {direct:.0f} req/s = "
+            f"{ratio(direct, gateway)} the gateway's {gateway:.0f} req/s (needs >= 3x: {verdict})"
+        )
+    for label in PEERS:
+        if label not in stack.roots:
+            continue
+        parts = [
+            f"{ratio(rps(mode, 'gateway'), rps(mode, label))} ({what})"
+            for mode, what in ((plain, plain), (stream, stream), (sweep, "max rate"))
+        ]
+        lines.append(f"- gateway req/s / {stack.names[label]} req/s: " + "; ".join(parts))
+    workers = rps(plain, WORKERS_LABEL)
+    if results.workers_note.startswith("not run"):
+        lines.append(f"- workers: {WORKERS} workers {results.workers_note}")
+    elif workers and gateway:
+        lines.append(
+            f"- workers: {WORKERS} workers {workers:.0f} req/s vs 1 worker {gateway:.0f} "
+            f"({ratio(workers, gateway)}; {results.workers_note})"
+        )
+    direct_sweep_row = results.sweeps.get("direct")
+    if direct_sweep_row is not None:
+        lines.append(f"- open-loop generator: direct {direct_sweep_row.stop}")
+    for label, found in results.sweeps.items():
+        if label != "direct":
+            lines.append(f"- sweep {stack.names[label]}: {found.stop}")
     return lines
 
 
@@ -1122,13 +1316,19 @@ def signed(value: float, digits: int = 3) -> str:
 
 def table(rows: Sequence[Row]) -> str:
     lines = [
-        "| target | mode | p50 ms | p99 ms | added p50 | added p99 | req/s | errors |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "| target | mode | p50 ms | p99 ms | added p50 | added p99 | req/s "
+        "| CPU s/1k calls | peak MiB | errors |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
-        cells = [r.target, r.mode, fmt(r.p50_ms), fmt(r.p99_ms), fmt(r.added_p50_ms)]
-        cells += [fmt(r.added_p99_ms), fmt(r.rps, 1), str(r.errors)]
-        lines.append("| " + " | ".join(cells) + " |")
+        if r.note is not None:
+            cells = [r.target, r.mode, r.note, *["-"] * 7]
+        else:
+            rate = r.rate_text or fmt(r.rps, 1)
+            cells = [r.target, r.mode, fmt(r.p50_ms), fmt(r.p99_ms), fmt(r.added_p50_ms)]
+            cells += [fmt(r.added_p99_ms), rate, fmt(r.cpu_s_per_1k), fmt(r.peak_mib, 0)]
+            cells += [str(r.errors)]
+        lines.append("| " + " | ".join(cell.replace("|", "/") for cell in cells) + " |")
     return "\n".join(lines)
 
 
@@ -1153,30 +1353,26 @@ def wrk_version() -> str:
     return " ".join(words[:2]) if words else "wrk"
 
 
-def gateway_pids(proc: Proc) -> list[int]:
-    """A gateway and its children (its Valkey)."""
-    return [proc.popen.pid, *children(proc.popen.pid)]
-
-
-def stack_pids(stack: Stack) -> list[int]:
-    """The mocks, both gateways and their children (their Valkeys)."""
-    mocks = [p.popen.pid for p in (stack.mock, stack.paced_mock)]
-    return [*mocks, *gateway_pids(stack.gateway), *gateway_pids(stack.proxy)]
+def all_pids(stack: Stack) -> list[int]:
+    """Every process of the benchmark's, with their children (Valkeys, peers' workers)."""
+    return [pid for proc in stack.procs.values() for pid in tree(proc.popen.pid)]
 
 
 def describe(plan: Plan, stack: Stack, pinning: str, load_tool: str) -> dict[str, str]:
     """The run's context, as label -> text."""
 
     def placed(proc: Proc) -> str:
-        return ", ".join(f"{pid}:CPU{affinity(pid)}" for pid in gateway_pids(proc))
+        return ", ".join(f"{pid}:CPU{affinity(pid)}" for pid in tree(proc.popen.pid))
 
-    mocks = ", ".join(
-        f"{p.popen.pid}:CPU{affinity(p.popen.pid)}" for p in (stack.mock, stack.paced_mock)
-    )
     loader = "built-in asyncio client, this process"
     if load_tool == "wrk":
         loader = f"{wrk_version()}, one thread, on CPU {CLIENT_CPU} when pinned"
     client_loop = "uvloop" if version("uvloop") != "not installed" else "asyncio"
+    peers = [
+        f"{stack.names[label]}: {shlex.join(spec.argv)}" for label, spec in stack.peers.items()
+    ] + [f"{LABELS[label]}: not run: {why}" for label, why in stack.skipped.items()]
+    sizes = ", ".join(f"{len(user_message(size).encode())}" for size in PROMPT_SIZES)
+    counts = "/".join(str(n) for n in plan.latency_requests)
     return {
         "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
         "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
@@ -1185,48 +1381,55 @@ def describe(plan: Plan, stack: Stack, pinning: str, load_tool: str) -> dict[str
             f"Python {platform.python_version()}, aiohttp {version('aiohttp')}, "
             f"uvloop {version('uvloop')}, inference-gateway {version('inference-gateway')}"
         ),
+        "upstream": f"{stack.upstream} at {stack.upstream_url}",
+        "store": (
+            f"each gateway's embedded Valkey (a Unix socket), appendfsync {stack.appendfsync}"
+        ),
+        "peers": "; ".join(peers) or "none (--no-peers)",
         "pinning": (
-            f"{pinning}; pid:CPU gateway+Valkey {placed(stack.gateway)}, "
-            f"proxy+Valkey {placed(stack.proxy)}, mocks {mocks}, "
-            f"this process {os.getpid()}:CPU{affinity(0)}"
+            f"{pinning}; pid:CPU "
+            + "; ".join(f"{name} {placed(proc)}" for name, proc in stack.procs.items())
+            + f"; this process {os.getpid()}:CPU{affinity(0)}"
         ),
         "request": (
-            f"POST {PATH}, {len(user_message().encode())}-byte user message, "
-            f"max_tokens {MAX_TOKENS}; Authorization: Bearer <key {stack.key_source}> "
-            "(the same bytes to every target; only the metered gateway reads the key)"
-        ),
-        "targets": (
-            "direct = the mock; proxy = `gateway serve` with billing.metering false (forward "
-            "and relay only); gateway = `gateway serve` with metering on (key, prompt "
-            "counting, hold, rate limits, settle); each gateway with its own embedded store"
+            f"POST /v1/chat/completions, user message of {sizes} bytes, max_tokens "
+            f"{MAX_TOKENS}; the same body to every target but `model`; headers: "
+            f"Authorization: Bearer <key {stack.key_source}> (only the metered gateway reads "
+            "it), a peer's own headers for a peer"
         ),
         "1 in flight": (
             f"raw keep-alive HTTP/1.1 client on {client_loop}, one connection per target, "
-            f"targets round-robin, who goes first rotating; {plan.warmup} warm-up + "
-            f"{plan.latency_requests} non-streamed and {plan.stream_requests} streamed "
-            "requests per target"
+            f"targets round-robin, who goes first rotating; {plan.warmup} warm-up (fewer for "
+            f"the larger prompts) + {counts} non-streamed (1/10/100 KB) and "
+            f"{plan.stream_requests} streamed requests per target"
         ),
         "paced stream": (
-            f"second mock with --token-delay {PACED_TOKEN_DELAY}; largest gap between "
+            f"python mock with --token-delay {PACED_TOKEN_DELAY}; largest gap between "
             f"consecutive token chunks of each stream; {plan.paced_streams} streams in flight "
             f"per target (starts staggered over one token interval), "
-            f"{plan.paced_streams * plan.paced_rounds} streams per target"
+            f"{plan.paced_streams * plan.paced_rounds} streams per target; direct, proxy and "
+            "gateway together, each peer alone"
         ),
         "throughput": (
             f"{plan.connections} connections, {plan.load_warmup:g} s warm-up + "
             f"{plan.duration:g} s per row, one target at a time; load generator: {loader}; "
-            "latency is per full response"
+            "latency is per full response; CPU s/1k calls and peak MiB: the target's process "
+            "tree (utime+stime delta; largest RSS sum, sampled every 100 ms) during its "
+            "non-streamed row"
+        ),
+        "rate sweep": (
+            f"open loop from this process (CPU {CLIENT_CPU} when pinned): {plan.sweep_start}/s "
+            f"x{plan.sweep_factor:g} per step, {plan.sweep_seconds:g} s and at least "
+            f"{plan.sweep_samples} calls per step, latency from when each call was due; a step "
+            f"passes with no error and an added p99 (vs direct at the same rate) under "
+            f"{plan.added_limit_ms:g} ms; a failed step is repeated once"
         ),
     }
 
 
 def error_notes(results: Results) -> list[str]:
     notes = []
-    phases: dict[str, dict[str, Samples]] = {
-        "non-stream": results.nonstream,
-        "stream": results.stream,
-        "paced": results.paced,
-    }
+    phases = {**results.latency, "paced": results.paced}
     for phase, by_target in phases.items():
         for label, samples in by_target.items():
             if samples.errors:
@@ -1234,17 +1437,24 @@ def error_notes(results: Results) -> list[str]:
     for key, load in results.load.items():
         if load.errors:
             notes.append(f"throughput {key}: {dict(load.errors)}")
+    for label, sweep in results.sweeps.items():
+        for step in sweep.steps:
+            if step.errors:
+                notes.append(f"sweep {label} {step.rate}/s: {dict(step.errors)}")
     return notes
 
 
-def report(context: dict[str, str], rows: Sequence[Row], notes: Sequence[str]) -> str:
-    lines = [f"## Gateway benchmark, {context['date']}", ""]
-    lines += [f"- {label}: {text}" for label, text in context.items() if label != "date"]
-    lines += ["", table(rows), ""]
-    lines += metering_costs(rows)
-    lines += [""]
-    lines += [f"- errors: {note}" for note in notes] or ["- errors: none"]
-    return "\n".join(lines)
+def report(
+    context: dict[str, str], rows: Sequence[Row], lines: Sequence[str], notes: Sequence[str]
+) -> str:
+    out = [f"## Gateway benchmark, {context['date']}", ""]
+    out += [f"- {label}: {text}" for label, text in context.items() if label != "date"]
+    out += ["", table(rows), ""]
+    out += metering_costs(rows)
+    out += lines
+    out += [""]
+    out += [f"- errors: {note}" for note in notes] or ["- errors: none"]
+    return "\n".join(out)
 
 
 def no_nan(value: Any) -> Any:
@@ -1252,23 +1462,37 @@ def no_nan(value: Any) -> Any:
     return None if isinstance(value, float) and math.isnan(value) else value
 
 
-def raw_json(context: dict[str, str], plan: Plan, rows: Sequence[Row], results: Results) -> str:
+def raw_json(
+    context: dict[str, str], plan: Plan, rows: Sequence[Row], results: Results, lines: list[str]
+) -> str:
     def samples(phase: dict[str, Samples]) -> dict[str, Any]:
         return {label: {**asdict(s), "errors": dict(s.errors)} for label, s in phase.items()}
+
+    def step(s: Step) -> dict[str, Any]:
+        summary = {"p50_ms": no_nan(s.p50_ms), "p99_ms": no_nan(s.p99_ms)}
+        return {**asdict(s), "errors": dict(s.errors), **summary}
 
     doc = {
         "context": context,
         "plan": asdict(plan),
         "rows": [{k: no_nan(v) for k, v in asdict(r).items()} for r in rows],
         "metering_cost": [line.removeprefix("- ") for line in metering_costs(rows)],
-        "units": "rows in ms and req/s; samples in ns",
+        "comparisons": [line.removeprefix("- ") for line in lines],
+        "units": "rows in ms, req/s, CPU seconds per 1,000 calls, MiB; samples in ns",
         "samples": {
-            "nonstream": samples(results.nonstream),
-            "stream": samples(results.stream),
+            **{phase: samples(by) for phase, by in results.latency.items()},
             "paced": samples(results.paced),
             "load": {
-                key: {**{k: no_nan(v) for k, v in asdict(r).items()}, "rps": r.rps}
+                key: {
+                    **{k: no_nan(v) for k, v in asdict(r).items()},
+                    "rps": r.rps,
+                    "cpu_s_per_1k": r.cpu_per_1k,
+                }
                 for key, r in results.load.items()
+            },
+            "sweeps": {
+                label: {"stop": s.stop, "rate": s.rate, "steps": [step(x) for x in s.steps]}
+                for label, s in results.sweeps.items()
             },
         },
     }
@@ -1280,9 +1504,9 @@ def raw_json(context: dict[str, str], plan: Plan, rows: Sequence[Row], results: 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="a ~1 min run with fewer requests")
+    parser.add_argument("--quick", action="store_true", help="a ~4 min run with fewer requests")
     parser.add_argument(
-        "--duration", type=float, help="seconds per throughput row (default 10; 5 with --quick)"
+        "--duration", type=float, help="seconds per throughput row (default 10; 3 with --quick)"
     )
     parser.add_argument("--connections", type=int, default=32, help="concurrent connections")
     parser.add_argument("--json", type=Path, help="also write the raw numbers to this file")
@@ -1290,10 +1514,46 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
         "--load-generator",
         choices=["auto", "wrk", "python"],
         default="auto",
-        help="auto: wrk if on PATH, else the built-in asyncio generator",
+        help="auto: wrk if on PATH (installed when missing and root), else the asyncio one",
     )
     parser.add_argument(
-        "--install-wrk", action="store_true", help="apt-get install -y wrk when it is missing"
+        "--upstream",
+        choices=["auto", "nginx", "mock"],
+        default="auto",
+        help="auto: nginx (installed when missing and root), else the python mock",
+    )
+    install_group = parser.add_mutually_exclusive_group()
+    install_group.add_argument(
+        "--install",
+        "--install-wrk",
+        dest="install",
+        action="store_true",
+        default=None,
+        help="apt-get install missing tools (nginx-light, wrk); the default when root",
+    )
+    install_group.add_argument(
+        "--no-install", dest="install", action="store_false", help="never install anything"
+    )
+    peers = parser.add_mutually_exclusive_group()
+    peers.add_argument(
+        "--peers",
+        default=",".join(PEERS),
+        help=f"comma-separated peers to compare with (default {','.join(PEERS)})",
+    )
+    peers.add_argument("--no-peers", action="store_true", help="measure this project only")
+    parser.add_argument(
+        "--appendfsync",
+        choices=("always", "everysec"),
+        default="always",
+        help="the gateways' embedded Valkey fsync policy (default: the gateway's own default, "
+        "always: every acknowledged write is on disk)",
+    )
+    parser.add_argument(
+        "--store-cpu",
+        choices=("upstream", "gateway"),
+        default="upstream",
+        help="where the gateways' embedded Valkey runs when pinned: beside the upstream (as an "
+        "external store would, the default) or on the gateway's CPU",
     )
     parser.add_argument(
         "--no-tokenizer",
@@ -1303,31 +1563,36 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     if args.connections < 1 or (args.duration is not None and args.duration < 1):
         parser.error("--connections and --duration must be at least 1")
+    wanted = [] if args.no_peers else [p.strip() for p in args.peers.split(",") if p.strip()]
+    unknown = sorted(set(wanted) - set(PEERS))
+    if unknown:
+        parser.error(f"unknown peers {unknown}; known: {', '.join(PEERS)}")
+    args.peers = [p for p in PEERS if p in wanted]
     return args
 
 
-def install_wrk() -> None:
-    """apt-get install wrk; refresh the package lists once if the first try fails."""
-    progress("installing wrk with apt-get")
-    install = ["apt-get", "install", "-y", "wrk"]
-    if subprocess.run(install, check=False, timeout=PHASE_TIMEOUT).returncode != 0:
-        subprocess.run(["apt-get", "update"], check=False, timeout=PHASE_TIMEOUT)
-        subprocess.run(install, check=False, timeout=PHASE_TIMEOUT)
+def may_install(args: argparse.Namespace) -> bool:
+    """Install missing tools: when asked, or by default when running as root (apt works)."""
+    if args.install is not None:
+        return bool(args.install)
+    return os.geteuid() == 0 and shutil.which("apt-get") is not None
 
 
-def choose_load_tool(args: argparse.Namespace) -> str:
+def choose_load_tool(args: argparse.Namespace, allowed: bool) -> str:
     if args.load_generator == "python":
         return "python"
-    if shutil.which("wrk") is None and args.install_wrk:
-        install_wrk()
+    if shutil.which("wrk") is None and allowed:
+        progress("wrk not found: installing it with apt-get (as root; --no-install prevents it)")
+        install(["wrk"])
     if shutil.which("wrk") is not None:
         return "wrk"
     if args.load_generator == "wrk":
-        raise SystemExit("wrk is not on PATH (try --install-wrk)")
+        raise SystemExit("wrk is not on PATH (try --install as root)")
+    progress("wrk not available: the throughput rows use the built-in asyncio generator")
     return "python"
 
 
-def choose_pinning() -> tuple[bool, str]:
+def choose_pinning(store_cpu: str) -> tuple[bool, str]:
     """Pin when taskset exists and both CPUs are ours; pin this process (the client) too."""
     cpus = os.sched_getaffinity(0)
     if shutil.which("taskset") is None:
@@ -1336,8 +1601,14 @@ def choose_pinning() -> tuple[bool, str]:
         return False, f"unpinned: CPUs {GATEWAY_CPU} and {CLIENT_CPU} are not both available"
     os.sched_setaffinity(0, {CLIENT_CPU})
     return True, (
-        f"taskset: both gateways (metered and proxy, each with its Valkey child) on CPU "
-        f"{GATEWAY_CPU}; mock upstreams and load generator on CPU {CLIENT_CPU}"
+        f"taskset: the gateways and peers under test (with their children) on CPU "
+        f"{GATEWAY_CPU}; the upstreams, this process and wrk on CPU {CLIENT_CPU}; the "
+        f"{WORKERS}-worker gateway on both; the 1-worker gateways' embedded Valkeys on CPU "
+        + (
+            f"{CLIENT_CPU} beside the upstream, as an external store (--store-cpu upstream)"
+            if store_cpu == "upstream"
+            else f"{GATEWAY_CPU} with their gateway (--store-cpu gateway)"
+        )
     )
 
 
@@ -1369,32 +1640,37 @@ def _sigterm(signum: int, frame: object) -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     plan = make_plan(args)
+    began = time.monotonic()
     signal.signal(signal.SIGTERM, _sigterm)  # so `finally` stops the children
-    load_tool = choose_load_tool(args)
-    pinned, pinning = choose_pinning()
+    allowed = may_install(args)
+    load_tool = choose_load_tool(args, allowed)
+    pinned, pinning = choose_pinning(args.store_cpu)
     workdir = Path(tempfile.mkdtemp(prefix="bench-proxy-"))
     try:
-        progress(f"starting mock upstreams, gateway and proxy in {workdir}")
+        progress(f"starting the upstreams, gateways and peers in {workdir}")
         with (
-            running_stack(workdir, pinned) as stack,
-            asyncio.Runner(loop_factory=new_loop) as runner,
+            running_stack(workdir, pinned, args, allowed) as stack,
+            asyncio.Runner(loop_factory=new_loop) as loop,
         ):
             context = describe(plan, stack, pinning, load_tool)
             load_before = os.getloadavg()[0]
-            watch = CpuWatch([os.getpid(), *stack_pids(stack)])
-            results = run_phases(runner, stack, plan, load_tool, workdir, pinned)
+            watch = CpuWatch([os.getpid(), *all_pids(stack)])
+            runner = Runner(loop, stack, plan, load_tool, workdir, pinned)
+            results = run_phases(runner)
             context["first calls (cold, not in the table)"] = "; ".join(results.cold)
-            context["other processes' CPU during the run"] = watch.report()
+            context["other processes' CPU during the run"] = watch.report(runner.own_ticks)
             context["load average"] = (
                 f"{load_before:.2f} before the run, {os.getloadavg()[0]:.2f} after (1 min; the "
                 "run itself adds up to 2; anything else on these CPUs shows in the numbers)"
             )
     finally:
         shutil.rmtree(workdir, ignore_errors=True)
-    rows = build_rows(results, plan)
-    print(report(context, rows, error_notes(results)), flush=True)
+    rows = build_rows(results, stack, plan)
+    lines = comparisons(rows, stack, results, plan)
+    context["run time"] = f"{time.monotonic() - began:.0f} s before the tokenizer benchmark"
+    print(report(context, rows, lines, error_notes(results)), flush=True)
     if args.json is not None:
-        args.json.write_text(raw_json(context, plan, rows, results))
+        args.json.write_text(raw_json(context, plan, rows, results, lines))
         progress(f"raw numbers written to {args.json}")
     if args.no_tokenizer:
         return 0

@@ -3,6 +3,7 @@
     python benchmarks/profile_gateway.py                 # 10 s, 32 connections, non-streamed
     python benchmarks/profile_gateway.py --stream        # the same, streamed
     python benchmarks/profile_gateway.py --metering off  # the proxy alone, for comparison
+    python benchmarks/profile_gateway.py --upstream nginx # bench_proxy.py's native upstream
 
 Starts the project's mock upstream (CPU 1) and one gateway worker on its embedded store
 (CPU 0), makes a funded account and key through the admin API, drives the gateway with N
@@ -138,6 +139,24 @@ def family(pid: int) -> dict[str, int]:
     return found
 
 
+def start_native(
+    work: Path, mock_port: int, pinned: bool, procs: list[subprocess.Popen[bytes]]
+) -> str:
+    """bench_proxy.py's nginx upstream (canned answers of the mock), on the client's CPU."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from rig.nginx import canned_answers, find_nginx, start_nginx
+
+    binary = find_nginx()
+    if binary is None:
+        raise SystemExit("nginx is not installed (bench_proxy.py installs nginx-light)")
+    plain, sse = canned_answers(mock_port)
+    pin = ["taskset", "-c", str(CLIENT_CPU)] if pinned else []
+    proc = start_nginx(binary, work, pin, mock_port, plain, sse)
+    procs.append(proc.popen)
+    wait_ok(f"http://{HOST}:{proc.port}/healthz")
+    return f"http://{HOST}:{proc.port}/v1"
+
+
 def summarize(raw: Path, top: int) -> str:
     by_thread: dict[str, list[tuple[str, int]]] = collections.defaultdict(list)
     for line in raw.read_text().splitlines():
@@ -175,6 +194,12 @@ def main() -> int:
         "--rate", type=int, default=250, help="py-spy samples per second (0: no profile)"
     )
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument(
+        "--upstream",
+        choices=("mock", "nginx"),
+        default="mock",
+        help="the python mock, or nginx with the mock's canned answers (as bench_proxy.py)",
+    )
     parser.add_argument("--appendfsync", choices=("always", "everysec"), default="always")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
@@ -199,6 +224,10 @@ def main() -> int:
                 stderr=subprocess.DEVNULL,
             )
         )
+        upstream_url = f"http://{HOST}:{mock_port}/v1"
+        if args.upstream == "nginx":
+            wait_ok(f"http://{HOST}:{mock_port}/healthz")
+            upstream_url = start_native(work, mock_port, pinned, procs)
         token = secrets.token_urlsafe(16)
         config = {
             "server": {"host": HOST, "port": gw_port, "admin_token_env": "PROFILE_ADMIN"},
@@ -214,7 +243,7 @@ def main() -> int:
                     "name": "bench-model",
                     "tokenizer": "o200k_base",
                     "pricing": {"input_per_million": "0.15", "output_per_million": "0.60"},
-                    "upstreams": [{"url": f"http://{HOST}:{mock_port}/v1", "model": "m"}],
+                    "upstreams": [{"url": upstream_url, "model": "m"}],
                 }
             ],
         }
