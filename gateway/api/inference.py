@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Coroutine
 from typing import Any
 
 import orjson
@@ -144,6 +144,12 @@ class _Call:
         self.log: CallLog | None = None
 
     async def settle(self, meter: CompletionMeter, status: CallStatus) -> None:
+        """Bill the call and write its settlement."""
+        await (await self.bill(meter, status))
+
+    async def bill(self, meter: CompletionMeter, status: CallStatus) -> Coroutine[Any, Any, None]:
+        """Count and price the call (its log entry filled in); return the settlement's write,
+        for the caller to await or to run as a task of its own."""
         local_completion = await meter.count_local_tokens(self.encoding)
         bill = bill_call(self.model, meter, self.prompt_tokens, local_completion)
         if self.log is not None:
@@ -172,19 +178,24 @@ class _Call:
             "upstream": self.upstream_label,
         }
         self.finished = True
-        # The client already has its answer: a store that does not answer now is retried
-        # (settling is idempotent per request) before the call is left to the orphan sweeper,
-        # which settles its hold from the lease once that ends.
+        return self._write(bill.cost, now_ms, record, bill.prompt_tokens + bill.completion_tokens)
+
+    async def _write(
+        self, cost: int, now_ms: int, record: dict[str, Any], actual_tokens: int
+    ) -> None:
+        """The settlement script. The client already has its answer: a store that does not
+        answer now is retried (settling is idempotent per request) before the call is left to
+        the orphan sweeper, which settles its hold from the lease once that ends."""
         for delay in (*SETTLE_RETRY_DELAYS, None):
             try:
                 await self.ledger.settle(
                     self.key.account_id,
                     self.request_id,
-                    bill.cost,
+                    cost,
                     now_ms,
                     record,
                     charge=self.charge,
-                    actual_tokens=bill.prompt_tokens + bill.completion_tokens,
+                    actual_tokens=actual_tokens,
                 )
                 return
             except LedgerUnavailable as exc:
@@ -193,7 +204,7 @@ class _Call:
                         "settlement failed; the hold is left to the sweeper",
                         request_id=self.request_id,
                         account=self.key.account_id,
-                        cost=format_micros(bill.cost),
+                        cost=format_micros(cost),
                         error=str(exc),
                     )
                     return
@@ -202,6 +213,16 @@ class _Call:
     async def release(self) -> None:
         self.finished = True
         await self.ledger.release(self.key.account_id, self.request_id)
+
+
+def _track(request: web.Request, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
+    """Run a settlement or release as a task the app keeps until it is done: one cut off from
+    its call still finishes, and shutdown waits for it before the store closes."""
+    task = asyncio.ensure_future(work)
+    pending = request.app[SETTLEMENTS]
+    pending.add(task)
+    task.add_done_callback(pending.discard)
+    return task
 
 
 def _status_of(outcome: RelayOutcome) -> CallStatus:
@@ -236,7 +257,7 @@ async def _proxy_only(
 
 
 async def _forward(request: web.Request, kind: CallKind, path: str) -> web.StreamResponse:
-    started = asyncio.get_running_loop().time()
+    started = time.perf_counter()  # not loop.time(): uvloop's counts whole milliseconds
     snapshot = request.app[CONFIG].snapshot
     settings = snapshot.settings
     entry: CallLog = request[CALL_LOG]
@@ -370,7 +391,9 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
             entry.ttft = outcome.first_chunk_at - started
         if outcome.status in ("upstream_error", "upstream_timeout"):
             metrics.upstream_errors.labels(call.upstream_label, outcome.status).inc()
-        await call.settle(meter, _status_of(outcome))
+        # The answer is out: the settlement script runs as a task of its own (tracked, so a
+        # shutdown waits for it), and this connection is free for the client's next call.
+        _track(request, await call.bill(meter, _status_of(outcome)))
         return response
     except (UpstreamUnavailable, UpstreamTimeout) as exc:
         metrics.upstream_errors.labels(call.upstream_label or "(all)", exc.code).inc()
@@ -382,11 +405,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
             # e.g. at the end of a shutdown's drain (bill what was produced, as `interrupted`).
             # Shielded and tracked: the money is settled even if this task is cancelled.
             end = call.settle(meter, "interrupted") if meter.texts else call.release()
-            task = asyncio.ensure_future(end)
-            pending = request.app[SETTLEMENTS]
-            pending.add(task)
-            task.add_done_callback(pending.discard)
-            await asyncio.shield(task)
+            await asyncio.shield(_track(request, end))
 
 
 async def chat_completions(request: web.Request) -> web.StreamResponse:

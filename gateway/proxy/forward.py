@@ -9,6 +9,7 @@ transform (the meter), which passes it on untouched unless it must hide what the
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
@@ -58,7 +59,7 @@ class RelayOutcome:
 
     status: RelayStatus = "ok"
     streamed: bool = False
-    first_chunk_at: float | None = None
+    first_chunk_at: float | None = None  # time.perf_counter()
     enforced: bool = False  # strict enforcement ended the stream (cleanly) before the upstream
     body: bytes | None = field(default=None, repr=False)  # the whole body when not streamed
 
@@ -217,7 +218,7 @@ async def _relay_stream(
     upstream = call.response
     chunk = await _first_chunk(call)
     loop = asyncio.get_running_loop()
-    outcome.first_chunk_at = loop.time()
+    outcome.first_chunk_at = time.perf_counter()
     headers = response_headers(upstream.headers)
     if extra_headers:
         headers.update(extra_headers)
