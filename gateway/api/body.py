@@ -19,6 +19,8 @@ async def read_body(request: web.Request, limit: int, within: float = 30.0) -> b
     if length is not None and length > limit:
         raise RequestTooLarge(f"request body of {length} bytes is over the limit of {limit}")
     try:
+        if request.content.is_eof():  # all of it came with the headers: nothing to wait for
+            return await request.read()
         async with asyncio.timeout(within):
             return await request.read()
     except web.HTTPRequestEntityTooLarge:
