@@ -66,7 +66,6 @@ import re
 import secrets
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -78,6 +77,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 from urllib.parse import urlsplit
+
+from rig.procs import Proc, free_port, spawn, stop
 
 HOST = "127.0.0.1"
 CHAT_PATH = "/v1/chat/completions"
@@ -533,55 +534,16 @@ DEFAULT_CACHE = REPO / "benchmarks" / ".cache"
 MOCK_MODEL = "mock-model"
 MOCK_MAX_TOKENS = 16
 HEALTH_TIMEOUT = 120.0
-STOP_TIMEOUT = 10.0
 CALL_TIMEOUT = 30.0
 WARMUP_CALLS = 20
 
 
-@dataclass
-class _Proc:
-    name: str
-    popen: subprocess.Popen[bytes]
-    log: Path
+def _start(name: str, argv: list[str], env: dict[str, str], cwd: Path, workdir: Path) -> Proc:
+    """Start ARGV in a session of its own (stopped with its group), output to WORKDIR/NAME.log."""
+    return spawn(name, argv, 0, workdir, env, cwd, group=True)
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return int(sock.getsockname()[1])
-
-
-def _start(name: str, argv: list[str], env: dict[str, str], cwd: Path, workdir: Path) -> _Proc:
-    """Start ARGV in a session of its own, output to WORKDIR/NAME.log."""
-    log = workdir / f"{name}.log"
-    with log.open("ab") as out:
-        popen = subprocess.Popen(
-            argv,
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env={**os.environ, **env},
-            cwd=cwd,
-            start_new_session=True,
-        )
-    return _Proc(name, popen, log)
-
-
-def _stop(proc: _Proc) -> None:
-    """SIGTERM to the process group made for it; SIGKILL to whatever is left after a while."""
-    pgid = proc.popen.pid  # start_new_session: the group's id is the child's pid
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, signal.SIGTERM)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.popen.wait(timeout=STOP_TIMEOUT)
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(pgid, 0)  # raises when no member of the group is left
-        os.killpg(pgid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.popen.wait(timeout=5.0)
-
-
-def _log_tail(proc: _Proc, lines: int = 3) -> str:
+def _log_tail(proc: Proc, lines: int = 3) -> str:
     try:
         text = proc.log.read_text("utf-8", "replace")
     except OSError:
@@ -589,7 +551,7 @@ def _log_tail(proc: _Proc, lines: int = 3) -> str:
     return " | ".join(line.strip() for line in text.splitlines()[-lines:] if line.strip())
 
 
-def _wait_healthy(proc: _Proc, port: int, path: str) -> float:
+def _wait_healthy(proc: Proc, port: int, path: str) -> float:
     """Seconds until GET PATH answers 200; raises RuntimeError on exit or timeout."""
     start = time.monotonic()
     while time.monotonic() - start < HEALTH_TIMEOUT:
@@ -670,7 +632,7 @@ def _p50_ms(port: int, path: str, headers: dict[str, str], model: str, calls: in
 def _prepare(name: str, cache: Path, workdir: Path, upstream_url: str) -> PeerSpec:
     prepare = prepare_litellm if name == "litellm" else prepare_portkey
     start = time.monotonic()
-    spec = prepare(cache, workdir, _free_port(), upstream_url, MOCK_MODEL)
+    spec = prepare(cache, workdir, free_port(), upstream_url, MOCK_MODEL)
     note = ""
     if name == "litellm":
         marker = _read_marker(cache / "litellm-venv" / MARKER) or {}
@@ -721,7 +683,7 @@ def _smoke_peer(
         print(f"{name} {spec.version}: FAILED: {exc}", flush=True)
         return False, None
     finally:
-        _stop(proc)
+        stop(proc)
 
 
 def _raise_on_sigterm(signum: int, frame: FrameType | None) -> None:
@@ -744,7 +706,7 @@ def smoke(cache: Path, latency_calls: int, peers: list[str]) -> int:
     mock_python = str(python) if python.exists() else sys.executable
     failed = 0
     with _workdir() as workdir:
-        port = _free_port()
+        port = free_port()
         argv = [mock_python, "-m", "gateway", "mock-upstream", "--host", HOST]
         argv += ["--port", str(port), "--max-tokens", str(MOCK_MAX_TOKENS)]
         mock = _start("mock", argv, {}, REPO, workdir)
@@ -766,7 +728,7 @@ def smoke(cache: Path, latency_calls: int, peers: list[str]) -> int:
             print(f"mock upstream: FAILED: {exc}", flush=True)
             failed += 1
         finally:
-            _stop(mock)
+            stop(mock)
     return 1 if failed else 0
 
 
