@@ -11,7 +11,7 @@ import redis
 
 from gateway.store.embedded import EmbeddedStore
 from tests.admin_client import ADMIN_TOKEN, Admin
-from tests.procs import Proc, start_gateway, start_mock
+from tests.procs import Proc, free_port, start_gateway, start_mock
 
 UPSTREAM_KEY = "sk-upstream-test-secret"
 
@@ -25,6 +25,16 @@ def session_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def valkey(session_tmp: Path) -> Iterator[EmbeddedStore]:
     """The real embedded Valkey every gateway of the session shares."""
     store = EmbeddedStore(session_tmp / "valkey", appendfsync="everysec")
+    store.start()
+    yield store
+    store.stop()
+
+
+@pytest.fixture
+def own_store(tmp_path: Path) -> Iterator[EmbeddedStore]:
+    """A store of the test's own (durable, as in production), on a fixed port so it can come
+    back at the same address after a restart."""
+    store = EmbeddedStore(tmp_path / "store", port=free_port(), appendfsync="always")
     store.start()
     yield store
     store.stop()

@@ -16,7 +16,16 @@ from typing import Any
 
 import yaml
 
-__all__ = ["Proc", "free_port", "start_gateway", "start_mock", "wait_http"]
+__all__ = [
+    "Proc",
+    "alive",
+    "children",
+    "free_port",
+    "start_gateway",
+    "start_mock",
+    "wait_dead",
+    "wait_http",
+]
 
 
 def free_port() -> int:
@@ -24,6 +33,43 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def alive(pid: int) -> bool:
+    """True while `pid` runs; a zombie waiting to be reaped counts as dead."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def wait_dead(pid: int, timeout: float = 10.0) -> bool:
+    """True once `pid` has exited within `timeout` seconds."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not alive(pid):
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def children(pid: int) -> list[tuple[int, bytes]]:
+    """(pid, command line) of the living children of `pid`."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat") as stat:
+                fields = stat.read().split(") ", 1)[1].split()
+            with open(f"/proc/{entry}/cmdline", "rb") as cmd:
+                cmdline = cmd.read()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found.append((int(entry), cmdline))
+    return found
 
 
 def wait_http(url: str, proc: subprocess.Popen[bytes] | None = None, timeout: float = 20.0) -> None:

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -15,41 +13,11 @@ import redis
 from gateway.store.embedded import EmbeddedStore
 from tests.admin_client import Admin
 from tests.conftest import GATEWAY_ENV, model_entry
-from tests.procs import Proc, free_port, start_gateway
-
-
-def _alive(pid: int) -> bool:
-    """True while `pid` runs; a zombie waiting to be reaped counts as dead."""
-    try:
-        with open(f"/proc/{pid}/stat") as stat:
-            return stat.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
-def _wait_dead(pid: int, timeout: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not _alive(pid):
-            return True
-        time.sleep(0.05)
-    return False
+from tests.procs import Proc, children, free_port, start_gateway, wait_dead
 
 
 def _valkey_children(pid: int) -> list[int]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as stat:
-                    fields = stat.read().split(") ", 1)[1].split()
-                with open(f"/proc/{entry}/cmdline", "rb") as cmd:
-                    cmdline = cmd.read()
-            except OSError:
-                continue
-            if int(fields[1]) == pid and b"valkey-server" in cmdline:
-                found.append(int(entry))
-    return found
+    return [child for child, cmdline in children(pid) if b"valkey-server" in cmdline]
 
 
 def test_embedded_store_keeps_data_across_restart(tmp_path: Path) -> None:
@@ -84,7 +52,7 @@ def test_sigkill_of_gateway_leaves_no_valkey(tmp_path: Path, mock_a: Proc) -> No
     children = _valkey_children(gw.pid)
     assert len(children) == 1
     gw.stop(signal.SIGKILL)
-    assert _wait_dead(children[0])
+    assert wait_dead(children[0])
 
 
 def test_sigterm_stops_gateway_and_valkey_cleanly(tmp_path: Path, mock_a: Proc) -> None:
@@ -93,7 +61,7 @@ def test_sigterm_stops_gateway_and_valkey_cleanly(tmp_path: Path, mock_a: Proc) 
     children = _valkey_children(gw.pid)
     assert len(children) == 1
     assert gw.stop(signal.SIGTERM) == 0
-    assert _wait_dead(children[0])
+    assert wait_dead(children[0])
     assert "embedded store stopped" in gw.log()
 
 

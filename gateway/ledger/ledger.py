@@ -8,15 +8,15 @@ not answer surfaces here as `LedgerUnavailable` (503, fail closed).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.commands.core import AsyncScript
 from redis.exceptions import NoScriptError, RedisError
 
 from gateway.errors import LedgerUnavailable
@@ -187,8 +187,9 @@ class Ledger:
         self._sources = {
             name: prelude + lua.joinpath(f"{name}.lua").read_text() for name in SCRIPT_NAMES
         }
-        self._scripts: dict[str, AsyncScript] = {
-            name: client.register_script(source) for name, source in self._sources.items()
+        self._shas = {
+            name: hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - Redis's script id
+            for name, source in self._sources.items()
         }
         self._remove_if_score = client.register_script(_REMOVE_IF_SCORE)
         self._background: set[asyncio.Task[None]] = set()
@@ -201,23 +202,17 @@ class Ledger:
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA; on NOSCRIPT (the store restarted, failed over or was flushed) one EVAL of
         the source, which runs it and caches it again in one step (a SCRIPT LOAD and a second
-        EVALSHA could be split by another flush). On the pipelined channel when there is one;
-        else redis-py's evalsha, called directly rather than through its Script object, whose
-        per-call checks cost more than the rest of this path."""
-        sha: str = self._scripts[name].sha
+        EVALSHA could be split by another flush). Sent on the pipelined channel when there is
+        one, else as a plain redis-py command (which routes it to its slot on a cluster)."""
+        send: Callable[..., Awaitable[Any]] = (
+            self.channel.execute if self.channel is not None else self.client.execute_command
+        )
         started = time.perf_counter()
-        channel = self.channel
         try:
-            if channel is not None:
-                try:
-                    return await channel.execute("EVALSHA", sha, len(keys), *keys, *args)
-                except NoScriptError:
-                    source = self._sources[name]
-                    return await channel.execute("EVAL", source, len(keys), *keys, *args)
             try:
-                return await self.client.evalsha(sha, len(keys), *keys, *args)
+                return await send("EVALSHA", self._shas[name], len(keys), *keys, *args)
             except NoScriptError:
-                return await self.client.eval(self._sources[name], len(keys), *keys, *args)
+                return await send("EVAL", self._sources[name], len(keys), *keys, *args)
         except (RedisError, OSError) as exc:
             raise LedgerUnavailable(
                 f"the ledger store is unavailable ({exc.__class__.__name__})"

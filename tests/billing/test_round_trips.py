@@ -12,8 +12,7 @@ import re
 import socket
 import time
 from collections import Counter
-from collections.abc import Callable, Iterator
-from pathlib import Path
+from collections.abc import Callable
 
 import aiohttp
 import orjson
@@ -22,7 +21,7 @@ import pytest
 from gateway.store.embedded import EmbeddedStore
 from tests.admin_client import Admin
 from tests.conftest import model_entry
-from tests.procs import Proc, free_port
+from tests.procs import Proc
 
 CHAT = {
     "model": "m",
@@ -31,14 +30,6 @@ CHAT = {
 }
 # `+1764150000.123456 [0 127.0.0.1:53422] "EVALSHA" "..."` -> the client and the command
 _LINE = re.compile(rb'^\+[\d.]+ \[\d+ ([^\]]+)\] "([A-Za-z]+)"')
-
-
-@pytest.fixture
-def store(tmp_path: Path) -> Iterator[EmbeddedStore]:
-    own = EmbeddedStore(tmp_path / "store", port=free_port(), appendfsync="everysec")
-    own.start()
-    yield own
-    own.stop()
 
 
 class Monitor:
@@ -82,7 +73,7 @@ async def _call(gw: Proc, key: str, stream: bool) -> None:
 
 @pytest.mark.parametrize("stream", [False, True], ids=["plain", "stream"])
 async def test_one_script_at_admission_one_at_settlement(
-    make_gateway: Callable[..., Proc], mock_a: Proc, store: EmbeddedStore, stream: bool
+    make_gateway: Callable[..., Proc], mock_a: Proc, own_store: EmbeddedStore, stream: bool
 ) -> None:
     """After a first call (which loads the scripts), each call sends exactly two commands,
     both EVALSHA on the ledger's one connection: admission (key, state, subscription, rate
@@ -90,7 +81,7 @@ async def test_one_script_at_admission_one_at_settlement(
     other command a burst of calls causes is one batched hold-index ZADD."""
     gw = make_gateway(
         [model_entry("m", mock_a.url, upstream_model="mock-model")],
-        store={"url": store.url},
+        store={"url": own_store.url},
         billing={"sweep_interval": "1h"},
         notifications={"poll_interval": "1h"},
         rate_limits={"requests": "1000/minute", "tokens": "1000000/minute"},
@@ -98,7 +89,7 @@ async def test_one_script_at_admission_one_at_settlement(
     _, key = Admin(gw.url).funded(["m"])
     await _call(gw, key, stream)  # scripts loaded, connections open
     await asyncio.sleep(0.3)
-    monitor = Monitor(store.port or 0)
+    monitor = Monitor(own_store.port or 0)
     try:
         monitor.commands(quiet_for=0.3)  # whatever was still on its way
         calls = 5

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import os
 import signal
 import time
 from collections.abc import Callable
@@ -19,40 +18,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.admin_client import Admin
 from tests.billing.checks import assert_invariant, micros
 from tests.conftest import GATEWAY_ENV, model_entry
-from tests.procs import Proc, start_gateway
+from tests.procs import Proc, children, start_gateway, wait_dead
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}
-
-
-def _children(pid: int) -> list[tuple[int, bytes]]:
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as stat:
-                fields = stat.read().split(") ", 1)[1].split()
-            with open(f"/proc/{entry}/cmdline", "rb") as cmd:
-                cmdline = cmd.read()
-        except OSError:
-            continue
-        if int(fields[1]) == pid and fields[0] != "Z":
-            found.append((int(entry), cmdline))
-    return found
-
-
-def _wait_dead(pid: int, timeout: float = 10.0) -> bool:
-    """True once `pid` has exited (a zombie waiting to be reaped counts as exited)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            with open(f"/proc/{pid}/stat") as stat:
-                if stat.read().split(") ", 1)[1][0] == "Z":
-                    return True
-        except FileNotFoundError:
-            return True
-        time.sleep(0.05)
-    return False
 
 
 async def _fresh_connection_call(url: str, key: str) -> int:
@@ -84,9 +52,9 @@ async def test_workers_share_one_store_port_metrics_and_limits(
         while gw.log().count("gateway listening") < 2:
             assert time.monotonic() < deadline, gw.log()
             await asyncio.sleep(0.05)
-        children = _children(gw.pid)
-        valkeys = [pid for pid, cmd in children if b"valkey-server" in cmd]
-        workers = [pid for pid, cmd in children if b"--worker" in cmd]
+        kids = children(gw.pid)
+        valkeys = [pid for pid, cmd in kids if b"valkey-server" in cmd]
+        workers = [pid for pid, cmd in kids if b"--worker" in cmd]
         assert len(valkeys) == 1
         assert len(workers) == 2
         _, key = Admin(gw.url).funded(["m"])
@@ -113,8 +81,8 @@ async def test_workers_share_one_store_port_metrics_and_limits(
     finally:
         code = gw.stop(signal.SIGTERM, timeout=30)
     assert code == 0
-    for pid, _ in children:
-        assert await asyncio.to_thread(_wait_dead, pid), f"process {pid} outlived the supervisor"
+    for pid, _ in kids:
+        assert await asyncio.to_thread(wait_dead, pid), f"process {pid} outlived the supervisor"
 
 
 async def _stream(url: str, key: str, max_tokens: int, out: dict[str, Any], name: str) -> None:

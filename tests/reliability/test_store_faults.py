@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import orjson
-import pytest
 import redis
 import redis.asyncio as aioredis
 
@@ -19,18 +18,9 @@ from gateway.store.embedded import EmbeddedStore
 from tests.admin_client import Admin
 from tests.billing.checks import assert_invariant, micros, wait_no_holds
 from tests.conftest import model_entry
-from tests.procs import Proc, free_port
+from tests.procs import Proc
 
 CHAT = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 3}
-
-
-@pytest.fixture
-def own_store(tmp_path: Path) -> Iterator[EmbeddedStore]:
-    """A store of this test's own, on a fixed port so it can come back at the same address."""
-    store = EmbeddedStore(tmp_path / "store", port=free_port(), appendfsync="always")
-    store.start()
-    yield store
-    store.stop()
 
 
 async def _call(gw: Proc, key: str) -> tuple[int, dict[str, object]]:
