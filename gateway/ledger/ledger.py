@@ -1,7 +1,7 @@
 """The Ledger: typed Python calls onto the Lua scripts, and Redis errors made one error.
 
-Each operation is one script (loaded once, called by SHA; redis-py reloads it by itself after
-a `NOSCRIPT`), so each money change is atomic. Handlers never import redis: a store that does
+Each operation is one script (called by SHA; after a `NOSCRIPT` one EVAL runs and caches it
+again), so each money change is atomic. Handlers never import redis: a store that does
 not answer surfaces here as `LedgerUnavailable` (503, fail closed).
 """
 
