@@ -7,6 +7,7 @@ import contextlib
 import gc
 import signal
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
@@ -23,14 +24,17 @@ from gateway.config.schema import Settings
 from gateway.keys import (
     CONFIG,
     HTTP,
+    JOURNAL,
     LEDGER,
     METRICS,
     RELOADER,
     SETTLEMENTS,
+    STOPPING,
     STORE,
     STORE_URL,
 )
 from gateway.ledger import Ledger
+from gateway.ledger.journal import SettlementJournal, store_identity
 from gateway.ledger.ledger import SCRIPT_NAMES
 from gateway.metering.tokenizers import warm_encodings
 from gateway.observability.access import access_middleware
@@ -59,6 +63,13 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     redis_latency = app[METRICS].redis_latency
     by_operation = {name: redis_latency.labels(name) for name in SCRIPT_NAMES}
     ledger.observe = lambda operation, seconds: by_operation[operation].observe(seconds)
+    store = app[CONFIG].snapshot.settings.store
+    journal = app[JOURNAL] = SettlementJournal(
+        ledger,
+        Path(store.data_dir) / "journal",
+        store_identity(app[STORE_URL], embedded=store.url == "embedded"),
+    )
+    replayer = asyncio.create_task(journal.run(), name="journal")
     # Connect (and, on a cluster, learn the slot map) before the first burst of calls: a
     # cluster client that initializes under concurrent first use can trip over itself.
     with contextlib.suppress(Exception):
@@ -68,6 +79,9 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     pending = app[SETTLEMENTS]
     if pending:
         await asyncio.wait(pending, timeout=10)
+    replayer.cancel()
+    await asyncio.gather(replayer, return_exceptions=True)
+    await journal.close()
     if channel is not None:
         await channel.aclose()
     await client.aclose()
@@ -101,7 +115,7 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     ledger = app[LEDGER]
     tasks = [
         asyncio.create_task(LifecycleSweeper(ledger, app[CONFIG]).run(), name="lifecycle"),
-        asyncio.create_task(HoldSweeper(ledger, app[CONFIG]).run(), name="holds"),
+        asyncio.create_task(HoldSweeper(ledger, app[CONFIG], app[JOURNAL]).run(), name="holds"),
         asyncio.create_task(
             Notifier(ledger, app[CONFIG], session, app[METRICS]).run(), name="notifier"
         ),
@@ -146,6 +160,11 @@ async def _warm_up(app: web.Application) -> None:
     gc.freeze()
 
 
+async def _stopping(app: web.Application) -> None:
+    """Shutdown begins (before aiohttp drains and then cuts the calls in flight)."""
+    app[STOPPING].set()
+
+
 def create_app(
     settings: Settings, store_url: str, config_path: str | None = None
 ) -> web.Application:
@@ -159,6 +178,8 @@ def create_app(
     app[METRICS] = Metrics()
     app[RELOADER] = Reloader(app[CONFIG], app[METRICS])
     app[SETTLEMENTS] = set()
+    app[STOPPING] = asyncio.Event()
+    app.on_shutdown.append(_stopping)
     app.cleanup_ctx.extend([_store_ctx, _http_ctx, _background_ctx, _reload_ctx])
     app.on_response_prepare.append(attach_request_id)
     app.on_startup.append(_warm_up)

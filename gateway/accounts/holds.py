@@ -3,17 +3,25 @@
 A live call renews its hold's lease (with a checkpoint of the completion tokens seen so far)
 more often than the lease lasts. A hold whose lease has ended therefore belongs to a call whose
 gateway is gone: it is settled as an `orphaned` usage record for the prompt plus the
-checkpointed tokens, at the price the call started with; a hold with no checkpoint is released.
-The settle and release scripts re-check the lease, so a call that is alive after all is left
-alone, and each hold is settled once whoever sweeps.
+checkpointed tokens (the prompt alone when there is no checkpoint: the same rule as a client
+that leaves before the first byte), at the price the call started with. The settle script
+re-checks the lease, so a call that is alive after all is left alone, and each hold is settled
+once whoever sweeps.
+
+A lease also ends while the store is away, for calls whose gateway is alive and has their
+settlement in its journal. So the sweeper bills nothing until the store has answered it for
+`ORPHAN_GRACE_S` (every gateway's journal replays within about a second of the store's
+return) and its own journal, dead gateways' segments included, owes nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 
 from gateway.errors import LedgerUnavailable
 from gateway.ledger import Ledger
+from gateway.ledger.journal import SettlementJournal
 from gateway.ledger.keys import HOLDS_DUE
 from gateway.money import call_cost
 from gateway.observability.logging import get_logger
@@ -25,6 +33,8 @@ __all__ = ["HoldSweeper", "hold_info"]
 log = get_logger("gateway.holds")
 
 BATCH = 200
+# How long the store must have answered before an ended lease is taken for a dead gateway.
+ORPHAN_GRACE_S = 3.0
 
 
 def hold_info(
@@ -46,15 +56,24 @@ def hold_info(
 class HoldSweeper:
     """Settles or releases holds whose lease has ended; safe with any number of instances."""
 
-    def __init__(self, ledger: Ledger, config: ConfigHolder) -> None:
+    def __init__(self, ledger: Ledger, config: ConfigHolder, journal: SettlementJournal) -> None:
         self.ledger = ledger
         self.config = config
+        self.journal = journal
+        self.reachable_since: float | None = None  # monotonic; None after a failed sweep
 
     async def sweep_once(self) -> int:
         """Handle every expired hold of the accounts due now; returns how many were settled."""
         settled = 0
         now = now_ms()
-        for account_id, score in await self.ledger.due(HOLDS_DUE, now, BATCH):
+        due = await self.ledger.due(HOLDS_DUE, now, BATCH)
+        if self.reachable_since is None:
+            self.reachable_since = time.monotonic()
+        if not due or time.monotonic() - self.reachable_since < ORPHAN_GRACE_S:
+            return 0
+        if not await self.journal.settled_up():
+            return 0
+        for account_id, score in due:
             for request_id, info, tokens in await self.ledger.expired_holds(account_id, now):
                 settled += await self._orphan(account_id, request_id, info, tokens, now)
             next_end = await self.ledger.next_lease_end(account_id)
@@ -68,7 +87,7 @@ class HoldSweeper:
         self, account_id: str, request_id: str, info: str, tokens: int, now: int
     ) -> int:
         parts = info.split("\t")
-        if len(parts) != 6 or tokens <= 0:
+        if len(parts) != 6:
             await self.ledger.release(account_id, request_id, only_if_lease_ended_by=now)
             log.warning("orphaned hold released", account=account_id, request_id=request_id)
             return 0
@@ -108,6 +127,7 @@ class HoldSweeper:
             try:
                 await self.sweep_once()
             except LedgerUnavailable as exc:
+                self.reachable_since = None
                 log.warning("hold sweep skipped: store unavailable", error=str(exc))
             except Exception:
                 log.exception("hold sweep failed")

@@ -26,15 +26,24 @@ from gateway.errors import (
     InsufficientBalance,
     InternalError,
     InvalidApiKey,
-    LedgerUnavailable,
     ModelNotFound,
     ModelNotSubscribed,
     RateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
 )
-from gateway.keys import CONFIG, HTTP, LEDGER, METRICS, REQUEST_ID, SETTLEMENTS
-from gateway.ledger import Admission, Ledger, TokenCharge
+from gateway.keys import (
+    CONFIG,
+    HTTP,
+    JOURNAL,
+    LEDGER,
+    METRICS,
+    REQUEST_ID,
+    SETTLEMENTS,
+    STOPPING,
+)
+from gateway.ledger import Admission, TokenCharge
+from gateway.ledger.journal import Entry, SettlementJournal
 from gateway.metering.completion import CompletionMeter
 from gateway.metering.enforcement import StrictGuard
 from gateway.metering.estimate import hold_amount, output_allowance
@@ -44,7 +53,6 @@ from gateway.metering.tokenizers import get_encoding
 from gateway.metering.usage import CallStatus, bill_call
 from gateway.money import format_micros
 from gateway.observability.access import CALL_LOG, CallLog
-from gateway.observability.logging import get_logger
 from gateway.proxy.forward import RelayOutcome, open_upstream, relay
 from gateway.proxy.routing import Upstream
 from gateway.ratelimit import headers_of, rate_rules
@@ -52,9 +60,6 @@ from gateway.state import Snapshot
 
 __all__ = ["require_key", "routes"]
 
-log = get_logger("gateway.billing")
-# Seconds between tries of a settlement the store did not take (about 6 s in all).
-SETTLE_RETRY_DELAYS = (0.1, 0.2, 0.4, 0.8, 1.6, 3.2)
 
 _REFUSALS: dict[str, type[GatewayError]] = {
     "invalid_api_key": InvalidApiKey,
@@ -125,13 +130,13 @@ class _Call:
 
     def __init__(
         self,
-        ledger: Ledger,
+        journal: SettlementJournal,
         key: ParsedKey,
         model: ModelConfig,
         request_id: str,
         stream: bool,
     ) -> None:
-        self.ledger = ledger
+        self.journal = journal
         self.charge: TokenCharge | None = None
         self.key = key
         self.model = model
@@ -141,6 +146,8 @@ class _Call:
         self.prompt_tokens = 0
         self.upstream_label = ""
         self.finished = False
+        # How the call ended once that is known: relayed to its end, or the client left.
+        self.status: CallStatus | None = None
         self.log: CallLog | None = None
 
     async def settle(self, meter: CompletionMeter, status: CallStatus) -> None:
@@ -183,36 +190,24 @@ class _Call:
     async def _write(
         self, cost: int, now_ms: int, record: dict[str, Any], actual_tokens: int
     ) -> None:
-        """The settlement script. The client already has its answer: a store that does not
-        answer now is retried (settling is idempotent per request) before the call is left to
-        the orphan sweeper, which settles its hold from the lease once that ends."""
-        for delay in (*SETTLE_RETRY_DELAYS, None):
-            try:
-                await self.ledger.settle(
-                    self.key.account_id,
-                    self.request_id,
-                    cost,
-                    now_ms,
-                    record,
-                    charge=self.charge,
-                    actual_tokens=actual_tokens,
-                )
-                return
-            except LedgerUnavailable as exc:
-                if delay is None:
-                    log.error(
-                        "settlement failed; the hold is left to the sweeper",
-                        request_id=self.request_id,
-                        account=self.key.account_id,
-                        cost=format_micros(cost),
-                        error=str(exc),
-                    )
-                    return
-                await asyncio.sleep(delay)
+        """The settlement, through the journal: on disk before the store is asked, so a store
+        that does not answer now (or a gateway stopped meanwhile) loses nothing; the journal
+        replays it, idempotently per request, when the store answers again."""
+        await self.journal.submit(
+            Entry(
+                self.key.account_id,
+                self.request_id,
+                cost=cost,
+                now_ms=now_ms,
+                record=record,
+                charge=self.charge,
+                actual_tokens=actual_tokens,
+            )
+        )
 
     async def release(self) -> None:
         self.finished = True
-        await self.ledger.release(self.key.account_id, self.request_id)
+        await self.journal.submit(Entry(self.key.account_id, self.request_id, release=True))
 
 
 def _track(request: web.Request, work: Coroutine[Any, Any, None]) -> asyncio.Future[None]:
@@ -286,7 +281,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
     entry.stream = stream
 
     ledger = request.app[LEDGER]
-    call = _Call(ledger, key, model, request_id, stream)
+    call = _Call(request.app[JOURNAL], key, model, request_id, stream)
     call.log = entry
     call.prompt_tokens = await count_prompt(kind, payload, call.encoding, len(body))
     default_out = model.hold_output_tokens
@@ -306,20 +301,26 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         key.key_id,
         stream,
     )
-    admission = await ledger.reserve(
-        key.account_id,
-        key.key_id,
-        key.key_hash,
-        model.name,
-        hold,
-        request_id,
-        lease_until,
-        model.billing == "dedicated",
-        info,
-        now,
-        call.prompt_tokens + output_tokens,
-        rate_rules(settings.rate_limits, model),
-    )
+    try:
+        admission = await ledger.reserve(
+            key.account_id,
+            key.key_id,
+            key.key_hash,
+            model.name,
+            hold,
+            request_id,
+            lease_until,
+            model.billing == "dedicated",
+            info,
+            now,
+            call.prompt_tokens + output_tokens,
+            rate_rules(settings.rate_limits, model),
+        )
+    except asyncio.CancelledError:
+        # The client left while the store was deciding. The script may still run: a release
+        # sent after it (on the same connection, so after it) drops whatever it held.
+        _track(request, call.release())
+        raise
     if admission.code != "ok":
         raise _refuse(admission, model.name, hold)
     call.charge = admission.charge
@@ -385,26 +386,43 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
             extra_headers=limit_headers,
             send_whole=True,
         )
-        if outcome.body is not None:
+        status = _status_of(outcome)
+        if outcome.body is not None and status == "ok":
+            # A whole answer the connection did not take was never seen: prompt only.
             meter.observe_body(outcome.body)
         if outcome.first_chunk_at is not None:
             entry.ttft = outcome.first_chunk_at - started
         if outcome.status in ("upstream_error", "upstream_timeout"):
             metrics.upstream_errors.labels(call.upstream_label, outcome.status).inc()
+        call.status = status
         # The answer is out: the settlement script runs as a task of its own (tracked, so a
         # shutdown waits for it), and this connection is free for the client's next call.
-        _track(request, await call.bill(meter, _status_of(outcome)))
+        _track(request, await call.bill(meter, status))
         return response
     except (UpstreamUnavailable, UpstreamTimeout) as exc:
         metrics.upstream_errors.labels(call.upstream_label or "(all)", exc.code).inc()
         raise
+    except asyncio.CancelledError:
+        # aiohttp cancels the handler when the client's connection goes (handler_cancellation),
+        # and at the end of a shutdown's drain. Unwinding closes the upstream request, which
+        # vLLM and llama.cpp take as an abort.
+        if call.status is None and not request.app[STOPPING].is_set():
+            call.status = "client_disconnected"
+        raise
     finally:
         keeper.stop()
         if not call.finished:
-            # Failed before the client got a byte (release), or cut short by the gateway itself,
-            # e.g. at the end of a shutdown's drain (bill what was produced, as `interrupted`).
-            # Shielded and tracked: the money is settled even if this task is cancelled.
-            end = call.settle(meter, "interrupted") if meter.texts else call.release()
+            # One rule for every call cut short, streamed or not: a client that left is billed
+            # the prompt and what was relayed to it (`client_disconnected`); a call the gateway
+            # cut itself (shutdown) what was produced (`interrupted`); a call that failed
+            # before the client got a byte (release) nothing. Shielded and tracked: the money
+            # is settled even though this task is being cancelled.
+            if call.status is not None:
+                end = call.settle(meter, call.status)
+            elif meter.texts:
+                end = call.settle(meter, "interrupted")
+            else:
+                end = call.release()
             await asyncio.shield(_track(request, end))
 
 

@@ -7,6 +7,7 @@ line carries ids and numbers only: never a key's secret, never a prompt or an an
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass
 
@@ -62,6 +63,9 @@ async def access_middleware(request: web.Request, handler: Handler) -> web.Strea
         response = await handler(request)
         status = response.status
         return response
+    except asyncio.CancelledError:
+        status = 499  # nginx's "client closed request"; also a call cut at shutdown's end
+        raise
     finally:
         metrics.in_flight.dec()
         elapsed = time.perf_counter() - started

@@ -145,6 +145,9 @@ async def relay(
             ),
             outcome,
         )
+    except asyncio.CancelledError:
+        upstream.close()  # the client left (or shutdown cut the call): stop the generation
+        raise
     finally:
         upstream.release()
 
@@ -248,7 +251,10 @@ async def _relay_stream(
     if outcome.status == "ok":
         if outcome.enforced:
             upstream.close()  # stop the generation nobody will pay for
-        await response.write_eof()
+        try:
+            await response.write_eof()
+        except (ConnectionError, aiohttp.ClientConnectionResetError):
+            outcome.status = "client_disconnected"  # reset as the stream ended
         return response
     # Stop the upstream's generation, and end the client's stream without its last chunk so
     # the client sees a truncated answer rather than a clean end.
