@@ -3,9 +3,10 @@
 It exists so the gateway can be demonstrated, tested and benchmarked against a real HTTP
 upstream without a GPU or a network: answers are cheap to produce, identical bytes for the
 same request, and their `usage` numbers are true (re-tokenizing the text gives the same
-counts). Request headers inject failures (`x-mock-status`, `x-mock-disconnect-after`) and
-latency (`x-mock-ttft`, `x-mock-token-delay`), and `GET /debug/last-request` shows what the
-gateway forwarded.
+counts). Request headers inject failures (`x-mock-status`, `x-mock-disconnect-after`),
+latency (`x-mock-ttft`, `x-mock-token-delay`) and untrue usage (`x-mock-usage-prompt-tokens`,
+`x-mock-usage-completion-tokens`: the numbers `usage` reports, the text unchanged), and
+`GET /debug/last-request` shows what the gateway forwarded.
 """
 
 from __future__ import annotations
@@ -201,6 +202,18 @@ def _request_digest(body: dict[str, Any]) -> bytes:
     except orjson.JSONEncodeError as exc:
         raise _bad_request(f"request body cannot be canonicalized: {exc}") from None
     return hashlib.sha256(encoded).digest()
+
+
+def _reported_usage(
+    request: web.Request, prompt_tokens: int, completion_tokens: int
+) -> dict[str, int]:
+    """The answer's `usage`: the true counts, unless a header says what to report instead."""
+    prompt = _header_int(request, "x-mock-usage-prompt-tokens")
+    completion = _header_int(request, "x-mock-usage-completion-tokens")
+    return _usage(
+        prompt_tokens if prompt is None else prompt,
+        completion_tokens if completion is None else completion,
+    )
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
@@ -405,8 +418,9 @@ class _MockServer:
         ttft = _header_float(request, "x-mock-ttft", self.options.ttft)
         delay = _header_float(request, "x-mock-token-delay", self.options.token_delay)
         disconnect_after = _header_int(request, "x-mock-disconnect-after")
+        usage = _reported_usage(request, gen.prompt_tokens, len(gen.indices))
         if gen.stream:
-            return await self._stream(request, gen, chat, ttft, delay, disconnect_after)
+            return await self._stream(request, gen, chat, ttft, delay, disconnect_after, usage)
         if ttft > 0:
             await asyncio.sleep(ttft)
         if disconnect_after is not None:
@@ -433,7 +447,7 @@ class _MockServer:
             "created": CREATED,
             "model": gen.model,
             "choices": [choice],
-            "usage": _usage(gen.prompt_tokens, len(gen.indices)),
+            "usage": usage,
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
         return _json_response(orjson.dumps(payload))
@@ -446,6 +460,7 @@ class _MockServer:
         ttft: float,
         delay: float,
         disconnect_after: int | None,
+        usage: dict[str, int],
     ) -> web.StreamResponse:
         object_name = "chat.completion.chunk" if chat else "text_completion"
 
@@ -503,7 +518,7 @@ class _MockServer:
                 return resp
             await resp.write(_sse(chunk([choice(None, gen.finish_reason)], None)))
             if gen.include_usage:
-                await resp.write(_sse(chunk([], _usage(gen.prompt_tokens, len(indices)))))
+                await resp.write(_sse(chunk([], usage)))
             await resp.write(_SSE_DONE)
         except ConnectionError:
             # The client went away; aiohttp notices the closed transport on its own.
@@ -545,6 +560,7 @@ class _MockServer:
             }
             for index, item in enumerate(items)
         ]
+        prompt_tokens = _reported_usage(request, prompt_tokens, 0)["prompt_tokens"]
         payload = {
             "object": "list",
             "data": data,

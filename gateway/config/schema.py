@@ -10,10 +10,19 @@ import os
 from typing import Literal
 from urllib.parse import urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from gateway.config.types import Duration, Micros, RateLimit
 from gateway.metering.encodings import ENCODINGS
+from gateway.money import MAX_PRICE_PER_MILLION_MICROS, MAX_TOKENS_PER_CALL, format_micros
 
 __all__ = [
     "BillingConfig",
@@ -30,6 +39,17 @@ __all__ = [
 ]
 
 STORE_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
+# The most tokens of each kind (prompt, completion) one call is billed for, by default: above
+# the longest context windows served today, far below what would make a cost overflow.
+DEFAULT_MAX_TOKENS_PER_CALL = 2_000_000
+
+
+def _price_at_most_max(value: int) -> int:
+    """Prices feed the ledger's Lua arithmetic: bounded so a call's cost stays exact there
+    (gateway/money.py has the arithmetic)."""
+    if value > MAX_PRICE_PER_MILLION_MICROS:
+        raise ValueError(f'a price is at most "{format_micros(MAX_PRICE_PER_MILLION_MICROS)}"')
+    return value
 
 
 class _Frozen(BaseModel):
@@ -91,7 +111,14 @@ class BillingConfig(_Frozen):
     currency: str = "USD"
     grace_period: Duration = 15 * 86400.0
     retention_period: Duration = 15 * 86400.0
-    hold_output_tokens: int = Field(default=1024, ge=0)
+    hold_output_tokens: int = Field(default=1024, ge=0, le=MAX_TOKENS_PER_CALL)
+    # The most prompt tokens, and the most completion tokens, one call is billed for: upstream
+    # usage above it (or above the call's own max_tokens) is billed at the bound and counted as
+    # an anomaly, and a request asking for more output is refused. It keeps every hold and
+    # cost far below 2**53 micro-units, where the ledger's Lua arithmetic stops being exact.
+    max_tokens_per_call: int = Field(
+        default=DEFAULT_MAX_TOKENS_PER_CALL, ge=1, le=MAX_TOKENS_PER_CALL
+    )
     enforcement: Literal["postpaid", "strict"] = "postpaid"
     sweep_interval: Duration = 5.0
     # A live call renews its hold's lease every third of this; a hold whose lease ends belongs
@@ -100,6 +127,18 @@ class BillingConfig(_Frozen):
     # A stream checkpoints its completion tokens at least this often (in tokens), which bounds
     # the billing lost when a gateway is killed mid-stream.
     checkpoint_tokens: int = Field(default=100, ge=1)
+
+    @model_validator(mode="after")
+    def _hold_within_bound(self) -> BillingConfig:
+        if self.hold_output_tokens > self.max_tokens_per_call:
+            if "hold_output_tokens" not in self.model_fields_set:  # the default: follow the bound
+                object.__setattr__(self, "hold_output_tokens", self.max_tokens_per_call)
+                return self
+            raise ValueError(
+                f"hold_output_tokens ({self.hold_output_tokens}) is above max_tokens_per_call "
+                f"({self.max_tokens_per_call})"
+            )
+        return self
 
 
 class RateLimitsConfig(_Frozen):
@@ -140,6 +179,8 @@ class NotificationPrices(_Frozen):
     http: Micros = 0
     traffic_per_gb: Micros = 0
 
+    _bounded = field_validator("sms", "email", "http", "traffic_per_gb")(_price_at_most_max)
+
 
 class NotificationsConfig(_Frozen):
     webhooks: tuple[WebhookSink, ...] = ()
@@ -170,6 +211,8 @@ class PricingConfig(_Frozen):
 
     input_per_million: Micros
     output_per_million: Micros
+
+    _bounded = field_validator("input_per_million", "output_per_million")(_price_at_most_max)
 
 
 class UpstreamConfig(_Frozen):
@@ -204,7 +247,7 @@ class ModelConfig(_Frozen):
     tokenizer: str = "o200k_base"
     billing: Literal["tokens", "dedicated"] = "tokens"
     pricing: PricingConfig | None = None
-    hold_output_tokens: int | None = Field(default=None, ge=0)
+    hold_output_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS_PER_CALL)
     rate_limits: RateLimitsConfig | None = None
     upstreams: tuple[UpstreamConfig, ...]
 
@@ -250,6 +293,22 @@ class Settings(_Frozen):
             if model.name in seen:
                 raise ValueError(f"model name {model.name!r} appears more than once")
             seen.add(model.name)
+        return models
+
+    @field_validator("models")
+    @classmethod
+    def _holds_within_bound(
+        cls, models: tuple[ModelConfig, ...], info: ValidationInfo
+    ) -> tuple[ModelConfig, ...]:
+        billing = info.data.get("billing")  # absent when billing itself was invalid
+        bound = billing.max_tokens_per_call if isinstance(billing, BillingConfig) else None
+        for model in models:
+            held = model.hold_output_tokens
+            if bound is not None and held is not None and held > bound:
+                raise ValueError(
+                    f"model {model.name!r} has hold_output_tokens {held}, above "
+                    f"billing.max_tokens_per_call ({bound})"
+                )
         return models
 
     def model(self, name: str) -> ModelConfig | None:

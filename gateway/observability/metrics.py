@@ -106,6 +106,13 @@ class Metrics:
             ["model", "type"],
             registry=registry,
         )
+        # Usage an upstream reported above what the call could produce (billed at the bound).
+        self.usage_anomalies = Counter(
+            "gateway_usage_anomalies",
+            "Upstream usage fields above the call's bound, by model and field (billed at it).",
+            ["model", "field"],
+            registry=registry,
+        )
         self.rejections = Counter(
             "gateway_rejections",
             "Calls refused by the gateway, by reason (the error code).",
