@@ -24,6 +24,7 @@ __all__ = [
     "InternalError",
     "InvalidApiKey",
     "InvalidRequest",
+    "LedgerScriptError",
     "LedgerUnavailable",
     "MethodNotAllowed",
     "ModelNotFound",
@@ -120,6 +121,16 @@ class LedgerUnavailable(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
+
+
+class LedgerScriptError(GatewayError):
+    """The store answered, and refused the operation: a ledger script failed inside Redis (a
+    Lua error, an overflowing increment). Not an outage, so not 503: retrying cannot help, and
+    `/readyz` stays ready. 500, logged with the script's name."""
+
+    status = 500
+    type = "server_error"
+    code = "internal_error"
 
 
 class InvalidApiKey(GatewayError):

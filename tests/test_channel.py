@@ -1,4 +1,6 @@
-"""The ledger's pipelined connection: replies matched to commands, failures surfaced, recovery."""
+"""The ledger's pipelined connection: replies matched to commands, failures surfaced, recovery;
+and what the ledger makes of the store's answers on either send path (the channel, redis-py):
+a resent script is the same call, a script that fails inside Redis is not an outage."""
 
 from __future__ import annotations
 
@@ -8,12 +10,19 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+import redis
+import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from gateway.accounts.apikeys import parse_api_key
+from gateway.errors import LedgerScriptError, LedgerUnavailable
+from gateway.ledger import Admission, Ledger
+from gateway.ledger.keys import account_keys
 from gateway.store.channel import ScriptChannel, channel_for
 from gateway.store.embedded import EmbeddedStore
+from tests.admin_client import Admin
 from tests.procs import free_port
 
 
@@ -122,3 +131,104 @@ def test_channel_for_reads_the_url() -> None:
     assert (socket.path, socket.db) == ("/run/valkey.sock", 2)
     assert channel_for("rediss://127.0.0.1:6390/0") is None
     assert channel_for("redis+cluster://127.0.0.1:7000") is None
+
+
+@pytest.fixture(params=["channel", "redis-py"])
+async def ledger(request: pytest.FixtureRequest, valkey: EmbeddedStore) -> AsyncIterator[Ledger]:
+    """A Ledger on the shared store, sending its scripts on the channel or through redis-py."""
+    client = aioredis.Redis.from_url(valkey.url)
+    channel = channel_for(valkey.url) if request.param == "channel" else None
+    yield Ledger(client, channel)
+    await asyncio.sleep(0.2)  # let the batched hold-index write go out
+    if channel is not None:
+        await channel.aclose()
+    await client.aclose()
+
+
+async def test_a_resent_reserve_answers_as_its_first_run(
+    ledger: Ledger, admin: Admin, redis_client: redis.Redis
+) -> None:
+    """The admission script run twice with the same request id and ARGV (a client library
+    resending it after a lost reply) answers `ok` both times with the same hold, token windows
+    and rate-limit header values, and holds and charges once: the hold takes the whole
+    balance and the request limit is 1, so a second charge would have been refused."""
+    account_id, token = admin.funded(["mock-model"], amount="1.00")
+    key = parse_api_key(f"Bearer {token}")
+    assert key is not None
+    now = int(time.time() * 1000)
+    request_id = f"req_resent_{now}"
+
+    async def reserve() -> Admission:
+        return await ledger.reserve(
+            account_id,
+            key.key_id,
+            key.key_hash,
+            "mock-model",
+            1_000_000,  # the whole balance
+            request_id,
+            now + 60_000,
+            False,
+            "",
+            now,
+            40,
+            ("1:60000", "1000:60000", "", ""),  # 1 request, 1000 tokens a minute
+        )
+
+    first = await reserve()
+    second = await reserve()  # the same ARGV, `now` included, as a resend carries
+    assert first.code == "ok"
+    assert second == first
+    assert first.rate[:2] == ("1", "0")  # one request allowed, none left: counted once
+    assert first.rate[3:5] == ("1000", "960")
+    k = account_keys(account_id)
+    assert redis_client.hget(k.account, "held") == b"1000000"
+    assert redis_client.hget(k.rate("requests"), "c") == b"1"
+    assert redis_client.hget(k.rate("tokens"), "c") == b"40"
+    assert await ledger.release(account_id, request_id)
+    assert redis_client.hget(k.account, "held") == b"0"
+
+
+async def test_a_script_failing_inside_redis_is_a_script_error_not_an_outage(
+    ledger: Ledger, admin: Admin, redis_client: redis.Redis
+) -> None:
+    """A settlement whose debit would overflow the balance's 64 bits fails inside Redis ("ERR
+    increment or decrement would overflow"): the ledger raises LedgerScriptError (500, the
+    ledger refused the operation), not LedgerUnavailable, and nothing was written."""
+    account_id, _ = admin.funded(["mock-model"], amount="")
+    k = account_keys(account_id)
+    lowest = -(2**63) + 10
+    redis_client.hset(k.account, "balance", lowest)
+    record = {"request_id": "req_overflow", "time": 1, "kind": "inference", "cost": 1000}
+    with pytest.raises(LedgerScriptError) as caught:
+        await ledger.settle(account_id, "req_overflow", 1000, 1, record)
+    assert not isinstance(caught.value, LedgerUnavailable)
+    assert (caught.value.status, caught.value.code) == (500, "internal_error")
+    assert "settle" in caught.value.message
+    assert redis_client.hget(k.account, "balance") == str(lowest).encode()
+    assert redis_client.xlen(k.usage) == 0
+    assert not redis_client.exists(k.settled("req_overflow"))
+
+
+async def test_a_busy_store_is_unavailable_not_a_script_error(own_store: EmbeddedStore) -> None:
+    """While another client's script keeps the store busy, a ledger script gets a BUSY reply:
+    that is the store being unavailable (503), on both send paths; once the script is killed
+    the same operation goes through."""
+    client = aioredis.Redis.from_url(own_store.url)
+    channel = channel_for(own_store.url)
+    assert channel is not None
+    blocker = aioredis.Redis.from_url(own_store.url)
+    try:
+        await client.config_set("busy-reply-threshold", 50)
+        busy = asyncio.ensure_future(blocker.eval("local i = 0 while true do i = i + 1 end", 0))
+        await asyncio.sleep(0.3)  # the loop has run past the threshold
+        for ledger in (Ledger(client, channel), Ledger(client)):
+            with pytest.raises(LedgerUnavailable):
+                await ledger.subscribe("acct-busy", "m")
+        await client.script_kill()
+        with pytest.raises(ResponseError):
+            await busy
+        assert await Ledger(client, channel).subscribe("acct-busy", "m") == "account_not_found"
+    finally:
+        await channel.aclose()
+        await blocker.aclose()
+        await client.aclose()

@@ -18,7 +18,9 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
-    """GET /readyz: 200 when this instance can meter calls, else 503 with the reason."""
+    """GET /readyz: 200 when this instance can meter calls, else 503 with the reason. On a
+    Redis Cluster every primary must answer (an account's calls need its slot's primary): the
+    reason names each one that does not. Answers within about a second (`PING_TIMEOUT`)."""
     reason: str | None = None
     if CONFIG not in request.app:
         reason = "config not loaded"

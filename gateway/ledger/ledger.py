@@ -17,9 +17,9 @@ from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisError
+from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from gateway.errors import LedgerUnavailable
+from gateway.errors import GatewayError, LedgerScriptError, LedgerUnavailable
 from gateway.ledger.keys import (
     ACCOUNT_KEY_PATTERN,
     HOLDS_DUE,
@@ -31,7 +31,9 @@ from gateway.ledger.keys import (
     account_keys,
     stream_id_after,
 )
+from gateway.observability.logging import get_logger
 from gateway.store.channel import ScriptChannel
+from gateway.store.client import store_refused
 
 __all__ = [
     "AccountRecord",
@@ -165,15 +167,44 @@ class TopupResult:
     events: int = 0
 
 
+log = get_logger("gateway.ledger")
+
+# The classes a store client is expected to raise; any other (redis-py's cluster code has
+# raised AttributeError and uvloop's RuntimeError on connections it closed under a command) is
+# logged once per class, then answered the same way.
+_EXPECTED_ERRORS = (RedisError, RedisClusterException, OSError)
+_unexpected_seen: set[type[BaseException]] = set()
+
+
+def _ledger_error(exc: Exception, operation: str) -> GatewayError:
+    """The one mapping of a store client's failure, at the ledger's edge: the store refusing
+    the operation (a script failed inside Redis) is `LedgerScriptError`, 500; anything else,
+    whatever its class, is the store being unavailable, `LedgerUnavailable`, 503."""
+    if isinstance(exc, GatewayError):
+        return exc
+    if store_refused(exc):
+        log.error("the ledger store refused an operation", operation=operation, error=str(exc))
+        return LedgerScriptError(f"the ledger refused the operation ({operation})")
+    kind = type(exc)
+    if not isinstance(exc, _EXPECTED_ERRORS) and kind not in _unexpected_seen:
+        _unexpected_seen.add(kind)
+        log.warning(
+            "unexpected error from the store client, answered as the store unavailable",
+            operation=operation,
+            error_class=f"{kind.__module__}.{kind.__qualname__}",
+            exc_info=exc,
+        )
+    return LedgerUnavailable(f"the ledger store is unavailable ({kind.__name__})")
+
+
 @asynccontextmanager
-async def _guard() -> AsyncIterator[None]:
-    """Turn any store failure into LedgerUnavailable."""
+async def _guard(operation: str = "store command") -> AsyncIterator[None]:
+    """Turn any store failure into LedgerUnavailable (or LedgerScriptError, see
+    `_ledger_error`)."""
     try:
         yield
-    except (RedisError, OSError) as exc:
-        raise LedgerUnavailable(
-            f"the ledger store is unavailable ({exc.__class__.__name__})"
-        ) from exc
+    except Exception as exc:
+        raise _ledger_error(exc, operation) from exc
 
 
 class Ledger:
@@ -203,7 +234,19 @@ class Ledger:
         """EVALSHA; on NOSCRIPT (the store restarted, failed over or was flushed) one EVAL of
         the source, which runs it and caches it again in one step (a SCRIPT LOAD and a second
         EVALSHA could be split by another flush). Sent on the pipelined channel when there is
-        one, else as a plain redis-py command (which routes it to its slot on a cluster)."""
+        one, else as a plain redis-py command (which routes it to its slot on a cluster).
+
+        A script may run twice for one call: redis-py resends a command whose connection
+        dropped before its reply came (the cluster client does, up to three times), and the
+        first run may have happened. Each script answers a resend as the same call: `reserve`
+        finds its hold and answers as its first run did; `settle` finds its settled marker
+        (`duplicate`, the first cost); `topup` its idempotency key (`replay`); `checkpoint`
+        writes the same tokens and lease again; `release` finds no hold (False: nothing
+        changes); `advance` takes each step once. Two answer a resend differently but change
+        nothing more: `create_account` says the id is taken and `subscribe` says `exists`.
+        `extend` is the exception: a resend holds `extra` once more (it charges nothing, and
+        settlement releases the whole hold; the account's other calls see that much less
+        available meanwhile)."""
         send: Callable[..., Awaitable[Any]] = (
             self.channel.execute if self.channel is not None else self.client.execute_command
         )
@@ -213,10 +256,8 @@ class Ledger:
                 return await send("EVALSHA", self._shas[name], len(keys), *keys, *args)
             except NoScriptError:
                 return await send("EVAL", self._sources[name], len(keys), *keys, *args)
-        except (RedisError, OSError) as exc:
-            raise LedgerUnavailable(
-                f"the ledger store is unavailable ({exc.__class__.__name__})"
-            ) from exc
+        except Exception as exc:  # every failure of the client, cluster code included
+            raise _ledger_error(exc, name) from exc
         finally:
             if self.observe is not None:
                 self.observe(name, time.perf_counter() - started)

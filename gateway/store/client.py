@@ -2,21 +2,72 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any, cast
 
 import redis.asyncio as aioredis
-from redis.asyncio.cluster import RedisCluster
+from redis.asyncio.cluster import ClusterNode, RedisCluster
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
-from redis.exceptions import RedisError
+from redis.exceptions import (
+    AskError,
+    ClusterError,
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    RedisError,
+    ResponseError,
+    TryAgainError,
+)
 
 __all__ = [
+    "PING_TIMEOUT",
+    "UNAVAILABLE_REPLIES",
     "StoreMisconfigured",
     "blocking_pool",
     "check_eviction_policy",
     "connect_store",
     "ping_store",
+    "store_refused",
 ]
+
+# How long /readyz waits for each PING: a probe must answer within its own timeout.
+PING_TIMEOUT = 1.0
+
+# First words of the error replies that say the store cannot serve now, rather than that it
+# refused the operation: still loading its data, busy running a script, slots unserved or moving
+# (cluster), a replica or a primary without enough replicas, out of memory (noeviction), unable
+# to persist, a script cache flushed again between EVALSHA and EVAL, credentials or ACL refused.
+UNAVAILABLE_REPLIES = frozenset(
+    {
+        "LOADING",
+        "BUSY",
+        "CLUSTERDOWN",
+        "TRYAGAIN",
+        "MASTERDOWN",
+        "READONLY",
+        "NOREPLICAS",
+        "OOM",
+        "MOVED",
+        "ASK",
+        "MISCONF",
+        "NOSCRIPT",
+        "NOAUTH",
+        "WRONGPASS",
+        "NOPERM",
+    }
+)
+# redis-py's classes for some of those replies (it strips the first word from their message).
+_UNAVAILABLE_CLASSES = (
+    AskError,  # MovedError too
+    ClusterError,  # ClusterDownError, MasterDownError
+    NoPermissionError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    TryAgainError,
+)
 
 
 class StoreMisconfigured(RuntimeError):
@@ -83,10 +134,64 @@ def blocking_pool(url: str) -> aioredis.BlockingConnectionPool:
     )
 
 
+def store_refused(exc: BaseException) -> bool:
+    """True when the store answered and refused the operation itself: an error reply that is
+    none of the availability replies (`ERR user_script:...`, `ERR increment or decrement would
+    overflow`, `WRONGTYPE`, `CROSSSLOT`). False for everything else a store client raises,
+    whatever its class: the store is unavailable.
+
+    The one classification of store errors. It reads redis-py's exception classes and, for a
+    plain `ResponseError`, the reply's first word: redis-py keeps it as `status_code` when it
+    strips it from the message, the ledger's channel leaves it in the message."""
+    if not isinstance(exc, ResponseError) or isinstance(exc, _UNAVAILABLE_CLASSES):
+        return False
+    text = str(exc)
+    if "max number of clients reached" in text:  # an ERR reply, but the store is full
+        return False
+    code = getattr(exc, "status_code", None) or text.split(" ", 1)[0]
+    return code not in UNAVAILABLE_REPLIES
+
+
 async def ping_store(client: aioredis.Redis) -> str | None:
-    """None when the store answers PING, else the reason it does not."""
+    """None when the store answers PING, else the reason it does not. On a cluster, every
+    primary must answer (each holds the only copy of its slots' accounts): the reason names
+    those that do not. Each PING waits at most PING_TIMEOUT."""
+    store: object = client
     try:
-        await client.ping()
-    except (RedisError, OSError) as exc:
-        return f"store unreachable: {exc.__class__.__name__}: {exc}"
+        if isinstance(store, RedisCluster):
+            return await _ping_primaries(store)
+        async with asyncio.timeout(PING_TIMEOUT):
+            await client.ping()
+    except Exception as exc:  # whatever the client raises, the store is not there for us
+        return f"store unreachable: {_describe(exc)}"
     return None
+
+
+async def _ping_primaries(cluster: RedisCluster) -> str | None:
+    """PING each primary on its own connection, not through the cluster client's command path,
+    whose error handling (re-discovery, closing every node's connections) a probe must not set
+    off. The nodes are the client's current view of the slot owners."""
+    primaries = cluster.get_primaries()
+    if not primaries:  # no topology yet
+        async with asyncio.timeout(PING_TIMEOUT):
+            await cluster.initialize()
+        primaries = cluster.get_primaries()
+
+    async def ping(node: ClusterNode) -> str | None:
+        try:
+            async with asyncio.timeout(PING_TIMEOUT):
+                await node.execute_command("PING")
+        except Exception as exc:  # the node is down, hung, loading...
+            return f"{node.name} ({_describe(exc)})"
+        return None
+
+    down = [reason for reason in await asyncio.gather(*map(ping, primaries)) if reason]
+    if down:
+        return f"store primaries unreachable: {', '.join(down)}"
+    return None
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"no answer within {PING_TIMEOUT}s"
+    return f"{exc.__class__.__name__}: {exc}"

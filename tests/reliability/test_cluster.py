@@ -1,10 +1,13 @@
-"""Scale-out: two gateway instances on a 3-primary Valkey cluster keep every invariant."""
+"""Scale-out: two gateway instances on a 3-primary Valkey cluster keep every invariant, also
+through the crash (SIGKILL) and restart of a primary under load."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import orjson
 import pytest
 import redis
 
+from gateway.ledger.keys import account_keys
 from tests.admin_client import Admin
 from tests.billing.checks import assert_invariant, micros, wait_no_holds
 from tests.cluster import ValkeyCluster
@@ -172,3 +176,154 @@ def test_cluster_keys_share_one_slot_per_account(tmp_path: Path) -> None:
         k.idempotency("idem-1"),
     ]
     assert len({key_slot(name.encode()) for name in names}) == 1
+
+
+# The primary-loss test's load: bounded in time and in calls.
+LOAD_SECONDS = 12.0
+KILL_AT = 3.0
+DOWN_FOR = 3.0  # shorter than cluster-node-timeout: the other primaries keep serving
+CLIENTS = 48
+MAX_CALLS = 3500
+ACCOUNTS_PER_NODE = 6
+
+
+@dataclass(frozen=True, slots=True)
+class _Answer:
+    account: str
+    status: int
+    code: str | None
+    request_id: str
+    at: float  # monotonic, when the answer came
+
+
+async def _load(
+    i: int,
+    session: aiohttp.ClientSession,
+    gateways: list[Proc],
+    accounts: list[tuple[str, str]],
+    until: float,
+    answers: list[_Answer],
+) -> None:
+    """One client: calls back to back, on its gateway, across every account, until `until`."""
+    n = i
+    while time.monotonic() < until and len(answers) < MAX_CALLS:
+        account_id, key = accounts[n % len(accounts)]
+        n += CLIENTS
+        body = {
+            "model": "m",
+            "messages": [{"role": "user", "content": f"load {n}"}],
+            "max_tokens": 8,
+            "stream": n % 4 == 0,
+        }
+        async with session.post(
+            gateways[i % 2].url + "/v1/chat/completions",
+            data=orjson.dumps(body),
+            headers={"Authorization": f"Bearer {key}"},
+        ) as resp:
+            raw = await resp.read()
+            code = None if resp.status == 200 else orjson.loads(raw)["error"]["code"]
+            rid = resp.headers["x-request-id"]
+            answers.append(_Answer(account_id, resp.status, code, rid, time.monotonic()))
+
+
+async def _readyz(gw: Proc) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as session, session.get(gw.url + "/readyz") as resp:
+        return resp.status, await resp.read()
+
+
+async def test_primary_killed_under_load_answers_no_500(
+    tmp_path: Path, make_gateway: Callable[..., Proc], mock_a: Proc
+) -> None:
+    """A primary of a 3-primary cluster SIGKILLed under load from two gateways and restarted
+    (with its nodes.conf and append-only file): no call gets 500; the calls that fail get 503
+    ledger_unavailable; /readyz answers 503 naming the dead node while it is down; every call
+    answered 200 has exactly one usage record and no other call has one; and once the holds
+    are gone every account's balance is its top-ups minus its records' costs."""
+    cluster = ValkeyCluster(tmp_path / "cluster")
+    cluster.start()
+    store = redis.RedisCluster(host="127.0.0.1", port=cluster.ports[0])
+    try:
+        sections: dict[str, Any] = {
+            "store": {"url": cluster.url},
+            "billing": {"hold_lease": "3s", "sweep_interval": "200ms"},
+        }
+        gateways = [make_gateway([_model(mock_a.url)], **sections) for _ in range(2)]
+        admin = Admin(gateways[0].url)
+        victim = 0  # the node the gateways' URL names: the client must find the others
+        by_node: dict[int, list[tuple[str, str]]] = {n: [] for n in range(cluster.size)}
+        for _ in range(20 * ACCOUNTS_PER_NODE):
+            if min(len(found) for found in by_node.values()) >= ACCOUNTS_PER_NODE:
+                break
+            account_id, key = await asyncio.to_thread(admin.funded, ["m"], "10.00")
+            by_node[cluster.node_of(account_keys(account_id).account)].append((account_id, key))
+        assert min(len(found) for found in by_node.values()) >= ACCOUNTS_PER_NODE
+        accounts = [pair for found in by_node.values() for pair in found]
+
+        answers: list[_Answer] = []
+        readiness: list[tuple[str, int, bytes]] = []
+        started = time.monotonic()
+        restarted: list[float] = []
+
+        async def outage() -> None:
+            await asyncio.sleep(KILL_AT)
+            await asyncio.to_thread(cluster.kill, victim)
+            killed = time.monotonic()
+            while time.monotonic() - killed < DOWN_FOR:
+                readiness.append(("down", *await _readyz(gateways[1])))
+                await asyncio.sleep(0.25)
+            await asyncio.to_thread(cluster.restart, victim)
+            restarted.append(time.monotonic())
+            for _ in range(40):
+                status, body = await _readyz(gateways[1])
+                readiness.append(("back", status, body))
+                if status == 200:
+                    break
+                await asyncio.sleep(0.25)
+
+        timeout = aiohttp.ClientTimeout(total=20)
+        connector = aiohttp.TCPConnector(limit=CLIENTS)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector) as session:
+            await asyncio.gather(
+                outage(),
+                *(
+                    _load(i, session, gateways, accounts, started + LOAD_SECONDS, answers)
+                    for i in range(CLIENTS)
+                ),
+            )
+        counts = Counter((a.status, a.code) for a in answers)
+        print(f"calls={len(answers)} answers={dict(counts)}")  # the measurement, shown with -s
+
+        assert not [a for a in answers if a.status == 500], counts
+        assert {code for status, code in counts if status != 200} <= {"ledger_unavailable"}
+        assert {status for status, _ in counts} <= {200, 503}, counts
+        assert counts[(503, "ledger_unavailable")] > 0, "the outage was not seen"
+        down = [(status, body) for phase, status, body in readiness if phase == "down"]
+        assert down
+        assert all(status == 503 for status, _ in down), readiness
+        assert all(f"127.0.0.1:{cluster.ports[victim]}".encode() in body for _, body in down)
+        assert readiness[-1][1] == 200, readiness[-1]
+        # Once the node is back, every node's accounts are served again.
+        node = {account_id: n for n, found in by_node.items() for account_id, _ in found}
+        late = [a for a in answers if a.at > restarted[0] + 2 and a.status == 200]
+        assert {node[a.account] for a in late} == set(range(cluster.size))
+
+        answered = Counter(a.request_id for a in answers if a.status == 200)
+        refused = {a.request_id for a in answers if a.status != 200}
+        recorded: Counter[str] = Counter()
+        kinds: dict[str, str] = {}
+        for account_id, _ in accounts:
+            # Settlements the outage delayed land late; a hold whose admission reply was lost
+            # (the call answered 503) is left to its lease and the sweeper.
+            await asyncio.to_thread(wait_no_holds, store, account_id, 30.0)
+            _, records = await asyncio.to_thread(
+                assert_invariant, admin, store, account_id, micros("10.00")
+            )
+            recorded.update(r["request_id"] for r in records)
+            kinds.update((r["request_id"], r["status"]) for r in records)
+        billed_refused = {rid: kinds[rid] for rid in refused & set(recorded)}
+        assert not billed_refused, f"calls answered 503 have usage records: {billed_refused}"
+        assert set(recorded) == set(answered)
+        assert all(n == 1 for n in recorded.values())
+    finally:
+        store.close()
+        cluster.stop()

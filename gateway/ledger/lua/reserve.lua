@@ -15,6 +15,14 @@
 -- Replies: {'ok', hold, account tokens window, model tokens window, headers...},
 -- {'rate_limited', retry ms, refused rules, headers...} or {refusal code[, detail]};
 -- headers are 6 values: limit, remaining, reset ms for requests, then for tokens ('' = none).
+-- A resend is the same call. The gateway never reuses a request id, so a hold for ARGV[5] exists
+-- only if this script already ran for it: a client library resent the command after its
+-- connection dropped before the reply (redis-py's cluster client does). The resend answers as
+-- the first run did, from the hold and the same ARGV (now included): 'ok', the held amount, the
+-- same token windows and header values; it charges and holds nothing more. (`remaining` is
+-- read from the counters, which already hold the first run's charge: the first answer's value
+-- unless another call of the account was charged in between, which it then counts too.) The
+-- key, state and subscription checks still come first: a hold never stands in for them.
 local stored = redis.call('HGET', KEYS[2], ARGV[1])
 if not stored or stored ~= ARGV[2] then
   return {'invalid_api_key'}
@@ -35,9 +43,7 @@ end
 if redis.call('SISMEMBER', KEYS[3], ARGV[3]) == 0 then
   return {'model_not_subscribed'}
 end
-if redis.call('HEXISTS', KEYS[4], ARGV[5]) == 1 then
-  return {'duplicate_request'}
-end
+local resent = redis.call('HGET', KEYS[4], ARGV[5])
 
 local now, tokens = tonumber(ARGV[9]), tonumber(ARGV[10])
 local rules = {}  -- {rule, cost, kind}
@@ -64,13 +70,14 @@ for _, entry in ipairs(rules) do
   end
 end
 
--- The x-ratelimit-* values: the account's rule, else the model's. `remaining` counts this call.
-local charged = #refused == 0
+-- The x-ratelimit-* values: the account's rule, else the model's. `remaining` counts this call
+-- (already in the counters on a resend).
+local charged = resent ~= false or #refused == 0
 local function header(rule, cost)
   if not rule then
     return '', '', ''
   end
-  local after = rule.used + (charged and cost or 0)
+  local after = rule.used + ((charged and not resent) and cost or 0)
   return rule.limit, math.max(0, rule.limit - after), math.floor(rule.window - rule.elapsed)
 end
 local function headers()
@@ -79,6 +86,13 @@ local function headers()
   return req_l, req_r, req_t, tok_l, tok_r, tok_t
 end
 
+-- The windows the token charge landed in, for settlement to correct it there.
+local acct_window = acct_tok and acct_tok.idx or ''
+local model_window = model_tok and model_tok.idx or ''
+
+if resent then
+  return {'ok', tonumber(resent), acct_window, model_window, headers()}
+end
 if not charged then
   return {'rate_limited', math.ceil(retry), table.concat(refused, ', '), headers()}
 end
@@ -96,4 +110,4 @@ redis.call('HSET', KEYS[4], ARGV[5], hold)
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
 redis.call('HSET', KEYS[6], ARGV[5], ARGV[8])
 redis.call('HINCRBY', KEYS[1], 'held', hold)
-return {'ok', hold, acct_tok and acct_tok.idx or '', model_tok and model_tok.idx or '', headers()}
+return {'ok', hold, acct_window, model_window, headers()}
