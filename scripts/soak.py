@@ -1,10 +1,17 @@
 """Soak: load and faults together, then the audit. Opt-in (not part of the test suite).
 
-Starts a store, a paced mock upstream and two gateways on loopback; drives thousands of
-concurrent streamed and plain calls for a bounded time with random client disconnects,
-upstream deaths mid-stream and upstream errors; kills one gateway with SIGKILL halfway and
-starts it again; then waits for the orphan sweeper and runs `inference-gateway audit`, whose
-exit code is this script's.
+Starts a store, a paced mock upstream and two gateways on loopback (each in its own process
+group, as systemd runs a service); drives thousands of concurrent streamed and plain calls for
+a bounded time with random client disconnects, upstream deaths mid-stream and upstream
+errors. On top of that, three faults, a quarter of the run apart: the store is killed with
+SIGKILL and restarted `--store-outage` seconds later; one gateway is killed with SIGKILL and
+started again; the other gets SIGTERM sent to its whole process group (as systemd's
+KillMode=control-group and a terminal's Ctrl-C deliver it) and is started again.
+
+Every call answered 200 is noted by its `x-request-id`. At the end the script waits for the
+journals and the sweepers, fetches every usage record, and reports the answered calls
+without a usage record and the request ids with more than one; then it runs `inference-gateway
+audit`. It exits 0 only when the audit passes and both counts are zero.
 
     python scripts/soak.py --duration 600 --concurrency 2000
 """
@@ -37,7 +44,9 @@ from tests.procs import free_port, wait_http
 ADMIN_TOKEN = "soak-admin-token"
 
 
-def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+def _spawn(
+    args: list[str], log: Path, env: dict[str, str], group: bool = False
+) -> subprocess.Popen[bytes]:
     with open(log, "ab") as out:
         return subprocess.Popen(
             [sys.executable, "-m", "gateway", *args],
@@ -45,13 +54,14 @@ def _spawn(args: list[str], log: Path, env: dict[str, str]) -> subprocess.Popen[
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env={**os.environ, **env},
+            start_new_session=group,  # its own process group, which a group signal reaches
         )
 
 
 def _gateway(tmp: Path, store_url: str, mock_port: int, port: int) -> subprocess.Popen[bytes]:
     config = {
         "server": {"host": "127.0.0.1", "port": port, "drain_timeout": "2s"},
-        "store": {"url": store_url},
+        "store": {"url": store_url, "data_dir": str(tmp / f"gateway-{port}")},
         "billing": {"hold_lease": "3s", "checkpoint_tokens": 20, "sweep_interval": "250ms"},
         "rate_limits": {"requests": "1000000/minute", "tokens": "1000000000/minute"},
         "proxy": {"timeouts": {"first_byte": "10s", "idle": "10s"}},
@@ -69,13 +79,19 @@ def _gateway(tmp: Path, store_url: str, mock_port: int, port: int) -> subprocess
         ["serve", "--config", str(path), "--log-level", "warning"],
         tmp / f"gateway-{port}.log",
         {"GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN},
+        group=True,
     )
     wait_http(f"http://127.0.0.1:{port}/healthz", proc)
     return proc
 
 
 async def _one(
-    session: aiohttp.ClientSession, url: str, key: str, rng: random.Random, tally: Counter[str]
+    session: aiohttp.ClientSession,
+    url: str,
+    key: str,
+    rng: random.Random,
+    tally: Counter[str],
+    answered: set[str],
 ) -> None:
     roll = rng.random()
     stream = rng.random() < 0.8
@@ -99,6 +115,8 @@ async def _one(
         async with session.post(
             url + "/v1/chat/completions", data=orjson.dumps(body), headers=headers
         ) as resp:
+            if resp.status == 200:
+                answered.add(resp.headers["x-request-id"])
             if kind == "client_disconnect" and stream:
                 await resp.content.readany()
                 resp.close()
@@ -110,28 +128,46 @@ async def _one(
 
 
 async def _load(
-    urls: list[str], keys: list[str], duration: float, concurrency: int, kill: Any
-) -> Counter[str]:
+    urls: list[str], keys: list[str], duration: float, concurrency: int, faults: list[Any]
+) -> tuple[Counter[str], set[str]]:
+    """Run the load; fault i of n fires at (i + 1) / (n + 1) of the duration."""
     tally: Counter[str] = Counter()
+    answered: set[str] = set()
     rng = random.Random(7)
-    deadline = time.monotonic() + duration
-    killed = False
+    started = time.monotonic()
+    deadline = started + duration
+    due = [started + duration * (i + 1) / (len(faults) + 1) for i in range(len(faults))]
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=60)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def worker(i: int) -> None:
             while time.monotonic() < deadline:
-                await _one(session, urls[i % len(urls)], keys[i % len(keys)], rng, tally)
+                url, key = urls[i % len(urls)], keys[i % len(keys)]
+                await _one(session, url, key, rng, tally, answered)
 
         workers = [asyncio.create_task(worker(i)) for i in range(concurrency)]
+        fired = 0
         while time.monotonic() < deadline:
-            await asyncio.sleep(1)
-            if not killed and time.monotonic() > deadline - duration / 2:
-                killed = True
-                await asyncio.to_thread(kill)
+            await asyncio.sleep(0.5)
+            if fired < len(faults) and time.monotonic() >= due[fired]:
+                await asyncio.to_thread(faults[fired])
+                fired += 1
         await asyncio.gather(*workers)
-    return tally
+    return tally, answered
+
+
+def _records(admin: Admin, account_ids: list[str]) -> Counter[str]:
+    """How many usage records each request id has, over every account."""
+    seen: Counter[str] = Counter()
+    for account_id in account_ids:
+        for record in admin.usage(account_id):
+            seen[record["request_id"]] += 1
+    return seen
+
+
+def _say(text: str) -> None:
+    print(f"[{time.strftime('%X')}] {text}", flush=True)
 
 
 def main() -> int:
@@ -141,6 +177,9 @@ def main() -> int:
     parser.add_argument("--duration", type=float, default=600.0, help="seconds of load")
     parser.add_argument("--concurrency", type=int, default=2000, help="calls in flight")
     parser.add_argument("--accounts", type=int, default=50)
+    parser.add_argument(
+        "--store-outage", type=float, default=5.0, help="seconds the store stays killed"
+    )
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="soak-"))
     store = EmbeddedStore(tmp / "store", port=free_port())
@@ -152,22 +191,51 @@ def main() -> int:
     gateways = [_gateway(tmp, store.url, mock_port, port) for port in ports]
     try:
         admin = Admin(f"http://127.0.0.1:{ports[0]}", token=ADMIN_TOKEN)
-        keys = [admin.funded(["soak"], amount="1000.00")[1] for _ in range(args.accounts)]
+        funded = [admin.funded(["soak"], amount="1000.00") for _ in range(args.accounts)]
+        account_ids, keys = [a for a, _ in funded], [k for _, k in funded]
         urls = [f"http://127.0.0.1:{port}" for port in ports]
 
-        def kill() -> None:
-            print(f"[{time.strftime('%X')}] SIGKILL gateway on port {ports[1]}", flush=True)
+        def kill_store() -> None:
+            _say(f"SIGKILL the store; back in {args.store_outage:g}s")
+            store.kill()
+            time.sleep(args.store_outage)
+            store.start()
+            _say("store restarted")
+
+        def kill_gateway() -> None:
+            _say(f"SIGKILL gateway on port {ports[1]}")
             gateways[1].send_signal(signal.SIGKILL)
             gateways[1].wait()
             gateways[1] = _gateway(tmp, store.url, mock_port, ports[1])
-            print(f"[{time.strftime('%X')}] gateway on port {ports[1]} restarted", flush=True)
+            _say(f"gateway on port {ports[1]} restarted")
+
+        def group_sigterm() -> None:
+            _say(f"SIGTERM to the process group of gateway on port {ports[0]}")
+            os.killpg(gateways[0].pid, signal.SIGTERM)
+            code = gateways[0].wait(timeout=60)
+            gateways[0] = _gateway(tmp, store.url, mock_port, ports[0])
+            _say(f"gateway on port {ports[0]} exited {code}; restarted")
 
         started = time.monotonic()
-        tally = asyncio.run(_load(urls, keys, args.duration, args.concurrency, kill))
+        tally, answered = asyncio.run(
+            _load(
+                urls,
+                keys,
+                args.duration,
+                args.concurrency,
+                [kill_store, kill_gateway, group_sigterm],
+            )
+        )
         print(f"load done in {time.monotonic() - started:.0f}s: {sum(tally.values())} calls")
         for outcome, count in sorted(tally.items()):
             print(f"  {outcome}: {count}")
-        time.sleep(5)  # leases of the killed gateway's calls end; the sweepers settle them
+        time.sleep(10)  # leases of the killed gateway's calls end; journals and sweepers settle
+        records = _records(admin, account_ids)
+        missing = answered - set(records)
+        doubled = [rid for rid, n in records.items() if n > 1]
+        print(f"answered 200: {len(answered)}; usage records: {sum(records.values())}")
+        print(f"answered calls without a usage record: {len(missing)} {sorted(missing)[:5]}")
+        print(f"request ids with more than one record: {len(doubled)} {doubled[:5]}")
         config = tmp / "audit.yaml"
         config.write_text(yaml.safe_dump({"store": {"url": store.url}}))
         audit = subprocess.run(
@@ -179,7 +247,7 @@ def main() -> int:
         )
         print(audit.stdout, audit.stderr)
         print("audit", "PASSED" if audit.returncode == 0 else "FAILED")
-        return audit.returncode
+        return 0 if audit.returncode == 0 and not missing and not doubled else 1
     finally:
         for proc in [*gateways, mock]:
             proc.send_signal(signal.SIGTERM)

@@ -78,8 +78,12 @@ class HoldSweeper:
                 settled += await self._orphan(account_id, request_id, info, tokens, now)
             next_end = await self.ledger.next_lease_end(account_id)
             if next_end is None:
+                await self.ledger.reindex(account_id, now)
                 await self.ledger.unmark(HOLDS_DUE, account_id, score)
-            else:
+                # A hold placed between the look and the unmark found the entry still there
+                # (its ZADD LT kept the older score): look once more.
+                next_end = await self.ledger.next_lease_end(account_id)
+            if next_end is not None:
                 await self.ledger.mark_due(HOLDS_DUE, account_id, max(next_end, now + 1))
         return settled
 

@@ -11,7 +11,7 @@ import asyncio
 
 from gateway.errors import LedgerUnavailable
 from gateway.ledger import Ledger
-from gateway.ledger.keys import HOLDS_DUE, LIFECYCLE_DUE, OUTBOX_DUE, account_keys
+from gateway.ledger.keys import LIFECYCLE_DUE
 from gateway.observability.logging import get_logger
 from gateway.state import ConfigHolder
 from gateway.timefmt import now_ms
@@ -21,11 +21,10 @@ __all__ = ["LifecycleSweeper"]
 log = get_logger("gateway.lifecycle")
 
 BATCH = 200
-RESCAN_EVERY_S = 300.0
 
 
 class LifecycleSweeper:
-    """Advances due accounts every `billing.sweep_interval`; rescans all accounts now and then."""
+    """Advances due accounts every `billing.sweep_interval`."""
 
     def __init__(self, ledger: Ledger, config: ConfigHolder) -> None:
         self.ledger = ledger
@@ -47,28 +46,10 @@ class LifecycleSweeper:
                 await self.ledger.unmark(LIFECYCLE_DUE, account_id, score)
         return steps
 
-    async def rebuild_indexes(self) -> None:
-        """Re-index frozen accounts and undelivered outboxes a crash may have left out."""
-        client = self.ledger.client
-        async for account_id in self.ledger.account_ids():
-            keys = account_keys(account_id)
-            state = await client.hget(keys.account, "state")
-            if state == b"frozen":
-                await self.ledger.mark_due(LIFECYCLE_DUE, account_id, now_ms())
-            if await client.xlen(keys.outbox):
-                await self.ledger.mark_due(OUTBOX_DUE, account_id, now_ms())
-            if await client.zcard(keys.hold_leases):
-                await self.ledger.mark_due(HOLDS_DUE, account_id, now_ms())
-
     async def run(self) -> None:
         """Sweep forever (a background task of the app)."""
-        loop = asyncio.get_running_loop()
-        next_rescan = loop.time()
         while True:
             try:
-                if loop.time() >= next_rescan:
-                    await self.rebuild_indexes()
-                    next_rescan = loop.time() + RESCAN_EVERY_S
                 steps = await self.sweep_once()
                 if steps:
                     log.info("arrears steps taken", steps=steps)

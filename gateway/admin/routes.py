@@ -30,7 +30,7 @@ from gateway.errors import (
 from gateway.keys import CONFIG, LEDGER, RELOADER
 from gateway.ledger import AccountRecord, Ledger
 from gateway.ledger.keys import valid_account_id
-from gateway.money import format_micros, parse_amount
+from gateway.money import MAX_BALANCE_MICROS, format_micros, parse_amount
 from gateway.ratelimit import rule_spec
 from gateway.timefmt import iso_ms, now_ms
 
@@ -39,6 +39,13 @@ __all__ = ["routes"]
 _IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 MAX_USAGE_PAGE = 1000
 MAX_STREAM_PART = 2**64 - 1  # each half of a Redis stream id is an unsigned 64-bit number
+
+
+class BalanceLimitExceeded(InvalidRequest):
+    """A top-up that would take the balance above MAX_BALANCE_MICROS (refused by topup.lua,
+    which credits nothing)."""
+
+    code = "balance_limit_exceeded"
 
 
 def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
@@ -113,6 +120,12 @@ async def create_topup(request: web.Request) -> web.Response:
         raise AccountNotFound(f"no account '{account_id}'")
     if result.code == "idempotency_conflict":
         raise IdempotencyConflict("this Idempotency-Key was used with another request body")
+    if result.code == "balance_limit_exceeded":
+        raise BalanceLimitExceeded(
+            f"a top-up of {format_micros(amount)} would take the balance above the maximum "
+            f"balance of {format_micros(MAX_BALANCE_MICROS)}; nothing was credited",
+            param="amount",
+        )
     answer = {
         "id": result.id,
         "account": account_id,

@@ -26,6 +26,7 @@ from gateway.errors import (
     InsufficientBalance,
     InternalError,
     InvalidApiKey,
+    LedgerUnavailable,
     ModelNotFound,
     ModelNotSubscribed,
     RateLimited,
@@ -45,20 +46,23 @@ from gateway.keys import (
 from gateway.ledger import Admission, TokenCharge
 from gateway.ledger.journal import Entry, SettlementJournal
 from gateway.metering.completion import CompletionMeter
-from gateway.metering.enforcement import StrictGuard
-from gateway.metering.estimate import hold_amount, output_allowance
+from gateway.metering.enforcement import StrictGuard, strict_charge
+from gateway.metering.estimate import check_prompt_size, hold_amount, output_allowance
 from gateway.metering.lease import LeaseKeeper
 from gateway.metering.prompt import CallKind, count_prompt
 from gateway.metering.tokenizers import get_encoding
-from gateway.metering.usage import CallStatus, bill_call
+from gateway.metering.usage import CallStatus, UsageBound, anomaly_reporter, bill_call
 from gateway.money import format_micros
 from gateway.observability.access import CALL_LOG, CallLog
+from gateway.observability.logging import get_logger
 from gateway.proxy.forward import RelayOutcome, open_upstream, relay
 from gateway.proxy.routing import Upstream
 from gateway.ratelimit import headers_of, rate_rules
 from gateway.state import Snapshot
 
 __all__ = ["require_key", "routes"]
+
+log = get_logger("gateway.billing")
 
 
 _REFUSALS: dict[str, type[GatewayError]] = {
@@ -101,18 +105,25 @@ def _refuse(admission: Admission, model: str, hold: int) -> GatewayError:
 
 
 def _upstream_body(
-    body: bytes, payload: dict[str, Any], public_name: str, add_usage: bool
+    body: bytes,
+    payload: dict[str, Any],
+    public_name: str,
+    add_usage: bool,
+    max_tokens: int | None = None,
 ) -> Callable[[Upstream], bytes]:
     """Bytes for each upstream: the client's own when nothing needs to change; else the same
-    object with the upstream's model name and/or `stream_options.include_usage` set."""
+    object with the upstream's model name, `stream_options.include_usage` and/or (strict
+    enforcement, a call that named no limit) the `max_tokens` its hold covers set."""
     changed: dict[str, bytes] = {}
 
     def for_upstream(upstream: Upstream) -> bytes:
-        if upstream.model == public_name and not add_usage:
+        if upstream.model == public_name and not add_usage and max_tokens is None:
             return body
         cached = changed.get(upstream.model)
         if cached is None:
             new = {**payload, "model": upstream.model}
+            if max_tokens is not None:
+                new["max_tokens"] = max_tokens
             if add_usage:
                 options = payload.get("stream_options")
                 new["stream_options"] = {
@@ -123,6 +134,11 @@ def _upstream_body(
         return cached
 
     return for_upstream
+
+
+def _names_limit(payload: dict[str, Any]) -> bool:
+    """The request gives its own output limit (which its hold then covers)."""
+    return any(payload.get(field) is not None for field in ("max_tokens", "max_completion_tokens"))
 
 
 class _Call:
@@ -148,7 +164,10 @@ class _Call:
         self.finished = False
         # How the call ended once that is known: relayed to its end, or the client left.
         self.status: CallStatus | None = None
+        self.strict_hold: int | None = None  # strict enforcement: what admission held
+        self.guard: StrictGuard | None = None
         self.log: CallLog | None = None
+        self.bound: UsageBound | None = None  # what its usage is billed at, at most
 
     async def settle(self, meter: CompletionMeter, status: CallStatus) -> None:
         """Bill the call and write its settlement."""
@@ -158,11 +177,15 @@ class _Call:
         """Count and price the call (its log entry filled in); return the settlement's write,
         for the caller to await or to run as a task of its own."""
         local_completion = await meter.count_local_tokens(self.encoding)
-        bill = bill_call(self.model, meter, self.prompt_tokens, local_completion)
+        bill = bill_call(self.model, meter, self.prompt_tokens, local_completion, self.bound)
+        cost, uncharged = bill.cost, 0
+        if self.strict_hold is not None:
+            extra = self.guard.extra_held if self.guard is not None else 0
+            cost, uncharged = strict_charge(cost, self.strict_hold + extra)
         if self.log is not None:
             self.log.prompt_tokens = bill.prompt_tokens
             self.log.completion_tokens = bill.completion_tokens
-            self.log.cost = bill.cost
+            self.log.cost = cost
             self.log.usage_source = bill.usage_source
             self.log.local_prompt_tokens = bill.gateway_prompt_tokens
             self.log.local_completion_tokens = bill.gateway_completion_tokens
@@ -175,7 +198,7 @@ class _Call:
             "model": self.model.name,
             "prompt_tokens": bill.prompt_tokens,
             "completion_tokens": bill.completion_tokens,
-            "cost": bill.cost,
+            "cost": cost,
             "usage_source": bill.usage_source,
             "status": status,
             "stream": "1" if self.stream else "0",
@@ -184,8 +207,17 @@ class _Call:
             "key_id": self.key.key_id,
             "upstream": self.upstream_label,
         }
+        if uncharged:
+            record["uncharged"] = uncharged
+            log.warning(
+                "strict call used more than it held; the rest is not charged",
+                request_id=self.request_id,
+                model=self.model.name,
+                cost=format_micros(bill.cost),
+                uncharged=format_micros(uncharged),
+            )
         self.finished = True
-        return self._write(bill.cost, now_ms, record, bill.prompt_tokens + bill.completion_tokens)
+        return self._write(cost, now_ms, record, bill.prompt_tokens + bill.completion_tokens)
 
     async def _write(
         self, cost: int, now_ms: int, record: dict[str, Any], actual_tokens: int
@@ -287,7 +319,11 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
     default_out = model.hold_output_tokens
     if default_out is None:
         default_out = settings.billing.hold_output_tokens
-    output_tokens = output_allowance(kind, payload, default_out)
+    most = settings.billing.max_tokens_per_call
+    output_tokens = output_allowance(kind, payload, default_out, most)
+    check_prompt_size(kind, call.prompt_tokens, most)
+    report = anomaly_reporter(request.app[METRICS], model.name, request_id)
+    call.bound = UsageBound.of_call(kind, payload, most, report)
     hold = hold_amount(model, call.prompt_tokens, output_tokens)
     billing = settings.billing
     now = int(time.time() * 1000)
@@ -316,9 +352,11 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
             call.prompt_tokens + output_tokens,
             rate_rules(settings.rate_limits, model),
         )
-    except asyncio.CancelledError:
-        # The client left while the store was deciding. The script may still run: a release
-        # sent after it (on the same connection, so after it) drops whatever it held.
+    except (asyncio.CancelledError, LedgerUnavailable):
+        # The client left while the store was deciding, or the store's answer was lost (a
+        # timeout, a dropped connection): the script may have run all the same. A release
+        # sent after it (through the journal, so it lands even after an outage) drops
+        # whatever it held; where it never ran, the release finds nothing.
         _track(request, call.release())
         raise
     if admission.code != "ok":
@@ -338,9 +376,15 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
     )
     keeper.start()
 
+    strict = billing.enforcement == "strict" and pricing is not None and model.billing == "tokens"
+    limit = None
+    if strict:
+        call.strict_hold = admission.held
+        if not stream and kind != "embeddings" and not _names_limit(payload):
+            limit = output_tokens  # the one body change strict makes: what the hold covers
     guard = None
-    if stream and billing.enforcement == "strict" and pricing and model.billing == "tokens":
-        guard = StrictGuard(
+    if stream and strict and pricing is not None:
+        guard = call.guard = StrictGuard(
             ledger,
             key.account_id,
             request_id,
@@ -365,7 +409,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
             request.app[HTTP],
             route.candidates(),
             path,
-            _upstream_body(body, payload, name, add_usage),
+            _upstream_body(body, payload, name, add_usage, limit),
             request.headers,
             request_id,
             timeouts,

@@ -160,6 +160,7 @@ class SettlementJournal:
         self._owed: dict[str, tuple[Entry, int]] = {}  # request id -> (entry, segment seq)
         self._wake = asyncio.Event()
         self._adopted_at = float("-inf")
+        self._syncing: asyncio.Future[None] | None = None
         self.store_failures = 0  # consecutive replays the store did not answer
 
     # the hot path ---------------------------------------------------------------------------
@@ -212,12 +213,24 @@ class SettlementJournal:
 
     def _owe(self, entry: Entry, seq: int, reason: str) -> None:
         segment = self._segments.get(seq)
-        if segment is not None:
-            segment.sync()  # the journal is now all that remembers this debt
+        if segment is not None and not segment.synced and self._syncing is None:
+            # The journal is now all that remembers this debt: fsync it (off the loop; one
+            # fsync covers every entry written before it).
+            self._syncing = asyncio.ensure_future(self._sync(segment))
         if not self._owed:
             log.warning("store did not take a settlement; journaled for replay", error=reason)
         self._owed[entry.request_id] = (entry, seq)
         self._wake.set()
+
+    async def _sync(self, segment: _Segment) -> None:
+        try:
+            while not segment.synced:  # entries written during an fsync need another
+                segment.synced = True
+                await asyncio.to_thread(os.fsync, segment.fd)
+        except OSError as exc:
+            log.error("journal fsync failed", segment=segment.path.name, error=str(exc))
+        finally:
+            self._syncing = None
 
     async def _send(self, entry: Entry) -> None:
         if entry.release:

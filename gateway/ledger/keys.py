@@ -34,11 +34,12 @@ IDEMPOTENCY_TTL_SECONDS = 86400
 
 # The two global indexes (their own slots): which accounts have an arrears step due, and
 # which have events waiting to be delivered, each scored by when (ms). They are written just
-# after the account's own script, so a crash between the two can leave an account out; the
-# sweepers' periodic scan of all accounts puts it back.
+# after the settlement script that calls for them; a crash between the two is repaired by the
+# hold sweeper, which looks at every account whose hold-index entry it drops (Ledger.reindex).
 LIFECYCLE_DUE = f"{PREFIX}:index:lifecycle"
 OUTBOX_DUE = f"{PREFIX}:index:outbox"
-# Accounts with open holds, scored by the earliest time one of their leases may end.
+# Accounts with open holds, scored by the earliest time one of their leases may end. Written
+# before the admission script (so no hold is ever unindexed) and dropped by the hold sweeper.
 HOLDS_DUE = f"{PREFIX}:index:holds"
 
 

@@ -21,16 +21,15 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.errors import GatewayError, LedgerScriptError, LedgerUnavailable
 from gateway.ledger.keys import (
-    ACCOUNT_KEY_PATTERN,
     HOLDS_DUE,
     IDEMPOTENCY_TTL_SECONDS,
     LIFECYCLE_DUE,
     OUTBOX_DUE,
     SETTLED_TTL_SECONDS,
-    account_id_of,
     account_keys,
     stream_id_after,
 )
+from gateway.money import MAX_BALANCE_MICROS
 from gateway.observability.logging import get_logger
 from gateway.store.channel import ScriptChannel
 from gateway.store.client import store_refused
@@ -305,6 +304,7 @@ class Ledger:
             IDEMPOTENCY_TTL_SECONDS,
             topup_id,
             account_id,
+            MAX_BALANCE_MICROS,
         ]
         out = [_text(x) for x in await self._run("topup", keys, args)]
         if out[0] not in ("ok", "replay"):
@@ -452,10 +452,10 @@ class Ledger:
             tokens,
             *rules,
         ]
+        await self._index_before(account_id, lease_until_ms)
         out = [_text(x) for x in await self._run("reserve", keys, args)]
         code = out[0]
         if code == "ok":
-            self._index_hold(account_id, lease_until_ms)
             charge = TokenCharge(model, tokens, (out[2], out[3]))
             return Admission("ok", held=int(out[1]), charge=charge, rate=tuple(out[4:10]))
         if code == "rate_limited":
@@ -542,11 +542,27 @@ class Ledger:
         k = account_keys(account_id)
         return int(await self._run("extend", [k.account, k.holds], [request_id, extra])) == 1
 
+    async def _index_before(self, account_id: str, lease_until_ms: int) -> None:
+        """Put the account in the hold index before the script that may place its hold, so a
+        gateway that dies in between leaves an index entry (harmless: a sweeper finds no
+        expired hold and drops it), never a hold nobody will look for. On the channel the ZADD
+        is queued without a wait and leaves in the same write as the script (Redis runs one
+        connection's pipelined commands in order, and no other client's between them: no
+        extra round trip); on a cluster it is its own command to the index's node, first."""
+        command = ("ZADD", HOLDS_DUE, "LT", lease_until_ms, account_id)
+        if self.channel is not None and self.channel.send_nowait(*command) is not None:
+            return
+        send: Callable[..., Awaitable[Any]] = (
+            self.channel.execute if self.channel is not None else self.client.execute_command
+        )
+        async with _guard("index holds"):
+            await send(*command)
+
     def _index_hold(self, account_id: str, lease_until_ms: int) -> None:
-        """Note (without waiting) when the account's holds need a look if nobody settles them.
-        Batched: every account noted within INDEX_BATCH_SECONDS goes out in one ZADD, so a
-        busy gateway spends one round trip per batch on the index, not one per call. A crash
-        before a batch lands is caught by the sweepers' periodic full scan."""
+        """Note (without waiting) when a renewed lease ends. Batched: every account noted
+        within INDEX_BATCH_SECONDS goes out in one ZADD. A crash before a batch lands loses
+        nothing: the entry written at admission is still there, and the sweeper that visits it
+        finds the hold's renewed lease and re-marks it."""
         pending = self._index_pending
         earlier = pending.get(account_id)
         if earlier is None or lease_until_ms < earlier:
@@ -587,6 +603,22 @@ class Ledger:
             (_text(rid), _text(info or b""), int(cp or 0))
             for rid, info, cp in zip(ids, infos, cps, strict=True)
         ]
+
+    async def reindex(self, account_id: str, now_ms: int) -> None:
+        """Mark the account due in the lifecycle and outbox indexes if it is frozen or has
+        events waiting: what a gateway that died between a settlement and those index writes
+        left undone. The hold sweeper asks before it drops an account's hold-index entry (which
+        every admission writes first), so no full scan is needed to find such an account."""
+        k = account_keys(account_id)
+        async with _guard():
+            found: Any = await asyncio.gather(
+                self.client.hget(k.account, "state"), self.client.xlen(k.outbox)
+            )
+        state, waiting = found
+        if state == b"frozen":
+            await self.mark_due(LIFECYCLE_DUE, account_id, now_ms)
+        if waiting:
+            await self.mark_due(OUTBOX_DUE, account_id, now_ms)
 
     async def next_lease_end(self, account_id: str) -> int | None:
         """When the account's earliest open hold's lease ends (ms), or None without holds."""
@@ -649,12 +681,6 @@ class Ledger:
         """Remove the account from `index` unless it was re-marked since `score` was read."""
         async with _guard():
             await self._remove_if_score(keys=[index], args=[account_id, repr(score)])
-
-    async def account_ids(self) -> AsyncIterator[str]:
-        """Every account id in the store (a full scan: for rebuilding the indexes)."""
-        async with _guard():
-            async for key in self.client.scan_iter(match=ACCOUNT_KEY_PATTERN, count=500):
-                yield account_id_of(_text(key))
 
     # locks ------------------------------------------------------------------------------
 

@@ -14,7 +14,7 @@ import contextlib
 
 import tiktoken
 
-from gateway.errors import LedgerUnavailable
+from gateway.errors import GatewayError
 from gateway.ledger import Ledger
 from gateway.metering.completion import CompletionMeter
 from gateway.timefmt import now_ms
@@ -88,7 +88,7 @@ class LeaseKeeper:
         self._task = asyncio.ensure_future(self._write(self.tokens, now_ms() + self._lease_ms))
 
     async def _write(self, tokens: int, lease_until: int) -> None:
-        with contextlib.suppress(LedgerUnavailable):
+        with contextlib.suppress(GatewayError):  # unavailable or refused: the next one retries
             await self.ledger.checkpoint(self.account_id, self.request_id, tokens, lease_until)
 
     def stop(self) -> None:

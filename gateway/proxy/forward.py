@@ -36,9 +36,9 @@ _CONNECT_FAILURES = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutErro
 class StreamGate(Protocol):
     """Strict enforcement's say over a stream: may it go on, and how does it end if not."""
 
-    def needs_more(self) -> bool: ...
+    def needs_more(self, chunk: bytes) -> bool: ...
 
-    async def extend(self) -> bool: ...
+    async def extend(self, chunk: bytes) -> bool: ...
 
     def closing_bytes(self) -> bytes: ...
 
@@ -231,7 +231,7 @@ async def _relay_stream(
     try:
         async with asyncio.timeout(timeouts.idle) as deadline:
             while chunk:
-                if gate is not None and gate.needs_more() and not await gate.extend():
+                if gate is not None and gate.needs_more(chunk) and not await gate.extend(chunk):
                     # The balance cannot cover more: end the stream cleanly here.
                     outcome.enforced = True
                     await _send(response, gate.closing_bytes(), outcome)

@@ -93,6 +93,11 @@ class _Protocol(asyncio.Protocol):
             self.transport.abort()
 
 
+def _consume(future: asyncio.Future[Any]) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 class ScriptChannel:
     """Sends commands over one pipelined connection, reconnecting after a failure."""
 
@@ -124,6 +129,18 @@ class ScriptChannel:
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         protocol.send(_encode(args), future)
         return await future
+
+    def send_nowait(self, *args: _Arg) -> asyncio.Future[Any] | None:
+        """Queue one command now, ahead of any sent after it, without waiting for its reply
+        (None when the connection is not up: then `execute` it). Its future keeps the reply;
+        a failure nobody awaits is consumed, not reported as unretrieved."""
+        protocol = self._protocol
+        if protocol is None or protocol.closed:
+            return None
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        future.add_done_callback(_consume)
+        protocol.send(_encode(args), future)
+        return future
 
     async def _connected(self) -> _Protocol:
         if self._connecting is None or self._connecting.done():

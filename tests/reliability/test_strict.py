@@ -3,6 +3,7 @@ cleanly with finish_reason "length"."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 
 import aiohttp
@@ -99,3 +100,64 @@ async def test_postpaid_lets_the_stream_finish_into_arrears(
     assert records[0]["completion_tokens"] == 60
     assert micros(account["balance"]) < 0
     assert account["state"] == "frozen"
+
+
+async def test_strict_never_below_zero_with_29_concurrent_streams(
+    make_gateway: Callable[..., Proc], mock_a: Proc, redis_client: redis.Redis
+) -> None:
+    """29 concurrent streams with no max_tokens on a balance that covers their first holds and
+    a few extensions: extensions come only from the available balance (balance minus every
+    open hold), chunks that would outgrow a hold wait for its extension, and no call is charged
+    more than it holds. The balance ends at zero or above and the account stays active."""
+    from tests.procs import start_mock
+
+    mock = start_mock(mock_a.log_path.parent, "--max-tokens", "60", "--token-delay", "0")
+    try:
+        gw = make_gateway([_model(mock.url)], billing={"enforcement": "strict"})
+        admin = Admin(gw.url)
+        account_id, key = admin.funded(["m"], amount="0.600000")
+        answers = await asyncio.gather(*(_stream(gw, key, usage=False) for _ in range(29)))
+    finally:
+        mock.stop()
+    for raw, _ in answers:
+        assert raw.endswith(b"data: [DONE]\n\n")
+    account, records = assert_invariant(admin, redis_client, account_id, micros("0.600000"))
+    assert len(records) == 29
+    assert micros(account["balance"]) >= 0, account
+    assert account["state"] == "active"
+    assert not [r for r in records if r.get("uncharged")], records
+
+
+async def test_strict_non_streamed_call_is_sent_the_max_tokens_its_hold_covers(
+    make_gateway: Callable[..., Proc], mock_a: Proc, redis_client: redis.Redis
+) -> None:
+    """A non-streamed strict call that names no max_tokens is sent with the `max_tokens` its
+    hold covers (the model's hold_output_tokens, 10): the upstream, which would answer 60
+    tokens, stops at 10, and a balance that covers exactly the hold ends at zero or above."""
+    from tests.procs import start_mock
+
+    mock = start_mock(mock_a.log_path.parent, "--max-tokens", "60")
+    try:
+        gw = make_gateway([_model(mock.url)], billing={"enforcement": "strict"})
+        admin = Admin(gw.url)
+        account_id, key = admin.funded(["m"], amount="0.040000")
+        body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session,
+            session.post(gw.url + "/v1/chat/completions", data=orjson.dumps(body)) as resp,
+        ):
+            assert resp.status == 200
+            answer = orjson.loads(await resp.read())
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(mock.url + "/debug/last-request") as r,
+        ):
+            sent = orjson.loads((await r.json())["body"])
+    finally:
+        mock.stop()
+    assert sent["max_tokens"] == 10
+    assert answer["usage"]["completion_tokens"] == 10
+    account, records = assert_invariant(admin, redis_client, account_id, micros("0.040000"))
+    assert records[0]["completion_tokens"] == 10
+    assert micros(account["balance"]) >= 0
+    assert account["state"] == "active"

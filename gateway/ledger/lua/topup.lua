@@ -1,11 +1,19 @@
 -- Credit a top-up, once per Idempotency-Key: a replay answers what the first call answered,
 -- and the same key with another body is refused. A top-up that brings the balance to zero or
 -- above ends the arrears: a frozen account is active again with its subscriptions, a cleared
--- one is active with none (they were deleted when it was cleared).
+-- one is active with none (they were deleted when it was cleared). A top-up that would take the
+-- balance above the maximum is refused, here and before any write, so that concurrent top-ups
+-- cannot pass it together; Lua numbers are doubles, and the maximum keeps every balance and
+-- amount this script adds far below 2^53 (gateway/money.py).
 -- KEYS[1] account hash, KEYS[2] idempotency hash, KEYS[3] top-ups stream, KEYS[4] outbox
 -- ARGV[1] amount (micro-units), ARGV[2] request fingerprint ('' without a key), ARGV[3] now (ms),
--- ARGV[4] idempotency ttl (s), ARGV[5] top-up id, ARGV[6] account id
-local acct = redis.call('HMGET', KEYS[1], 'state', 'low_threshold', 'low_notified')
+-- ARGV[4] idempotency ttl (s), ARGV[5] top-up id, ARGV[6] account id, ARGV[7] the maximum
+-- balance (micro-units)
+local max_balance = tonumber(ARGV[7])
+if not max_balance then
+  return redis.error_reply('ERR topup: ARGV[7], the maximum balance, is missing')
+end
+local acct = redis.call('HMGET', KEYS[1], 'state', 'low_threshold', 'low_notified', 'balance')
 local state, threshold, notified = acct[1], acct[2], acct[3]
 if not state then
   return {'account_not_found'}
@@ -21,6 +29,9 @@ if keyed then
   end
 end
 local amount = tonumber(ARGV[1])
+if (tonumber(acct[4]) or 0) + amount > max_balance then
+  return {'balance_limit_exceeded', tonumber(acct[4]) or 0}
+end
 local balance = redis.call('HINCRBY', KEYS[1], 'balance', amount)
 redis.call('HINCRBY', KEYS[1], 'topped_up', amount)
 redis.call('XADD', KEYS[3], '*', 'id', ARGV[5], 'amount', amount, 'time', ARGV[3])
