@@ -67,11 +67,17 @@ USER gateway:gateway
 
 EXPOSE 8080
 
-# /healthz answers 200 while the process can serve. Slim has no curl: use Python's urllib,
-# which exits non-zero on a refused connection, a timeout or a non-2xx status.
-# (It probes port 8080; a container started with another --port needs its own healthcheck.)
+# /readyz, not /healthz: /healthz answers 200 whenever the process answers at all, even when
+# every call gets 503 because the store is gone; /readyz answers 200 only when the config is
+# loaded and the store answers PING, i.e. when the gateway can meter and serve a call. So a
+# container whose store is down (an external one, or an embedded one that keeps failing to
+# restart) shows as unhealthy, and an orchestrator can take it out of rotation or replace it.
+# A short outage (the embedded store is restarted within seconds) stays under --retries.
+# Slim has no curl: Python's urllib exits non-zero on a refused connection, a timeout or a
+# non-2xx status. (It probes port 8080; a container started with another --port needs its
+# own healthcheck.)
 HEALTHCHECK --interval=10s --timeout=5s --start-period=15s --retries=3 \
-    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/healthz', timeout=3)"]
+    CMD ["python", "-c", "import urllib.request; urllib.request.urlopen('http://127.0.0.1:8080/readyz', timeout=3)"]
 
 ENTRYPOINT ["inference-gateway"]
 CMD ["serve", "--config", "/app/config/compose.yaml"]

@@ -6,6 +6,7 @@ import argparse
 import asyncio
 import os
 import sys
+import time
 from collections.abc import Sequence
 
 from aiohttp import web
@@ -73,7 +74,7 @@ def _run_worker(
 
 
 def _serve(args: argparse.Namespace) -> int:
-    from gateway.store.embedded import EmbeddedStore, EmbeddedStoreError
+    from gateway.store.embedded import DataDirLocked, EmbeddedStore, EmbeddedStoreError
     from gateway.workers import supervise
 
     configure_logging(args.log_level)
@@ -88,13 +89,18 @@ def _serve(args: argparse.Namespace) -> int:
     store: EmbeddedStore | None = None
     store_url = settings.store.url
     if store_url == "embedded":
+        # Locks the data directory first: a second gateway on it refuses before touching it.
         store = EmbeddedStore(settings.store.data_dir, appendfsync=settings.store.appendfsync)
         try:
             store.start()
-            store_url = store.local_url
+        except DataDirLocked as exc:
+            log.error("refusing to start", reason=str(exc), holder=exc.holder)
+            return 1
         except EmbeddedStoreError as exc:
             log.error("embedded store failed to start", error=str(exc))
             return 1
+        store_url = store.local_url
+        store.watch()  # restarted if it dies, by a thread that lives until store.stop()
         log.info("embedded store started", data_dir=str(store.data_dir), pid=store.pid)
     try:
         if workers <= 1:
@@ -104,6 +110,7 @@ def _serve(args: argparse.Namespace) -> int:
         env = {WORKER_STORE_ENV: store_url}  # not on the command line: a URL may hold a password
         return supervise(workers, argv, env, settings.server.drain_timeout)
     finally:
+        # Only now, after the drain: the calls it let finish have settled on this store.
         if store is not None:
             store.stop()
             log.info("embedded store stopped")
@@ -118,16 +125,26 @@ def _check_config(args: argparse.Namespace) -> int:
 def _audit(args: argparse.Namespace) -> int:
     from gateway.audit import audit_store
     from gateway.store.client import connect_store
-    from gateway.store.embedded import EmbeddedStore
+    from gateway.store.embedded import DataDirLocked, EmbeddedStore, EmbeddedStoreError
 
     settings = _load_or_exit(args.config)
     url = args.store_url or settings.store.url
     store: EmbeddedStore | None = None
     if url == "embedded":
-        url = EmbeddedStore.running_url(settings.store.data_dir) or ""
-        if not url:  # no gateway running on it: open the data directory ourselves
-            store = EmbeddedStore(settings.store.data_dir, appendfsync=settings.store.appendfsync)
+        # No gateway on the data directory: open it ourselves, holding its lock meanwhile.
+        store = EmbeddedStore(settings.store.data_dir, appendfsync=settings.store.appendfsync)
+        try:
             url = store.start()
+        except DataDirLocked as exc:  # a gateway holds it: audit the store it runs
+            store = None
+            running = _running_store_url(settings.store.data_dir)
+            if running is None:
+                print(f"{exc}; its store does not answer", file=sys.stderr)
+                return 1
+            url = running
+        except EmbeddedStoreError as exc:
+            print(str(exc), file=sys.stderr)
+            return 1
 
     async def run() -> int:
         client = connect_store(url)
@@ -143,6 +160,17 @@ def _audit(args: argparse.Namespace) -> int:
     finally:
         if store is not None:
             store.stop()
+
+
+def _running_store_url(data_dir: str, wait: float = 15.0) -> str | None:
+    """The URL of the store another process runs on `data_dir`, waiting while that store
+    starts or is restarted (its `store.url` then names no living server)."""
+    from gateway.store.embedded import EmbeddedStore
+
+    deadline = time.monotonic() + wait
+    while (url := EmbeddedStore.running_url(data_dir)) is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return url
 
 
 def _mock_upstream(args: argparse.Namespace) -> int:

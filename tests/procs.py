@@ -23,6 +23,8 @@ __all__ = [
     "free_port",
     "start_gateway",
     "start_mock",
+    "store_pid",
+    "valkeys_on",
     "wait_dead",
     "wait_http",
 ]
@@ -69,6 +71,34 @@ def children(pid: int) -> list[tuple[int, bytes]]:
             continue
         if int(fields[1]) == pid and fields[0] != "Z":
             found.append((int(entry), cmdline))
+    return found
+
+
+def store_pid(data_dir: Path) -> int | None:
+    """The pid of the embedded store serving `data_dir`, as its gateway wrote it in
+    `store.url` (None while there is none)."""
+    try:
+        return int((data_dir / "store.url").read_text().split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def valkeys_on(data_dir: Path) -> list[int]:
+    """The living valkey-server processes working in `data_dir`, whoever their parent is (a
+    store in a session of its own is out of its gateway's process group)."""
+    where = str(data_dir.resolve())
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as cmd:
+                cmdline = cmd.read()
+            cwd = os.readlink(f"/proc/{entry}/cwd")
+        except OSError:
+            continue
+        if b"valkey-server" in cmdline and cwd == where and alive(int(entry)):
+            found.append(int(entry))
     return found
 
 
@@ -132,7 +162,9 @@ class Proc:
         return self.popen.returncode
 
 
-def _spawn(args: list[str], log_path: Path, env: dict[str, str] | None) -> subprocess.Popen[bytes]:
+def _spawn(
+    args: list[str], log_path: Path, env: dict[str, str] | None, new_session: bool = False
+) -> subprocess.Popen[bytes]:
     full_env = {**os.environ, **(env or {})}
     with open(log_path, "ab") as log:
         return subprocess.Popen(
@@ -141,6 +173,7 @@ def _spawn(args: list[str], log_path: Path, env: dict[str, str] | None) -> subpr
             stderr=subprocess.STDOUT,
             stdin=subprocess.DEVNULL,
             env=full_env,
+            start_new_session=new_session,
         )
 
 
@@ -160,14 +193,18 @@ def start_gateway(
     env: dict[str, str] | None = None,
     wait: bool = True,
     args: tuple[str, ...] = (),
+    port: int | None = None,
+    new_session: bool = False,
 ) -> Proc:
-    """Write `config` as YAML and start `inference-gateway serve` on a free port."""
-    port = free_port()
+    """Write `config` as YAML and start `inference-gateway serve` on `port` (a free one by
+    default). `new_session` starts it as the leader of a process group of its own, which a
+    test can signal whole with `os.killpg` without hitting pytest."""
+    port = port or free_port()
     config = {**config, "server": {**config.get("server", {}), "host": "127.0.0.1", "port": port}}
     path = tmp / f"gateway-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     log_path = tmp / f"gateway-{port}.log"
-    popen = _spawn(["serve", "--config", str(path), *args], log_path, env)
+    popen = _spawn(["serve", "--config", str(path), *args], log_path, env, new_session)
     proc = Proc(popen, f"http://127.0.0.1:{port}", log_path, path)
     if wait:
         try:

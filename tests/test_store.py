@@ -1,16 +1,19 @@
-"""The embedded store and the probes: persistence, a child that dies with the gateway, /readyz."""
+"""The embedded store and the probes: persistence, a child that dies with the gateway, a data
+directory one store at a time, /readyz."""
 
 from __future__ import annotations
 
+import os
 import signal
 from collections.abc import Callable
 from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 import redis
 
-from gateway.store.embedded import EmbeddedStore
+from gateway.store.embedded import EmbeddedStore, EmbeddedStoreError
 from tests.admin_client import Admin
 from tests.conftest import GATEWAY_ENV, model_entry
 from tests.procs import Proc, children, free_port, start_gateway, wait_dead
@@ -36,6 +39,31 @@ def test_embedded_store_keeps_data_across_restart(tmp_path: Path) -> None:
     finally:
         client.close()
         again.stop()
+
+
+def test_data_dir_is_locked_while_a_store_runs(tmp_path: Path) -> None:
+    """A second EmbeddedStore on a directory in use refuses to start, naming the directory and
+    the pid holding it, and writes nothing there; once the first stops, the directory is free.
+    The server runs in a session of its own (group signals are for the gateway)."""
+    data = tmp_path / "data"
+    first = EmbeddedStore(data)
+    first.start()
+    try:
+        assert first.pid is not None
+        assert os.getsid(first.pid) == first.pid != os.getsid(0)
+        written = {path.name: path.stat().st_mtime_ns for path in data.iterdir()}
+        second = EmbeddedStore(data)
+        with pytest.raises(EmbeddedStoreError, match="is in use by") as refused:
+            second.start()
+        assert str(data.resolve()) in str(refused.value)
+        assert f"pid {os.getpid()}" in str(refused.value)
+        assert second.pid is None
+        assert {path.name: path.stat().st_mtime_ns for path in data.iterdir()} == written
+        assert EmbeddedStore.running_url(data) == first.url
+    finally:
+        first.stop()
+    second.start()
+    second.stop()
 
 
 def _embedded_gateway(tmp_path: Path, mock: Proc) -> Proc:
