@@ -66,6 +66,9 @@ def _run_worker(
             shutdown_timeout=settings.server.drain_timeout,
             keepalive_timeout=settings.server.idle_timeout,
             reuse_port=reuse_port,
+            # A client that goes away cancels its handler at once, so the upstream request is
+            # closed (an abort to vLLM and llama.cpp) instead of running on unread.
+            handler_cancellation=True,
         )
     except StoreMisconfigured as exc:
         log.error("refusing to start", reason=str(exc))

@@ -28,6 +28,7 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +43,10 @@ from tests.admin_client import Admin
 from tests.procs import free_port, wait_http
 
 ADMIN_TOKEN = "soak-admin-token"
+# Faults run on one thread that lives as long as the script: a process started from a thread
+# gets PR_SET_PDEATHSIG for that thread (the embedded store does), so a store restarted from a
+# short-lived worker thread would be killed when that thread ends.
+FAULTS = ThreadPoolExecutor(max_workers=1, thread_name_prefix="faults")
 
 
 def _spawn(
@@ -148,10 +153,11 @@ async def _load(
 
         workers = [asyncio.create_task(worker(i)) for i in range(concurrency)]
         fired = 0
+        loop = asyncio.get_running_loop()
         while time.monotonic() < deadline:
             await asyncio.sleep(0.5)
             if fired < len(faults) and time.monotonic() >= due[fired]:
-                await asyncio.to_thread(faults[fired])
+                await loop.run_in_executor(FAULTS, faults[fired])
                 fired += 1
         await asyncio.gather(*workers)
     return tally, answered
@@ -257,6 +263,7 @@ def main() -> int:
             except subprocess.TimeoutExpired:
                 proc.kill()
         store.stop()
+        FAULTS.shutdown()
 
 
 if __name__ == "__main__":
