@@ -91,9 +91,9 @@ class HoldSweeper:
         self, account_id: str, request_id: str, info: str, tokens: int, now: int
     ) -> int:
         parts = info.split("\t")
-        if len(parts) != 6:
-            await self.ledger.release(account_id, request_id, only_if_lease_ended_by=now)
-            log.warning("orphaned hold released", account=account_id, request_id=request_id)
+        if len(parts) != 6:  # no hold info (settled meanwhile, or written by an old version)
+            if await self.ledger.release(account_id, request_id, only_if_lease_ended_by=now):
+                log.warning("orphaned hold released", account=account_id, request_id=request_id)
             return 0
         model, prompt, input_price, output_price, key_id, stream = parts
         cost = call_cost(int(prompt), tokens, int(input_price), int(output_price))

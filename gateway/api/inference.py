@@ -47,7 +47,12 @@ from gateway.ledger import Admission, TokenCharge
 from gateway.ledger.journal import Entry, SettlementJournal
 from gateway.metering.completion import CompletionMeter
 from gateway.metering.enforcement import StrictGuard, strict_charge
-from gateway.metering.estimate import check_prompt_size, hold_amount, output_allowance
+from gateway.metering.estimate import (
+    OUTPUT_LIMIT_FIELDS,
+    check_prompt_size,
+    hold_amount,
+    output_allowance,
+)
 from gateway.metering.lease import LeaseKeeper
 from gateway.metering.prompt import CallKind, count_prompt
 from gateway.metering.tokenizers import get_encoding
@@ -63,7 +68,6 @@ from gateway.state import Snapshot
 __all__ = ["require_key", "routes"]
 
 log = get_logger("gateway.billing")
-
 
 _REFUSALS: dict[str, type[GatewayError]] = {
     "invalid_api_key": InvalidApiKey,
@@ -138,7 +142,7 @@ def _upstream_body(
 
 def _names_limit(payload: dict[str, Any]) -> bool:
     """The request gives its own output limit (which its hold then covers)."""
-    return any(payload.get(field) is not None for field in ("max_tokens", "max_completion_tokens"))
+    return any(payload.get(field) is not None for field in OUTPUT_LIMIT_FIELDS)
 
 
 class _Call:
