@@ -19,6 +19,7 @@ import aiohttp
 import orjson
 import pytest
 
+from gateway.store.embedded import EmbeddedStore
 from tests.admin_client import Admin
 from tests.billing.checks import micros
 from tests.conftest import model_entry
@@ -42,9 +43,15 @@ def _models(mock_url: str) -> list[dict[str, Any]]:
 
 
 @pytest.fixture
-def arrears_gateway(make_gateway: Callable[..., Proc], mock_a: Proc) -> Proc:
+def arrears_gateway(
+    make_gateway: Callable[..., Proc], mock_a: Proc, own_store: EmbeddedStore
+) -> Proc:
+    """A gateway with second-long arrears periods, on a store of its own: every instance on a
+    store runs the arrears timer with its own periods, and the session's other gateways (15 d)
+    would move this one's accounts' next step out by 15 days whenever they swept first."""
     return make_gateway(
         _models(mock_a.url),
+        store={"url": own_store.url},
         billing={
             "grace_period": f"{GRACE}s",
             "retention_period": f"{RETENTION}s",
