@@ -15,9 +15,10 @@ idempotent per request id (a settlement answers `duplicate`, a release finds no 
 entry that had landed before the writer died charges nothing twice.
 
 Segment names carry the store's identity, so a directory shared by gateways of different
-stores never replays an entry onto the wrong one. Appends are plain writes (the page cache
-outlives the process, so any gateway death keeps them); an entry that goes unacknowledged is
-fsynced before the gateway relies on the journal for it.
+stores never replays an entry onto the wrong one; a settlement older than the store remembers
+settled request ids for is set aside, not replayed (it could be charged twice). Appends are
+plain writes (the page cache outlives the process, so any gateway death keeps them); an entry
+that goes unacknowledged is fsynced (off the event loop) once the journal is all that has it.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from typing import Any
 import orjson
 
 from gateway.errors import GatewayError, LedgerUnavailable
+from gateway.ledger.keys import SETTLED_TTL_SECONDS
 from gateway.ledger.ledger import Ledger, TokenCharge
 from gateway.observability.logging import get_logger
 
@@ -336,7 +338,7 @@ class SettlementJournal:
                     continue  # its writer is alive
                 if not path.exists():
                     continue  # removed between our open and our lock
-                entries = [Entry.decode(line) for line in _read_lines(fd)]
+                entries = _replayable(path, [Entry.decode(line) for line in _read_lines(fd)])
                 if entries:
                     log.warning(
                         "replaying a journal left by a stopped gateway",
@@ -384,6 +386,25 @@ class SettlementJournal:
                 segment.close()
         self._segments.clear()
         self._current = None
+
+
+def _replayable(path: Path, entries: list[Entry]) -> list[Entry]:
+    """The entries still safe to send again. A settlement is idempotent only while the store
+    remembers its request id (SETTLED_TTL_SECONDS): one older than that, less a day, could be
+    charged twice, so it is set aside in `<segment>.stale` for an operator and logged."""
+    cutoff = int(time.time() * 1000) - (SETTLED_TTL_SECONDS - 86400) * 1000
+    stale = [e for e in entries if not e.release and e.now_ms < cutoff]
+    if not stale:
+        return entries
+    with open(path.with_suffix(".stale"), "ab") as out:
+        out.writelines(e.encode() + b"\n" for e in stale)
+    log.error(
+        "journal entries too old to replay safely were set aside",
+        segment=path.name,
+        entries=len(stale),
+        kept_in=path.with_suffix(".stale").name,
+    )
+    return [e for e in entries if e.release or e.now_ms >= cutoff]
 
 
 def _read_lines(fd: int) -> list[bytes]:

@@ -240,3 +240,39 @@ async def test_admission_indexes_the_hold_before_its_script(
         if ledger.channel is not None:
             await ledger.channel.aclose()
         await client.aclose()
+
+
+async def test_adopted_settlement_older_than_the_settled_marker_is_set_aside(
+    tmp_path: Path, valkey: EmbeddedStore, admin: Admin, redis_client: redis.Redis
+) -> None:
+    """A dead gateway's segment is adopted: its fresh settlement is sent and the segment
+    removed, while one older than the store remembers settled request ids is not replayed (it
+    could be charged twice) but set aside in `<segment>.stale`."""
+    from gateway.ledger.journal import Entry, SettlementJournal
+    from gateway.ledger.keys import SETTLED_TTL_SECONDS
+
+    account_id, _ = admin.funded(["mock-model"], amount="1.00")
+    now = int(time.time() * 1000)
+    old = now - SETTLED_TTL_SECONDS * 1000
+
+    def entry(request_id: str, at: int) -> Entry:
+        record = {"request_id": request_id, "time": at, "kind": "inference", "cost": 1000}
+        return Entry(account_id, request_id, cost=1000, now_ms=at, record=record)
+
+    directory = tmp_path / "journal"
+    directory.mkdir()
+    segment = directory / "settle-s1-999999-1-1.jsonl"
+    lines = [entry("req_fresh", now).encode(), entry("req_stale", old).encode()]
+    segment.write_bytes(b"\n".join(lines) + b"\n")
+    client = aioredis.Redis.from_url(valkey.url)
+    try:
+        journal = SettlementJournal(Ledger(client), directory, "s1")
+        assert await journal.adopt() == 1
+        assert not segment.exists()
+        stale = segment.with_suffix(".stale").read_bytes().splitlines()
+        assert [Entry.decode(line).request_id for line in stale] == ["req_stale"]
+    finally:
+        await client.aclose()
+    records = admin.usage(account_id)
+    assert [r["request_id"] for r in records] == ["req_fresh"]
+    assert admin.account(account_id)["balance"] == "0.999000"
