@@ -114,7 +114,7 @@ class Entry:
 class _Segment:
     """One append-only file of entries, locked by its writer while it lives."""
 
-    __slots__ = ("count", "fd", "opened", "path", "synced", "unacked", "written")
+    __slots__ = ("done", "fd", "opened", "path", "synced", "syncing", "unacked", "written")
 
     def __init__(self, path: Path) -> None:
         self.path = path
@@ -124,6 +124,8 @@ class _Segment:
         self.written = 0
         self.unacked = 0
         self.synced = True
+        self.syncing = False  # an fsync of it runs in a thread: its fd stays open until then
+        self.done = False
 
     def append(self, line: bytes) -> None:
         os.write(self.fd, line)
@@ -131,21 +133,38 @@ class _Segment:
         self.unacked += 1
         self.synced = False
 
-    def sync(self) -> None:
-        if not self.synced:
-            os.fsync(self.fd)
-            self.synced = True
+    async def sync(self) -> None:
+        """fsync (in a thread) until nothing written meanwhile is left out."""
+        if self.syncing:
+            return
+        self.syncing = True
+        try:
+            while not self.synced and not self.done:
+                self.synced = True
+                await asyncio.to_thread(os.fsync, self.fd)
+        except OSError as exc:
+            log.error("journal fsync failed", segment=self.path.name, error=str(exc))
+        finally:
+            self.syncing = False
+            if self.done:
+                os.close(self.fd)
 
     def remove(self) -> None:
         """Every entry is acknowledged: the file goes (unlinked while still locked)."""
         self.path.unlink(missing_ok=True)
-        os.close(self.fd)
+        self._finish()
 
     def close(self) -> None:
         """Keep the file (entries still owed) for the next gateway to adopt."""
-        with contextlib.suppress(OSError):
-            os.fsync(self.fd)
-        os.close(self.fd)
+        if not self.syncing:
+            with contextlib.suppress(OSError):
+                os.fsync(self.fd)
+        self._finish()
+
+    def _finish(self) -> None:
+        self.done = True
+        if not self.syncing:  # else the fsync in flight closes it when it returns
+            os.close(self.fd)
 
 
 class SettlementJournal:
@@ -162,7 +181,7 @@ class SettlementJournal:
         self._owed: dict[str, tuple[Entry, int]] = {}  # request id -> (entry, segment seq)
         self._wake = asyncio.Event()
         self._adopted_at = float("-inf")
-        self._syncing: asyncio.Future[None] | None = None
+        self._syncs: set[asyncio.Future[None]] = set()  # fsyncs in flight (kept referenced)
         self.store_failures = 0  # consecutive replays the store did not answer
 
     # the hot path ---------------------------------------------------------------------------
@@ -215,24 +234,16 @@ class SettlementJournal:
 
     def _owe(self, entry: Entry, seq: int, reason: str) -> None:
         segment = self._segments.get(seq)
-        if segment is not None and not segment.synced and self._syncing is None:
+        if segment is not None and not segment.synced and not segment.syncing:
             # The journal is now all that remembers this debt: fsync it (off the loop; one
             # fsync covers every entry written before it).
-            self._syncing = asyncio.ensure_future(self._sync(segment))
+            task = asyncio.ensure_future(segment.sync())
+            self._syncs.add(task)
+            task.add_done_callback(self._syncs.discard)
         if not self._owed:
             log.warning("store did not take a settlement; journaled for replay", error=reason)
         self._owed[entry.request_id] = (entry, seq)
         self._wake.set()
-
-    async def _sync(self, segment: _Segment) -> None:
-        try:
-            while not segment.synced:  # entries written during an fsync need another
-                segment.synced = True
-                await asyncio.to_thread(os.fsync, segment.fd)
-        except OSError as exc:
-            log.error("journal fsync failed", segment=segment.path.name, error=str(exc))
-        finally:
-            self._syncing = None
 
     async def _send(self, entry: Entry) -> None:
         if entry.release:
