@@ -228,6 +228,11 @@ class Ledger:
         # Called with (script name, seconds) after every script: the Redis latency metric.
         self.observe: Callable[[str, float], None] | None = None
         self._unlock = client.register_script(_UNLOCK)
+        # Where commands of the hot path go: the pipelined channel when there is one, else
+        # redis-py's execute_command (which routes each to its slot on a cluster).
+        self._send: Callable[..., Awaitable[Any]] = (
+            channel.execute if channel is not None else client.execute_command
+        )
 
     async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
         """EVALSHA; on NOSCRIPT (the store restarted, failed over or was flushed) one EVAL of
@@ -246,9 +251,7 @@ class Ledger:
         `extend` is the exception: a resend holds `extra` once more (it charges nothing, and
         settlement releases the whole hold; the account's other calls see that much less
         available meanwhile)."""
-        send: Callable[..., Awaitable[Any]] = (
-            self.channel.execute if self.channel is not None else self.client.execute_command
-        )
+        send = self._send
         started = time.perf_counter()
         try:
             try:
@@ -552,11 +555,8 @@ class Ledger:
         command = ("ZADD", HOLDS_DUE, "LT", lease_until_ms, account_id)
         if self.channel is not None and self.channel.send_nowait(*command) is not None:
             return
-        send: Callable[..., Awaitable[Any]] = (
-            self.channel.execute if self.channel is not None else self.client.execute_command
-        )
         async with _guard("index holds"):
-            await send(*command)
+            await self._send(*command)
 
     def _index_hold(self, account_id: str, lease_until_ms: int) -> None:
         """Note (without waiting) when a renewed lease ends. Batched: every account noted
