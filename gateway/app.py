@@ -42,7 +42,7 @@ from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
 from gateway.state import ConfigHolder
 from gateway.store.channel import channel_for
-from gateway.store.client import check_eviction_policy, connect_store
+from gateway.store.client import check_eviction_policy, connect_store, exposure_warning
 
 __all__ = ["create_app"]
 
@@ -57,6 +57,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         warning = "store not reachable at start; /readyz reports it until it is"
     if warning:
         log.warning("store check", warning=warning)
+    if exposed := exposure_warning(app[STORE_URL]):
+        log.warning("store check", warning=exposed)
     app[STORE] = client
     channel = channel_for(app[STORE_URL])
     ledger = app[LEDGER] = Ledger(client, channel)

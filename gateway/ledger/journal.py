@@ -40,6 +40,7 @@ from gateway.errors import GatewayError, LedgerUnavailable
 from gateway.ledger.keys import SETTLED_TTL_SECONDS
 from gateway.ledger.ledger import Ledger, TokenCharge
 from gateway.observability.logging import get_logger
+from gateway.store.client import without_credentials
 
 __all__ = ["Entry", "SettlementJournal", "store_identity"]
 
@@ -58,10 +59,11 @@ CLOSE_REPLAY_S = 3.0  # at shutdown, how long the store may take to answer the o
 
 def store_identity(store_url: str, embedded: bool) -> str:
     """A short, stable name of the store a journal belongs to. The embedded store is named by
-    its data directory (its port changes with every start), any other store by its URL."""
+    its data directory (its port changes with every start), any other store by its URL
+    without credentials (a rotated password names the same store)."""
     if embedded:
         return "embedded"
-    return hashlib.sha256(store_url.encode()).hexdigest()[:12]
+    return hashlib.sha256(without_credentials(store_url).encode()).hexdigest()[:12]
 
 
 @dataclass(slots=True)

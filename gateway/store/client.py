@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 from typing import Any, cast
+from urllib.parse import urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode, RedisCluster
@@ -28,8 +30,10 @@ __all__ = [
     "blocking_pool",
     "check_eviction_policy",
     "connect_store",
+    "exposure_warning",
     "ping_store",
     "store_refused",
+    "without_credentials",
 ]
 
 # How long /readyz waits for each PING: a probe must answer within its own timeout.
@@ -93,6 +97,40 @@ async def check_eviction_policy(client: aioredis.Redis) -> str | None:
             "run it with maxmemory-policy noeviction"
         )
     return None
+
+
+def without_credentials(url: str) -> str:
+    """`url` with its user and password left out: for messages, and to name a store
+    whatever credentials reach it."""
+    try:
+        parts = urlsplit(url)
+    except ValueError:
+        return "(an unreadable URL)"
+    if "@" not in parts.netloc:
+        return url  # as it is: it also names the store's journal (ledger/journal.py)
+    return url.replace(parts.netloc, parts.netloc.rpartition("@")[2], 1)
+
+
+def exposure_warning(url: str) -> str | None:
+    """Why the ledger is open to the network at `url`, if it is: a store on another host
+    reached with neither a password nor TLS (`rediss://`). Loopback and Unix sockets are not
+    the network; the embedded store always has a password."""
+    parts = urlsplit(url)
+    if parts.scheme == "unix" or parts.scheme.startswith("rediss") or parts.password:
+        return None
+    host = parts.hostname or "localhost"
+    if host == "localhost":
+        return None
+    try:
+        if ipaddress.ip_address(host).is_loopback:
+            return None
+    except ValueError:
+        pass  # a host name: assume it is another machine
+    return (
+        f"the store at {host} is reached with neither a password nor TLS: anyone on that "
+        "network can read and change every balance; use a rediss:// URL with a password "
+        "(README, Security)"
+    )
 
 
 def connect_store(url: str) -> aioredis.Redis:

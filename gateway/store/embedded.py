@@ -16,6 +16,12 @@ the data directory, so a restart loses nothing. The server belongs to the gatewa
 - The data directory is locked (`flock` on `store.lock`) for as long as this object holds it
   and the server runs: a second gateway on the same directory refuses to start instead of
   opening the append-only file a second time.
+- Only the gateway's own user can reach it. The server requires a password, generated on
+  first start and kept in `store.password` (0600) in the data directory, which is made 0700:
+  another local user can neither read the password, the config that holds it, nor the
+  append-only files, and the loopback TCP port answers every command it sends with NOAUTH.
+  The Unix socket beside the data is 0700 as well. The password never appears on a command
+  line (any user can read those); `audit` and the tests read it from the file.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ import contextlib
 import ctypes
 import fcntl
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -50,6 +57,8 @@ log = get_logger("gateway.store")
 
 _PR_SET_PDEATHSIG = 1
 LOCK_FILE = "store.lock"
+PASSWORD_FILE = "store.password"  # noqa: S105 - a file name, not a secret
+URL_FILE = "store.url"
 # Waits between restarts of a server that keeps dying; back to the first once one has run
 # for STABLE_S seconds.
 RESTART_BACKOFF_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
@@ -139,13 +148,21 @@ class EmbeddedStore:
         self._lock_fd: int | None = None
         self._stopping = threading.Event()
         self._watcher: threading.Thread | None = None
+        self._password: str | None = None
+
+    @property
+    def password(self) -> str:
+        """The server's password (read from, or first written to, the data directory)."""
+        if self._password is None:
+            raise EmbeddedStoreError("the embedded store is not started")
+        return self._password
 
     @property
     def url(self) -> str:
-        """The `redis://` URL clients use to reach this server."""
+        """The `redis://` URL clients use to reach this server, its password included."""
         if self.port is None:
             raise EmbeddedStoreError("the embedded store is not started")
-        return f"redis://{self.host}:{self.port}/0"
+        return f"redis://:{self.password}@{self.host}:{self.port}/0"
 
     @property
     def pid(self) -> int | None:
@@ -157,7 +174,7 @@ class EmbeddedStore:
         """Take the data directory's lock, or raise `DataDirLocked` having touched nothing."""
         if self._lock_fd is not None:
             return
-        self.data_dir.mkdir(parents=True, exist_ok=True)
+        _private_dir(self.data_dir)
         fd = os.open(self.data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         deadline = time.monotonic() + DEAD_HOLDER_WAIT_S
         while True:
@@ -173,6 +190,7 @@ class EmbeddedStore:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         self._lock_fd = fd
+        self._password = _password_of(self.data_dir)
 
     def unlock(self) -> None:
         """Release the data directory (closing the descriptor drops the lock)."""
@@ -214,9 +232,13 @@ class EmbeddedStore:
                 # Ledger keys must never be evicted: refuse writes instead when memory is full.
                 "maxmemory-policy": "noeviction",
                 "logfile": "valkey.log",
+                # Every client authenticates, on the socket as on the TCP port (which any
+                # local process can reach).
+                "requirepass": self.password,
                 **self._socket_config(),
             },
         )
+        os.chmod(conf, 0o600)  # it holds the password
         log_file = open(self.data_dir / "valkey.stdout", "ab")  # noqa: SIM115 - for the child
         try:
             self._process = subprocess.Popen(
@@ -238,7 +260,7 @@ class EmbeddedStore:
         self._started_at = time.monotonic()
         self._wait_ready(timeout)
         # Tell other commands (`audit`) where this store answers while it runs.
-        (self.data_dir / "store.url").write_text(f"{self.url}\n{self._process.pid}\n")
+        _write_private(self.data_dir / URL_FILE, f"{self.url}\n{self._process.pid}\n")
 
     @property
     def socket_path(self) -> Path | None:
@@ -251,7 +273,7 @@ class EmbeddedStore:
     def local_url(self) -> str:
         """The URL for clients on this machine: the Unix socket if there is one, else TCP."""
         path = self.socket_path
-        return f"unix://{path}?db=0" if path is not None else self.url
+        return f"unix://:{self.password}@{path}?db=0" if path is not None else self.url
 
     def _socket_config(self) -> dict[str, str]:
         path = self.socket_path
@@ -278,10 +300,15 @@ class EmbeddedStore:
 
     def _answers_ping(self) -> bool:
         assert self.port is not None
+        secret = self.password.encode()
+        auth = b"*2\r\n$4\r\nAUTH\r\n$%d\r\n%s\r\n" % (len(secret), secret)
         try:
             with socket.create_connection((self.host, self.port), timeout=0.5) as sock:
-                sock.sendall(b"*1\r\n$4\r\nPING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                sock.sendall(auth + b"*1\r\n$4\r\nPING\r\n")
+                answer = b""
+                while len(answer) < 12 and (chunk := sock.recv(64)):
+                    answer += chunk
+                return answer.startswith(b"+OK\r\n+PONG")
         except OSError:
             return False
 
@@ -337,7 +364,7 @@ class EmbeddedStore:
     def _terminate(self, timeout: float = 10.0) -> None:
         process, self._process = self._process, None
         if self._lock_fd is not None:  # ours to remove: nobody else can run a store here
-            (self.data_dir / "store.url").unlink(missing_ok=True)
+            (self.data_dir / URL_FILE).unlink(missing_ok=True)
         if process is not None and process.poll() is None:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(process.pid, signal.SIGTERM)
@@ -358,7 +385,7 @@ class EmbeddedStore:
     @staticmethod
     def running_url(data_dir: str | Path) -> str | None:
         """The URL of an embedded store already serving `data_dir` (another process's), if any."""
-        marker = Path(data_dir).resolve() / "store.url"
+        marker = Path(data_dir).resolve() / URL_FILE
         try:
             url, pid = marker.read_text().split()
             if not _pid_alive(int(pid)):
@@ -373,6 +400,53 @@ class EmbeddedStore:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _private_dir(path: Path) -> None:
+    """Create the data directory, or narrow an existing one, to its owner alone (0700): it
+    holds the password, the config that repeats it, and the ledger's append-only files."""
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077:
+        try:
+            os.chmod(path, 0o700)
+        except PermissionError:
+            log.warning(
+                "store.data_dir is open to other users and is not ours to narrow; make it 0700",
+                data_dir=str(path),
+            )
+
+
+def _write_private(path: Path, text: str) -> None:
+    """Write a file only its owner may read (0600), replacing it whole."""
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.fchmod(fd, 0o600)  # an older file of the same name kept its mode
+        os.write(fd, text.encode())
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+_PASSWORD_CHARS = frozenset("ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_")
+
+
+def _password_of(data_dir: Path) -> str:
+    """The store's password: the one kept in the data directory, or a new one (256 bits)
+    written there first. Called under the directory's lock, so two processes never race."""
+    path = data_dir / PASSWORD_FILE
+    try:
+        text = path.read_text().strip()
+    except FileNotFoundError:
+        text = ""
+    if len(text) >= 32 and set(text) <= _PASSWORD_CHARS:
+        if path.stat().st_mode & 0o077:
+            os.chmod(path, 0o600)
+        return text
+    text = secrets.token_urlsafe(32)  # URL-safe: it goes into redis:// and unix:// URLs as is
+    _write_private(path, text + "\n")
+    return text
 
 
 def _holder(fd: int) -> int | None:

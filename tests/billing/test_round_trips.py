@@ -35,10 +35,13 @@ _LINE = re.compile(rb'^\+[\d.]+ \[\d+ ([^\]]+)\] "([A-Za-z]+)"')
 class Monitor:
     """The store's MONITOR feed: every command any client sends, as it runs."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, password: str) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
-        self.sock.sendall(b"MONITOR\r\n")
-        assert self.sock.recv(5) == b"+OK\r\n"
+        self.sock.sendall(f"AUTH {password}\r\nMONITOR\r\n".encode())
+        answer = b""
+        while len(answer) < 10 and (chunk := self.sock.recv(10 - len(answer))):
+            answer += chunk
+        assert answer == b"+OK\r\n+OK\r\n", answer
         self.buffer = b""
 
     def commands(self, quiet_for: float = 0.5) -> list[tuple[str, str]]:
@@ -89,7 +92,7 @@ async def test_one_script_at_admission_one_at_settlement(
     _, key = Admin(gw.url).funded(["m"])
     await _call(gw, key, stream)  # scripts loaded, connections open
     await asyncio.sleep(0.3)
-    monitor = Monitor(own_store.port or 0)
+    monitor = Monitor(own_store.port or 0, own_store.password)
     try:
         monitor.commands(quiet_for=0.3)  # whatever was still on its way
         calls = 5
