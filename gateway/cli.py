@@ -125,9 +125,15 @@ def _check_config(args: argparse.Namespace) -> int:
     return 0
 
 
+# `audit` exit codes: every account adds up, some do not, the store could not be audited.
+AUDIT_OK, AUDIT_FAILING, AUDIT_NO_STORE = 0, 1, 2
+
+
 def _audit(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisClusterException, RedisError
+
     from gateway.audit import audit_store
-    from gateway.store.client import connect_store
+    from gateway.store.client import connect_store, without_credentials
     from gateway.store.embedded import DataDirLocked, EmbeddedStore, EmbeddedStoreError
 
     settings = _load_or_exit(args.config)
@@ -142,12 +148,12 @@ def _audit(args: argparse.Namespace) -> int:
             store = None
             running = _running_store_url(settings.store.data_dir)
             if running is None:
-                print(f"{exc}; its store does not answer", file=sys.stderr)
-                return 1
+                print(f"audit: {exc}; its store does not answer", file=sys.stderr)
+                return AUDIT_NO_STORE
             url = running
-        except EmbeddedStoreError as exc:
-            print(str(exc), file=sys.stderr)
-            return 1
+        except (EmbeddedStoreError, OSError) as exc:
+            print(f"audit: the embedded store could not be started: {exc}", file=sys.stderr)
+            return AUDIT_NO_STORE
 
     async def run() -> int:
         client = connect_store(url)
@@ -156,10 +162,17 @@ def _audit(args: argparse.Namespace) -> int:
         finally:
             await client.aclose()
         print(report.render())
-        return 0 if report.ok else 1
+        return AUDIT_OK if report.ok else AUDIT_FAILING
 
     try:
         return asyncio.run(run())
+    except (RedisError, RedisClusterException, OSError, ValueError) as exc:
+        # A URL redis-py cannot read (ValueError), a store that is down, refuses our password
+        # or answers too slowly: one line naming the store without its credentials.
+        where = without_credentials(url)
+        reason = " ".join(str(exc).split()) or exc.__class__.__name__
+        print(f"audit: cannot audit the store at {where}: {reason}", file=sys.stderr)
+        return AUDIT_NO_STORE
     finally:
         if store is not None:
             store.stop()

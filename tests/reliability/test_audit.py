@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import orjson
+import pytest
 import redis
 import yaml
 
@@ -17,7 +18,7 @@ from gateway.store.embedded import EmbeddedStore
 from tests.admin_client import Admin
 from tests.billing.checks import wait_no_holds
 from tests.conftest import model_entry
-from tests.procs import Proc
+from tests.procs import Proc, free_port
 
 
 def _audit(config: Path, store_url: str | None = None) -> subprocess.CompletedProcess[str]:
@@ -83,3 +84,34 @@ def test_audit_opens_an_embedded_store_when_no_gateway_runs(tmp_path: Path) -> N
     assert result.returncode == 1
     assert "FAIL solo: balance 0.000003 != top-ups 0.000000" in result.stdout
     assert not (data / "store.url").exists()
+
+
+@pytest.mark.parametrize(
+    "store_url",
+    [
+        "redis://127.0.0.1:{closed}/0",  # nothing listens
+        "redis://:wrong-password@127.0.0.1:{valkey}/0",  # a store that refuses us
+        "redis://127.0.0.1:{valkey}/0",  # the password left out
+        "redis://127.0.0.1:not-a-port/0",  # a URL redis-py cannot read
+        "redis+cluster://127.0.0.1:{closed}",  # no cluster node answers
+        "unix:///nonexistent/valkey.sock",
+    ],
+    ids=["closed-port", "wrong-password", "no-password", "bad-url", "cluster", "no-socket"],
+)
+def test_audit_that_cannot_reach_its_store_says_so_in_one_line_and_exits_2(
+    tmp_path: Path, valkey: EmbeddedStore, store_url: str
+) -> None:
+    """Exit 2 is "could not audit", distinct from 1, "accounts failing"; one line on stderr
+    naming the store without its password, no traceback."""
+    config = tmp_path / "gateway.yaml"
+    config.write_text(yaml.safe_dump({"models": []}))
+    url = store_url.format(closed=free_port(), valkey=valkey.port)
+    result = _audit(config, url)
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("audit: cannot audit the store at "), lines
+    assert "Traceback" not in result.stderr
+    assert "wrong-password" not in result.stderr
+    assert valkey.password not in result.stderr
+    assert result.stdout == ""

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import redis
 
+from gateway.ledger.journal import store_identity
+from gateway.store.client import exposure_warning, without_credentials
 from gateway.store.embedded import PASSWORD_FILE, EmbeddedStore
 from tests.procs import free_port
 
@@ -205,3 +207,39 @@ def test_an_open_data_dir_is_narrowed_and_the_password_kept(tmp_path: Path) -> N
         client.close()
     finally:
         again.stop()
+
+
+@pytest.mark.parametrize(
+    ("url", "warned"),
+    [
+        ("redis://10.0.0.5:6379/0", True),
+        ("redis://store.internal:6379/0", True),
+        ("redis+cluster://10.0.0.5:7000", True),
+        ("redis://[2001:db8::1]:6379/0", True),
+        ("redis://:s3cret@10.0.0.5:6379/0", False),
+        ("redis://gateway:s3cret@10.0.0.5:6379/0", False),
+        ("rediss://10.0.0.5:6380/0", False),
+        ("rediss+cluster://10.0.0.5:7000", False),
+        ("redis://127.0.0.1:6379/0", False),
+        ("redis://127.8.9.10:6379/0", False),
+        ("redis://[::1]:6379/0", False),
+        ("redis://localhost:6379/0", False),
+        ("unix:///run/valkey/valkey.sock", False),
+    ],
+)
+def test_a_store_on_another_host_without_password_or_tls_is_warned_of(
+    url: str, warned: bool
+) -> None:
+    warning = exposure_warning(url)
+    assert (warning is not None) == warned, warning
+    if warning:
+        assert "neither a password nor TLS" in warning
+
+
+def test_messages_and_journal_names_leave_credentials_out() -> None:
+    assert without_credentials("redis://u:pw@h:1/0") == "redis://h:1/0"
+    assert without_credentials("unix://:pw@/run/v.sock?db=0") == "unix:///run/v.sock?db=0"
+    assert without_credentials("redis://h:1/0") == "redis://h:1/0"
+    assert store_identity("redis://:old@h:1/0", embedded=False) == store_identity(
+        "redis://:new@h:1/0", embedded=False
+    )
