@@ -48,16 +48,21 @@ MAX_PRICE_PER_MILLION_MICROS = 10**12
 # `billing.max_tokens_per_call`, at most: ten times the longest context windows of today.
 MAX_TOKENS_PER_CALL = 10**8
 
-_AMOUNT = re.compile(r"^([0-9]{1,10})(?:\.([0-9]{1,6}))?$")  # ASCII digits only
+# ASCII digits only, matched whole: no sign, no spaces, no exponent, no trailing newline.
+_AMOUNT = re.compile(r"([0-9]{1,10})(?:\.([0-9]{1,6}))?")
 
 
 def parse_amount(text: object) -> int:
-    """A positive decimal string (`"10.00"`, at most 6 decimals) -> micro-units."""
+    """A positive decimal string (`"10.00"`, at most 6 decimals) -> micro-units. The string
+    is the amount exactly: nothing around it (`" 1"` is refused, not trimmed)."""
     if not isinstance(text, str):
         raise ValueError('amount must be a decimal string such as "10.00"')
-    match = _AMOUNT.match(text.strip())
+    match = _AMOUNT.fullmatch(text)
     if match is None:
-        raise ValueError('amount must be a decimal string with at most 6 decimals, e.g. "10.00"')
+        raise ValueError(
+            "amount must be a decimal string of ASCII digits with at most 6 decimals and "
+            f'nothing around it, e.g. "10.00" (at most {format_micros(MAX_AMOUNT_MICROS)})'
+        )
     whole, frac = match.group(1), match.group(2) or ""
     micros = int(whole) * MICROS + int(frac.ljust(6, "0"))
     if micros <= 0:

@@ -11,7 +11,7 @@ import hashlib
 import secrets
 from dataclasses import dataclass
 
-from gateway.ledger.keys import valid_account_id
+from gateway.ledger.keys import valid_account_id, valid_id
 
 __all__ = ["KEY_PREFIX", "NewKey", "ParsedKey", "hash_key", "new_api_key", "parse_api_key"]
 
@@ -54,6 +54,8 @@ def parse_api_key(authorization: str | None) -> ParsedKey | None:
     if not token.startswith(KEY_PREFIX) or len(token) > 200:
         return None
     parts = token[len(KEY_PREFIX) :].split(".")
-    if len(parts) != 3 or not valid_account_id(parts[0]) or not parts[1] or not parts[2]:
+    if len(parts) != 3 or not valid_account_id(parts[0]) or not valid_id(parts[1]):
+        return None
+    if not parts[2]:
         return None
     return ParsedKey(account_id=parts[0], key_id=parts[1], key_hash=hash_key(token))

@@ -29,14 +29,13 @@ from gateway.errors import (
 )
 from gateway.keys import CONFIG, LEDGER, RELOADER
 from gateway.ledger import AccountRecord, Ledger
-from gateway.ledger.keys import valid_account_id
+from gateway.ledger.keys import ID_RULE, valid_account_id, valid_id
 from gateway.money import MAX_BALANCE_MICROS, format_micros, parse_amount
 from gateway.ratelimit import rule_spec
 from gateway.timefmt import iso_ms, now_ms
 
 __all__ = ["routes"]
 
-_IDEMPOTENCY_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
 MAX_USAGE_PAGE = 1000
 MAX_STREAM_PART = 2**64 - 1  # each half of a Redis stream id is an unsigned 64-bit number
 
@@ -83,10 +82,12 @@ async def create_account(request: web.Request) -> web.Response:
     """POST /admin/accounts {"id", "name"?} -> 201, or 409 when the id is taken."""
     data = await _body(request)
     account_id, name = data.get("id"), data.get("name", "")
-    if not isinstance(account_id, str) or not valid_account_id(account_id):
-        raise InvalidRequest("id must be 1-64 letters, digits, '_' or '-'", param="id")
-    if not isinstance(name, str) or len(name) > 200:
-        raise InvalidRequest("name must be a string of at most 200 characters", param="name")
+    if not valid_id(account_id):
+        raise InvalidRequest(f"id must be {ID_RULE}", param="id")
+    if not isinstance(name, str) or len(name) > 200 or not name.isprintable():
+        raise InvalidRequest(
+            "name must be a string of at most 200 printable characters", param="name"
+        )
     ledger = request.config_dict[LEDGER]
     if not await ledger.create_account(account_id, name, now_ms()):
         raise AccountExists(f"account '{account_id}' already exists")
@@ -109,9 +110,12 @@ async def create_topup(request: web.Request) -> web.Response:
         amount = parse_amount(data.get("amount"))
     except ValueError as exc:
         raise InvalidRequest(str(exc), param="amount") from None
-    idem_key = request.headers.get("Idempotency-Key", "")
-    if idem_key and not _IDEMPOTENCY_KEY.match(idem_key):
-        raise InvalidRequest("Idempotency-Key must be 1-255 printable ASCII characters")
+    idem_key = request.headers.get("Idempotency-Key")
+    if idem_key is not None and not valid_id(idem_key):
+        raise InvalidRequest(
+            f"the Idempotency-Key header must be {ID_RULE}", param="Idempotency-Key"
+        )
+    idem_key = idem_key or ""
     fingerprint = hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
     topup_id = "topup_" + os.urandom(12).hex()
     ledger = request.config_dict[LEDGER]

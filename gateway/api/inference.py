@@ -43,7 +43,7 @@ from gateway.keys import (
     SETTLEMENTS,
     STOPPING,
 )
-from gateway.ledger import Admission, TokenCharge
+from gateway.ledger import Admission, Ledger, TokenCharge
 from gateway.ledger.journal import Entry, SettlementJournal
 from gateway.metering.completion import CompletionMeter
 from gateway.metering.enforcement import StrictGuard, strict_charge
@@ -89,6 +89,12 @@ def require_key(request: web.Request) -> ParsedKey:
     if key is None:
         raise InvalidApiKey("Incorrect or missing API key; send 'Authorization: Bearer <key>'")
     return key
+
+
+async def _known_key(ledger: Ledger, key: ParsedKey) -> None:
+    """401 unless the ledger knows the key (an extra round trip, on refusals only)."""
+    if await ledger.authenticate(key.account_id, key.key_id, key.key_hash) is None:
+        raise InvalidApiKey(_MESSAGES["invalid_api_key"])
 
 
 def _refuse(admission: Admission, model: str, hold: int) -> GatewayError:
@@ -301,34 +307,41 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         return await _proxy_only(request, snapshot, body, payload, path)
     key = require_key(request)
     entry.account, entry.key_id = key.account_id, key.key_id
-    body = await read_body(request, settings.server.max_body_bytes, settings.server.read_timeout)
-    payload = parse_call_body(body)
-    name = payload["model"]
-    entry.model = name
-    route = snapshot.routing.get(name)
-    if route is None:
-        raise ModelNotFound(f"the model '{name}' does not exist", param="model")
-    model = route.config
-    request_id: str = request[REQUEST_ID]
-    stream = payload.get("stream") is True and kind != "embeddings"
-    options = payload.get("stream_options")
-    client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-    add_usage = stream and not client_wants_usage
-    entry.stream = stream
-
     ledger = request.app[LEDGER]
-    call = _Call(request.app[JOURNAL], key, model, request_id, stream)
-    call.log = entry
-    call.prompt_tokens = await count_prompt(kind, payload, call.encoding, len(body))
-    default_out = model.hold_output_tokens
-    if default_out is None:
-        default_out = settings.billing.hold_output_tokens
-    most = settings.billing.max_tokens_per_call
-    output_tokens = output_allowance(kind, payload, default_out, most)
-    check_prompt_size(kind, call.prompt_tokens, most)
-    report = anomaly_reporter(request.app[METRICS], model.name, request_id)
-    call.bound = UsageBound.of_call(kind, payload, most, report)
-    hold = hold_amount(model, call.prompt_tokens, output_tokens)
+    try:
+        body = await read_body(
+            request, settings.server.max_body_bytes, settings.server.read_timeout
+        )
+        payload = parse_call_body(body)
+        name = payload["model"]
+        entry.model = name
+        route = snapshot.routing.get(name)
+        if route is None:
+            raise ModelNotFound(f"the model '{name}' does not exist", param="model")
+        model = route.config
+        request_id: str = request[REQUEST_ID]
+        stream = payload.get("stream") is True and kind != "embeddings"
+        options = payload.get("stream_options")
+        client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
+        add_usage = stream and not client_wants_usage
+        entry.stream = stream
+        call = _Call(request.app[JOURNAL], key, model, request_id, stream)
+        call.log = entry
+        call.prompt_tokens = await count_prompt(kind, payload, call.encoding, len(body))
+        default_out = model.hold_output_tokens
+        if default_out is None:
+            default_out = settings.billing.hold_output_tokens
+        most = settings.billing.max_tokens_per_call
+        output_tokens = output_allowance(kind, payload, default_out, most)
+        check_prompt_size(kind, call.prompt_tokens, most)
+        report = anomaly_reporter(request.app[METRICS], model.name, request_id)
+        call.bound = UsageBound.of_call(kind, payload, most, report)
+        hold = hold_amount(model, call.prompt_tokens, output_tokens)
+    except GatewayError:
+        # A caller the ledger does not know learns nothing of the configuration (which
+        # models exist, their limits): its refusal is the key's, checked first.
+        await _known_key(ledger, key)
+        raise
     billing = settings.billing
     now = int(time.time() * 1000)
     lease_until = now + int(billing.hold_lease * 1000)

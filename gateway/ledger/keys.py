@@ -10,9 +10,10 @@ import re
 from dataclasses import dataclass
 
 __all__ = [
-    "ACCOUNT_ID",
     "ACCOUNT_KEY_PATTERN",
     "HOLDS_DUE",
+    "ID_PATTERN",
+    "ID_RULE",
     "LIFECYCLE_DUE",
     "OUTBOX_DUE",
     "AccountKeys",
@@ -20,12 +21,17 @@ __all__ = [
     "account_keys",
     "stream_id_after",
     "valid_account_id",
+    "valid_id",
 ]
 
 PREFIX = "gw"
-# Letters, digits, '_' and '-': no braces (they would break the hash tag) and no '.' (the
-# separator inside API keys).
-ACCOUNT_ID = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+# The one pattern of every id a client gives or is given: account ids, API key ids and
+# Idempotency-Keys. Letters, digits, '_' and '-', 1 to 64 of them (a UUID fits): no braces
+# (they would break the hash tag), no '.' (the separator inside API keys), no whitespace or
+# control characters (a key holding a newline could never be sent in a header). Matched
+# whole (`fullmatch`: a `$` would let a trailing newline through).
+ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{1,64}")
+ID_RULE = "1-64 ASCII letters, digits, '_' or '-'"
 
 # How long a settled request id is remembered, so a repeated settlement charges nothing.
 SETTLED_TTL_SECONDS = 7 * 86400
@@ -64,9 +70,14 @@ def stream_id_after(stream_id: str) -> str | None:
 _MAX_STREAM_PART = 2**64 - 1
 
 
+def valid_id(value: object) -> bool:
+    """True for a string that matches the id pattern, whole."""
+    return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
+
+
 def valid_account_id(account_id: str) -> bool:
     """True for ids that can name an account (and sit inside a hash tag)."""
-    return bool(ACCOUNT_ID.match(account_id))
+    return valid_id(account_id)
 
 
 @dataclass(frozen=True, slots=True)
