@@ -6,11 +6,14 @@ and swaps a single reference, so a request never sees half of an edit.
 
 from __future__ import annotations
 
+import math
 import os
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
+    AfterValidator,
     BaseModel,
     ConfigDict,
     Field,
@@ -20,12 +23,14 @@ from pydantic import (
     model_validator,
 )
 
-from gateway.config.types import Duration, Micros, RateLimit
+from gateway.config.types import Duration, Micros, RateLimit, parse_duration
 from gateway.metering.encodings import ENCODINGS
 from gateway.money import MAX_PRICE_PER_MILLION_MICROS, MAX_TOKENS_PER_CALL, format_micros
 
 __all__ = [
+    "DURATION_CEILING",
     "BillingConfig",
+    "DurationRange",
     "ModelConfig",
     "NotificationsConfig",
     "PricingConfig",
@@ -36,12 +41,68 @@ __all__ = [
     "StoreConfig",
     "TimeoutsConfig",
     "UpstreamConfig",
+    "format_duration",
 ]
 
 STORE_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 # The most tokens of each kind (prompt, completion) one call is billed for, by default: above
 # the longest context windows served today, far below what would make a cost overflow.
 DEFAULT_MAX_TOKENS_PER_CALL = 2_000_000
+
+
+# The longest any duration may be (100 years): a time plus it, in milliseconds, stays an exact
+# integer in the store's Lua doubles (2**53 ms is about 285,000 years), and `.inf` (which YAML
+# reads from `.inf` or `1e999`) cannot reach a timer or an `int()`.
+DURATION_CEILING = "36500d"
+
+_UNITS = (("d", 86400.0), ("h", 3600.0), ("m", 60.0), ("s", 1.0))
+
+
+def format_duration(seconds: float) -> str:
+    """Seconds in the config's units: 0.05 -> "50ms", 90 -> "90s", 5400 -> "90m", 0 -> "0s"."""
+    if not math.isfinite(seconds):
+        return str(seconds)
+    for unit, size in _UNITS:
+        if seconds >= size and round(seconds / size, 9).is_integer():
+            return f"{seconds / size:.6g}{unit}"
+    if seconds >= 1.0:
+        return f"{seconds:.6g}s"
+    if seconds == 0:
+        return "0s"
+    return f"{seconds * 1000:.6g}ms"
+
+
+@dataclass(frozen=True)
+class DurationRange:
+    """What one duration field accepts: from `low` to `high`, both written in the config's
+    units (`"50ms"`, `"1h"`). Called on the parsed seconds (an `AfterValidator`), it returns
+    them or raises with the bound the value broke, in the same units."""
+
+    low: str
+    high: str = DURATION_CEILING
+    minimum: float = field(init=False)
+    maximum: float = field(init=False)
+
+    def __post_init__(self) -> None:  # a bound that does not parse fails at import
+        object.__setattr__(self, "minimum", parse_duration(self.low))
+        object.__setattr__(self, "maximum", parse_duration(self.high))
+
+    def __call__(self, seconds: float) -> float:
+        if not math.isfinite(seconds):
+            raise ValueError(f"expected a finite duration such as '2s' (got {seconds})")
+        if seconds < self.minimum:
+            got = format_duration(seconds)
+            raise ValueError(f"must be at least {format_duration(self.minimum)} (got {got})")
+        if seconds > self.maximum:
+            got = format_duration(seconds)
+            raise ValueError(f"must be at most {format_duration(self.maximum)} (got {got})")
+        return seconds
+
+
+def bounded(low: str, high: str = DURATION_CEILING) -> AfterValidator:
+    """Metadata for `Annotated[Duration, bounded("50ms", "1h")]`: the duration, once parsed,
+    must lie in [low, high]; the message names the path (the loader adds it) and the bound."""
+    return AfterValidator(DurationRange(low, high))
 
 
 def _price_at_most_max(value: int) -> int:
@@ -58,17 +119,24 @@ class _Frozen(BaseModel):
 
 class ServerConfig(_Frozen):
     host: str = "127.0.0.1"
-    port: int = Field(default=8080, ge=0, le=65535)
+    # Not 0: that asks the system for any free port, a different one in each worker.
+    port: int = Field(default=8080, ge=1, le=65535)
     workers: int = Field(default=1, ge=1, le=256)
     admin_token_env: str = "GATEWAY_ADMIN_TOKEN"  # noqa: S105 - a variable name, not a secret
-    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024)
+    # A body is held whole in memory (then parsed and counted): at most 1 GiB per request.
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1024, le=1024**3)
     # On SIGTERM: stop accepting, let calls in flight finish this long, then cut and settle them.
-    drain_timeout: Duration = 30.0
-    # A client must send its whole body within this: slow senders cannot hold a call open.
-    read_timeout: Duration = 30.0
+    # Not 0: aiohttp reads 0 as no limit at all (a stop waits for every call to end); at most
+    # an hour, so a stop always ends.
+    drain_timeout: Annotated[Duration, bounded("100ms", "1h")] = 30.0
+    # A client must send its whole body within this: slow senders cannot hold a call open. At
+    # 0 every body that did not come with the headers would be refused (408).
+    read_timeout: Annotated[Duration, bounded("100ms")] = 30.0
     # A connection with no complete request for this long is closed: idle keep-alive ones, and
-    # clients that trickle their headers in.
-    idle_timeout: Duration = 15.0
+    # clients that trickle their headers in. At 0 aiohttp would never close a connection that
+    # sends nothing, and would close kept-alive ones as each answer ends (clients reusing one
+    # race the close).
+    idle_timeout: Annotated[Duration, bounded("1s")] = 15.0
     # Reload the config when its file changes (SIGHUP and POST /admin/reload always work).
     watch_config: bool = True
 
@@ -91,16 +159,21 @@ class StoreConfig(_Frozen):
 
 
 class TimeoutsConfig(_Frozen):
-    connect: Duration = 5.0
-    first_byte: Duration = 120.0
-    idle: Duration = 60.0
+    # At 0 aiohttp sets no connect timeout at all: a silent upstream is never failed over.
+    connect: Annotated[Duration, bounded("100ms")] = 5.0
+    # At 0 every call would be 504; real models need seconds, the floor only refuses nonsense.
+    first_byte: Annotated[Duration, bounded("100ms")] = 120.0
+    # At 0 every answer with a pause between two chunks would be cut.
+    idle: Annotated[Duration, bounded("100ms")] = 60.0
 
 
 class ProxyConfig(_Frozen):
     timeouts: TimeoutsConfig = TimeoutsConfig()
     # Shorter than common upstream servers' keep-alive (uvicorn closes idle ones after 5 s), so
-    # a pooled connection is never reused just as the upstream closes it.
-    keepalive: Duration = 4.0
+    # a pooled connection is never reused just as the upstream closes it. At 0 aiohttp reuses
+    # no connection and never runs the cleanup of idle ones (they stay open until the next call
+    # to that upstream): every call pays a new connection.
+    keepalive: Annotated[Duration, bounded("100ms")] = 4.0
     max_connections: int = Field(default=1024, ge=1)
 
 
@@ -109,9 +182,14 @@ class BillingConfig(_Frozen):
     # or fronting free models; every call is then unauthenticated and unbilled.
     metering: bool = True
     currency: str = "USD"
-    grace_period: Duration = 15 * 86400.0
-    retention_period: Duration = 15 * 86400.0
-    hold_output_tokens: int = Field(default=1024, ge=0, le=MAX_TOKENS_PER_CALL)
+    # At least 1s: 0 skips the period, and both at 0 clear an account (its subscriptions and
+    # usage records deleted for good) at the first sweep after it goes into arrears. Tests run
+    # the lifecycle with 1s-2s; production, days.
+    grace_period: Annotated[Duration, bounded("1s")] = 15 * 86400.0
+    retention_period: Annotated[Duration, bounded("1s")] = 15 * 86400.0
+    # At least 1: a strict call without max_tokens is sent the max_tokens its hold covers, and
+    # strict streams extend their hold in steps of this.
+    hold_output_tokens: int = Field(default=1024, ge=1, le=MAX_TOKENS_PER_CALL)
     # The most prompt tokens, and the most completion tokens, one call is billed for: upstream
     # usage above it (or above the call's own max_tokens) is billed at the bound and counted as
     # an anomaly, and a request asking for more output is refused. It keeps every hold and
@@ -120,10 +198,17 @@ class BillingConfig(_Frozen):
         default=DEFAULT_MAX_TOKENS_PER_CALL, ge=1, le=MAX_TOKENS_PER_CALL
     )
     enforcement: Literal["postpaid", "strict"] = "postpaid"
-    sweep_interval: Duration = 5.0
+    # How often the arrears timer and the orphan sweeper run. At 0 they spin (one store round
+    # trip after another: 69% of a CPU on an idle gateway); at 50ms an idle gateway uses about
+    # 3%. At most an hour: the sleep under way ends before a reloaded value is read.
+    sweep_interval: Annotated[Duration, bounded("50ms", "1h")] = 5.0
     # A live call renews its hold's lease every third of this; a hold whose lease ends belongs
-    # to a dead gateway and is settled by a sweeper from its last checkpoint.
-    hold_lease: Duration = 60.0
+    # to a dead gateway and is settled by a sweeper from its last checkpoint. At 0 the renewal
+    # timer would spin and every call's hold would be taken for an orphan at once. 1s is for
+    # tests (a renewal late by 0.67s lets the sweeper settle a live call as orphaned); keep
+    # tens of seconds in production. At most an hour: a dead gateway's holds keep their funds
+    # held that long.
+    hold_lease: Annotated[Duration, bounded("1s", "1h")] = 60.0
     # A stream checkpoints its completion tokens at least this often (in tokens), which bounds
     # the billing lost when a gateway is killed mid-stream.
     checkpoint_tokens: int = Field(default=100, ge=1)
@@ -189,10 +274,32 @@ class NotificationsConfig(_Frozen):
     prices: NotificationPrices = NotificationPrices()
     # Delivery: at least once, retried with exponential backoff, then dead-lettered.
     max_attempts: int = Field(default=8, ge=1, le=100)
-    retry_base: Duration = 1.0
-    retry_max: Duration = 300.0
-    poll_interval: Duration = 0.5
-    timeout: Duration = 10.0
+    # At 0 every retry would follow the failure at once: a sink down for a second would have
+    # all its events dead-lettered. An account's later events wait behind a retry, so the
+    # backoff is at most a day.
+    retry_base: Annotated[Duration, bounded("100ms", "1d")] = 1.0
+    # At least retry_base, which is checked even when retry_max is left at its default.
+    retry_max: Annotated[Duration, bounded("100ms", "1d")] = Field(
+        default=300.0, validate_default=True
+    )
+    # How often an idle deliverer looks for due events. At 0 it spins (87% of a CPU on an idle
+    # gateway); 50ms costs about 2% (10ms: 9%). At most an hour, for the same reason as
+    # billing.sweep_interval.
+    poll_interval: Annotated[Duration, bounded("50ms", "1h")] = 0.5
+    # One delivery's limit. At 0 aiohttp sets none (a hung sink holds the deliverer forever);
+    # at most a minute, well inside the 120s lock an instance holds on an account's outbox.
+    timeout: Annotated[Duration, bounded("100ms", "1m")] = 10.0
+
+    @field_validator("retry_max")
+    @classmethod
+    def _max_not_below_base(cls, value: float, info: ValidationInfo) -> float:
+        base = info.data.get("retry_base")  # absent when retry_base itself was invalid
+        if base is not None and value < base:
+            raise ValueError(
+                f"must be at least retry_base, {format_duration(base)} "
+                f"(got {format_duration(value)})"
+            )
+        return value
 
     @model_validator(mode="after")
     def _secrets_present(self) -> NotificationsConfig:
@@ -247,7 +354,7 @@ class ModelConfig(_Frozen):
     tokenizer: str = "o200k_base"
     billing: Literal["tokens", "dedicated"] = "tokens"
     pricing: PricingConfig | None = None
-    hold_output_tokens: int | None = Field(default=None, ge=0, le=MAX_TOKENS_PER_CALL)
+    hold_output_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_PER_CALL)
     rate_limits: RateLimitsConfig | None = None
     upstreams: tuple[UpstreamConfig, ...]
 
