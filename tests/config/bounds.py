@@ -120,14 +120,19 @@ def boundary(bound: Bound, value: Any) -> dict[str, Any]:
     return with_values(base_config(), values)
 
 
-def all_at(which: str) -> dict[str, Any]:
-    """Every bounded field at its minimum ("low") or at its maximum ("high") at once."""
+def values_at(which: str) -> dict[str, Any]:
+    """Every bounded field's minimum ("low") or maximum ("high", where it has one), by path."""
     values: dict[str, Any] = {}
     for bound in (*DURATIONS, *INTS):
         value = bound.low if which == "low" else high_of(bound)
         if value is not None:
             values[bound.path] = value
-    return with_values(base_config(), values)
+    return values
+
+
+def all_at(which: str) -> dict[str, Any]:
+    """`base_config()` with every bounded field at its minimum or at its maximum at once."""
+    return with_values(base_config(), values_at(which))
 
 
 def too_small(bound: Bound) -> Any:

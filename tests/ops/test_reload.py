@@ -13,8 +13,20 @@ import orjson
 import redis
 import yaml
 
+from gateway.store.embedded import EmbeddedStore
 from tests.admin_client import Admin
 from tests.billing.checks import expected_cost, micros, wait_no_holds
+from tests.config.bounds import (
+    DURATIONS,
+    INTS,
+    too_large,
+    too_large_message_start,
+    too_small,
+    too_small_message,
+    values_at,
+    with_value,
+    with_values,
+)
 from tests.conftest import model_entry
 from tests.procs import Proc
 
@@ -145,3 +157,53 @@ async def test_sighup_and_admin_reload(make_gateway: Callable[..., Proc], mock_a
         assert "two" in reply.json()["models"]
         assert await _status(session, gw, "two") == 403  # exists now; not subscribed
     assert any(event.get("trigger") == "SIGHUP" for event in gw.events())
+
+
+def _write(gw: Proc, config: dict[str, Any]) -> None:
+    assert gw.config_path is not None
+    tmp = gw.config_path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(config))
+    tmp.replace(gw.config_path)
+
+
+async def test_out_of_bounds_values_are_refused_at_reload(
+    make_gateway: Callable[..., Proc], mock_a: Proc, own_store: EmbeddedStore
+) -> None:
+    """Every duration at zero (every int one below its minimum), and every field above its
+    maximum, is refused by POST /admin/reload with 400 naming the path and the bound, and the
+    running config stays; every field at its minimum at once, then at its maximum, is applied.
+    On a store of its own: the boundary configs run the arrears timer with 1s periods."""
+    gw = make_gateway(
+        [_priced("m", mock_a.url, "1")],
+        server={"watch_config": False},
+        store={"url": own_store.url},
+    )
+    admin = Admin(gw.url)
+    _, key = admin.funded(["m"])
+    assert gw.config_path is not None
+    running = yaml.safe_load(gw.config_path.read_text())
+    edited = {**running, "models": [*running["models"], _priced("fresh", mock_a.url, "1")]}
+    cases = [(b, too_small(b), too_small_message(b, too_small(b))) for b in (*DURATIONS, *INTS)]
+    cases += [(b, too_large(b), too_large_message_start(b)) for b in (*DURATIONS, *INTS)]
+    refused = 0
+    for bound, value, expected in cases:
+        if value is None:  # no maximum
+            continue
+        _write(gw, with_value(edited, bound.path, value))
+        reply = admin.call("POST", "/admin/reload")
+        assert reply.status == 400, (bound.path, value, reply.body)
+        message = reply.json()["error"]["message"]
+        assert message.startswith("config refused; the old config keeps serving: "), message
+        assert expected in message, (bound.path, value, message)
+        refused += 1
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+        assert await _status(session, gw, "m") == 200
+        assert await _status(session, gw, "fresh") == 404  # none of the edits was applied
+        async with session.get(gw.url + "/metrics") as resp:
+            text = await resp.text()
+    assert _metric(text, 'gateway_config_reloads_total{result="error"}') == refused
+    for which in ("low", "high"):
+        _write(gw, with_values(edited, values_at(which)))
+        reply = admin.call("POST", "/admin/reload")
+        assert reply.status == 200, (which, reply.body)
+        assert reply.json()["models"] == ["m", "fresh"]
