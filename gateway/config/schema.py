@@ -199,8 +199,8 @@ class BillingConfig(_Frozen):
     )
     enforcement: Literal["postpaid", "strict"] = "postpaid"
     # How often the arrears timer and the orphan sweeper run. At 0 they spin (one store round
-    # trip after another: 69% of a CPU on an idle gateway); at 50ms an idle gateway uses about
-    # 3%. At most an hour: the sleep under way ends before a reloaded value is read.
+    # trip after another: 70-95% of a CPU on an idle gateway); at 50ms an idle gateway uses
+    # about 3%. At most an hour: the sleep under way ends before a reloaded value is read.
     sweep_interval: Annotated[Duration, bounded("50ms", "1h")] = 5.0
     # A live call renews its hold's lease every third of this; a hold whose lease ends belongs
     # to a dead gateway and is settled by a sweeper from its last checkpoint. At 0 the renewal
@@ -282,9 +282,9 @@ class NotificationsConfig(_Frozen):
     retry_max: Annotated[Duration, bounded("100ms", "1d")] = Field(
         default=300.0, validate_default=True
     )
-    # How often an idle deliverer looks for due events. At 0 it spins (87% of a CPU on an idle
-    # gateway); 50ms costs about 2% (10ms: 9%). At most an hour, for the same reason as
-    # billing.sweep_interval.
+    # How often an idle deliverer looks for due events. At 0 it spins (90% of a CPU on an idle
+    # gateway, which then ignored SIGTERM); 50ms costs about 3% (10ms: 9%). At most an hour,
+    # for the same reason as billing.sweep_interval.
     poll_interval: Annotated[Duration, bounded("50ms", "1h")] = 0.5
     # One delivery's limit. At 0 aiohttp sets none (a hung sink holds the deliverer forever);
     # at most a minute, well inside the 120s lock an instance holds on an account's outbox.
