@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from typing import TypeGuard
 
 __all__ = [
     "ACCOUNT_KEY_PATTERN",
@@ -70,7 +71,7 @@ def stream_id_after(stream_id: str) -> str | None:
 _MAX_STREAM_PART = 2**64 - 1
 
 
-def valid_id(value: object) -> bool:
+def valid_id(value: object) -> TypeGuard[str]:
     """True for a string that matches the id pattern, whole."""
     return isinstance(value, str) and ID_PATTERN.fullmatch(value) is not None
 
