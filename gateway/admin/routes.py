@@ -11,13 +11,13 @@ from typing import Any
 
 import orjson
 from aiohttp import web
-from limits import parse_many
 from pydantic import ValidationError
 
 from gateway.accounts.apikeys import KEY_PREFIX, new_api_key
 from gateway.accounts.notifier import load_preferences
 from gateway.accounts.preferences import NotificationPreferences
 from gateway.admin.views import USAGE_FIELDS, account_view, usage_view
+from gateway.config.types import check_rate_limit
 from gateway.errors import (
     AccountExists,
     AccountInArrears,
@@ -254,12 +254,9 @@ def _limit_value(data: dict[str, Any], kind: str) -> str:
             f"{kind} must be a rate limit such as '600/minute', or null", param=kind
         )
     try:
-        parse_many(value)
-    except ValueError:
-        raise InvalidRequest(
-            f"{kind}: {value!r} is not a rate limit such as '600/minute'", param=kind
-        ) from None
-    return value
+        return check_rate_limit(value)  # the config loader's own rule
+    except ValueError as exc:
+        raise InvalidRequest(f"{kind}: {exc}", param=kind) from None
 
 
 async def put_rate_limits(request: web.Request) -> web.Response:

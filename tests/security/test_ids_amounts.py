@@ -186,3 +186,24 @@ def _key() -> str:
 def _micros(amount: str) -> int:
     whole, _, frac = amount.partition(".")
     return int(whole) * 1_000_000 + int(frac.ljust(6, "0") or 0)
+
+
+@pytest.mark.parametrize(
+    ("requests", "tokens", "param"),
+    [
+        ("0/minute", None, "requests"),
+        (None, "0/second", "tokens"),
+        ("5/minute;0/second", None, "requests"),
+        ("1/0seconds", None, "requests"),
+        ("2/second; x", None, "requests"),
+    ],
+)
+def test_account_limits_off_the_rules_are_400_and_change_nothing(
+    target: dict[str, Any], requests: str | None, tokens: str | None, param: str
+) -> None:
+    """The admin API holds an account's limits to the config loader's own rules."""
+    admin: Admin = target["admin"]
+    path = f"/admin/accounts/{target['account']}/rate_limits"
+    before = admin.ok("GET", path)
+    _refused(admin.call("PUT", path, {"requests": requests, "tokens": tokens}), param)
+    assert admin.ok("GET", path) == before
