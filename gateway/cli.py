@@ -7,7 +7,7 @@ import asyncio
 import os
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from aiohttp import web
 
@@ -26,6 +26,28 @@ def _new_loop() -> asyncio.AbstractEventLoop:
     except ImportError:  # pragma: no cover - uvloop is a dependency on Linux and macOS
         return asyncio.new_event_loop()
     return uvloop.new_event_loop()
+
+
+def _server_int(field: str) -> Callable[[str], int]:
+    """An argparse type for a command-line override of `server.<field>`, held to the
+    config's own bounds (so `--port 0` or `--workers 0` is refused as the file's would be)."""
+    from pydantic import ValidationError
+
+    from gateway.config.schema import ServerConfig
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, not {text!r}") from None
+        try:
+            ServerConfig.model_validate({field: value})
+        except ValidationError as exc:
+            reason = str(exc.errors()[0]["msg"])
+            raise argparse.ArgumentTypeError(f"{reason} (server.{field})") from None
+        return value
+
+    return parse
 
 
 def _load_or_exit(path: str) -> Settings:
@@ -214,8 +236,10 @@ def _parser() -> argparse.ArgumentParser:
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", required=True, help="path of the YAML config file")
     serve.add_argument("--host", help="override server.host")
-    serve.add_argument("--port", type=int, help="override server.port")
-    serve.add_argument("--workers", type=int, help="override server.workers (processes)")
+    serve.add_argument("--port", type=_server_int("port"), help="override server.port")
+    serve.add_argument(
+        "--workers", type=_server_int("workers"), help="override server.workers (processes)"
+    )
     serve.add_argument("--log-level", default="info")
     serve.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # internal
     serve.set_defaults(func=_serve)

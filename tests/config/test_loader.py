@@ -170,3 +170,31 @@ def test_check_config_cli_exit_codes(tmp_path: Path) -> None:
     result = _check_config(bad)
     assert result.returncode == 1
     assert "models[0].upstreams[0].url: expected an http://" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--port", "0"], "argument --port: Input should be greater than or equal to 1"),
+        (["--port", "65536"], "argument --port: Input should be less than or equal to 65535"),
+        (["--workers", "0"], "argument --workers: Input should be greater than or equal to 1"),
+        (["--workers", "257"], "argument --workers: Input should be less than or equal to 256"),
+        (["--port", "http"], "argument --port: expected an integer, not 'http'"),
+    ],
+)
+def test_serve_overrides_are_held_to_the_configs_bounds(
+    tmp_path: Path, args: list[str], message: str
+) -> None:
+    """`serve --port/--workers` are refused where the same value in the file would be, before
+    anything starts (exit 2, argparse's code for a bad command line)."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text("models: []\n")
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "serve", "--config", str(path), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
