@@ -141,21 +141,39 @@ class ServerConfig(_Frozen):
     watch_config: bool = True
 
 
+def _store_url(value: str) -> str:
+    if value == "embedded":
+        return value
+    scheme = urlsplit(value).scheme
+    if scheme not in STORE_SCHEMES:
+        raise ValueError(f"expected 'embedded' or a URL with scheme {', '.join(STORE_SCHEMES)}")
+    return value
+
+
 class StoreConfig(_Frozen):
     url: str = "embedded"
+    # An environment variable holding the URL instead (it may carry a password, which then
+    # stays out of the config file); it replaces `url`.
+    url_env: str | None = None
     data_dir: str = "./var/store"
     # Every acknowledged top-up and settlement must survive a crash of the embedded store.
     appendfsync: Literal["always", "everysec"] = "always"
 
-    @field_validator("url")
-    @classmethod
-    def _known_scheme(cls, value: str) -> str:
-        if value == "embedded":
-            return value
-        scheme = urlsplit(value).scheme
-        if scheme not in STORE_SCHEMES:
-            raise ValueError(f"expected 'embedded' or a URL with scheme {', '.join(STORE_SCHEMES)}")
-        return value
+    _url = field_validator("url")(_store_url)
+
+    @model_validator(mode="after")
+    def _read_url(self) -> StoreConfig:
+        if self.url_env is None:
+            return self
+        value = os.environ.get(self.url_env)
+        if not value:
+            raise ValueError(f"url_env: environment variable {self.url_env} is not set")
+        try:
+            _store_url(value)
+        except ValueError as exc:
+            raise ValueError(f"url_env: {self.url_env} holds no store URL: {exc}") from None
+        object.__setattr__(self, "url", value)
+        return self
 
 
 class TimeoutsConfig(_Frozen):

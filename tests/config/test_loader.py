@@ -198,3 +198,17 @@ def test_serve_overrides_are_held_to_the_configs_bounds(
     )
     assert result.returncode == 2, result.stderr
     assert message in result.stderr
+
+
+def test_store_url_can_come_from_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    """`store.url_env` keeps a store password out of the config file; unset or not a store
+    URL, it is refused at its path."""
+    data = {"store": {"url_env": "TEST_GW_STORE_URL"}}
+    monkeypatch.setenv("TEST_GW_STORE_URL", "rediss://gateway:s3cret@store.internal:6380/0")
+    assert parse_settings(data, "t").store.url == "rediss://gateway:s3cret@store.internal:6380/0"
+    monkeypatch.setenv("TEST_GW_STORE_URL", "http://store.internal")
+    with pytest.raises(ConfigError, match="store: url_env: TEST_GW_STORE_URL holds no store URL"):
+        parse_settings(data, "t")
+    monkeypatch.delenv("TEST_GW_STORE_URL")
+    with pytest.raises(ConfigError, match="environment variable TEST_GW_STORE_URL is not set"):
+        parse_settings(data, "t")
