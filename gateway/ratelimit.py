@@ -1,12 +1,14 @@
 """Rate limits per account and per (account, model), checked and charged at admission.
 
-`limits` parses the limit strings ("600/minute") and gives the algorithm its name: a sliding
-window counter (the current fixed window's count plus the previous one's, weighted by how much
-of it the sliding window still overlaps). The counting runs inside the ledger's admission
-script (`ledger/lua/_prelude.lua`), on counters in the account's own slot, so checking and
-charging every rule costs no round trip beyond the hold's, and a refused call charges nothing.
-Tokens are charged the hold's estimate at admission and corrected at settlement by the same
-script that debits the call. Limits hold across instances because the counters live in Redis.
+`limits` parses the limit strings: "600/minute", or several rules at once, every one enforced
+("10/second;600/minute"; config.types.parse_rate_limit has the bounds). It also gives the
+algorithm its name: a sliding window counter (the current fixed window's count plus the
+previous one's, weighted by how much of it the sliding window still overlaps). The counting
+runs inside the ledger's admission script (`ledger/lua/_prelude.lua`), on counters in the
+account's own slot, so checking and charging every rule costs no round trip beyond the hold's,
+and a refused call charges nothing. Tokens are charged the hold's estimate at admission and
+corrected at settlement by the same script that debits the call. Limits hold across instances
+because the counters live in Redis.
 """
 
 from __future__ import annotations
@@ -16,11 +18,10 @@ import math
 from collections.abc import Sequence
 from typing import NamedTuple
 
-from limits import parse
-
 from gateway.config.schema import ModelConfig, RateLimitsConfig
+from gateway.config.types import check_rate_limit, parse_rate_limit
 
-__all__ = ["RateRules", "format_reset", "headers_of", "rate_rules", "rule_spec"]
+__all__ = ["RateRules", "check_rate_limit", "format_reset", "headers_of", "rate_rules", "rule_spec"]
 
 
 def format_reset(seconds: float) -> str:
@@ -34,16 +35,17 @@ def format_reset(seconds: float) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def rule_spec(text: str | None) -> str:
-    """`amount:window_ms` of a limit string, as the admission script reads it ('' = none)."""
+    """Every rule of a limit string as the admission script reads it: `amount:window_ms`,
+    comma-separated, one per window length, shortest window first ('' = none). ValueError
+    for a string `check_rate_limit` refuses."""
     if not text:
         return ""
-    item = parse(text)
-    return f"{item.amount}:{item.get_expiry() * 1000}"
+    return ",".join(f"{rule.amount}:{rule.seconds * 1000}" for rule in parse_rate_limit(text))
 
 
 class RateRules(NamedTuple):
-    """The rules one call is checked against; the account's own limits (admin API, stored
-    with the account) replace the two account defaults inside the script."""
+    """The rules one call is checked against (each a `rule_spec`); the account's own limits
+    (admin API, stored with the account) replace the two account defaults inside the script."""
 
     account_requests: str
     account_tokens: str
@@ -63,7 +65,8 @@ def rate_rules(defaults: RateLimitsConfig, model: ModelConfig) -> RateRules:
 
 def headers_of(values: Sequence[str]) -> dict[str, str]:
     """OpenAI's x-ratelimit-* headers from the script's six values (limit, remaining, reset
-    ms for requests, then tokens; '' where no rule applies)."""
+    ms for requests, then tokens; '' where no rule applies). For each kind they describe the
+    tightest of the rules that apply, account's and model's (see reserve.lua)."""
     headers: dict[str, str] = {}
     for kind, (limit, remaining, reset_ms) in (
         ("requests", values[0:3]),

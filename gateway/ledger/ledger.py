@@ -122,7 +122,9 @@ class TokenCharge:
 
     model: str
     tokens: int
-    windows: tuple[str, str] = ("", "")  # account's and account+model's rule ('' = none)
+    # Where the charge landed in the account's and the account+model's token counters, as the
+    # reserve script answered it (opaque here, see rl_landed in _prelude.lua; '' = no rule).
+    windows: tuple[str, str] = ("", "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -426,9 +428,9 @@ class Ledger:
         tokens: int,
         rules: Sequence[str],
     ) -> Admission:
-        """Authenticate, check and charge the rate limits, and hold, in one round trip.
-        `rules`: the four rule specs of ratelimit.RateRules; `tokens`: the token limits'
-        charge (the hold's estimate)."""
+        """Authenticate, check and charge the rate limits (every rule of each), and hold, in
+        one round trip. `rules`: the four limit specs of ratelimit.RateRules; `tokens`: the
+        token limits' charge (the hold's estimate)."""
         k = account_keys(account_id)
         keys = [
             k.account,

@@ -9,34 +9,65 @@ end
 
 -- Rate limits: sliding-window counters (the algorithm `limits` calls "sliding window
 -- counter"), kept in the account's own slot so admission checks and charges them in the same
--- step as the hold. One hash per rule: the current fixed window's index `w` and count `c`,
--- and the previous window's count `p`, which still weighs in by the share of it that the
--- sliding window overlaps. A spec is 'amount:window_ms' ('' = no such rule). Times in ms.
+-- step as the hold. A spec lists a limit's rules, 'amount:window_ms[,amount:window_ms...]'
+-- ('' = no rule), at most one per window length (ratelimit.rule_spec). One hash per limit (the
+-- account's requests, its tokens, the same per model) holds, for each rule, the current fixed
+-- window's index `w` and count `c`, and the previous window's count `p`, which still weighs in
+-- by the share of it that the sliding window overlaps. A limit of one rule (every limit before
+-- multi-rule strings were enforced) keeps those three fields under these very names, so its
+-- counters are the ones gateways of the earlier version read and write during a rolling
+-- upgrade; a limit of several rules keeps three per window length, `<window_ms>:w`,
+-- `<window_ms>:c`, `<window_ms>:p` (a limit turning from one rule to several, or back,
+-- starts those counts afresh). Times in ms. Counts are requests and tokens, not money; a
+-- rule's amount is at most 10^15 (config.types), so they stay exact.
+
+-- The rules of a spec, or nil if it names none (or is not one). `field` prefixes the rule's
+-- three field names.
 local function rl_spec(spec)
   if not spec or spec == '' then
     return nil
   end
-  local amount, window = string.match(spec, '^(%d+):(%d+)$')
-  if not amount then
+  local rules = {}
+  for item in string.gmatch(spec, '[^,]+') do
+    local amount, window = string.match(item, '^(%d+):(%d+)$')
+    if not amount or tonumber(window) < 1 then
+      return nil
+    end
+    rules[#rules + 1] = {limit = tonumber(amount), window = tonumber(window)}
+  end
+  if #rules == 0 then
     return nil
   end
-  return {limit = tonumber(amount), window = tonumber(window)}
+  for _, rule in ipairs(rules) do
+    rule.field = #rules == 1 and '' or string.format('%d:', rule.window)
+  end
+  return rules
 end
 
-local function rl_load(rule, key, now)
-  local window = rule.window
-  local idx = math.floor(now / window)
-  local v = redis.call('HMGET', key, 'w', 'c', 'p')
-  local w, c, p = tonumber(v[1]), tonumber(v[2]) or 0, tonumber(v[3]) or 0
-  if w == idx - 1 then
-    p, c = c, 0
-  elseif w ~= idx then
-    p, c = 0, 0
+-- Read every rule's counter from the limit's hash `key` (one HMGET): what the sliding window
+-- holds at `now` (`used`), and the fixed windows' counts a charge starts from.
+local function rl_load(rules, key, now)
+  local fields = {}
+  for _, rule in ipairs(rules) do
+    fields[#fields + 1] = rule.field .. 'w'
+    fields[#fields + 1] = rule.field .. 'c'
+    fields[#fields + 1] = rule.field .. 'p'
   end
-  rule.key, rule.idx, rule.c, rule.p = key, idx, c, p
-  rule.elapsed = now - idx * window
-  rule.used = math.floor(p * (window - rule.elapsed) / window) + c
-  return rule
+  local v = redis.call('HMGET', key, unpack(fields))
+  for i, rule in ipairs(rules) do
+    local window = rule.window
+    local idx = math.floor(now / window)
+    local w, c, p = tonumber(v[3 * i - 2]), tonumber(v[3 * i - 1]) or 0, tonumber(v[3 * i]) or 0
+    if w == idx - 1 then
+      p, c = c, 0
+    elseif w ~= idx then
+      p, c = 0, 0
+    end
+    rule.key, rule.idx, rule.c, rule.p = key, idx, c, p
+    rule.elapsed = now - idx * window
+    rule.used = math.floor(p * (window - rule.elapsed) / window) + c
+  end
+  return rules
 end
 
 -- How long until `cost` more fits under the rule (ms).
@@ -55,22 +86,77 @@ local function rl_retry_ms(rule, cost)
   return (window - elapsed) + after
 end
 
-local function rl_charge(rule, cost)
-  redis.call('HSET', rule.key, 'w', rule.idx, 'c', rule.c + cost, 'p', rule.p)
-  redis.call('PEXPIRE', rule.key, rule.window * 2)
+-- Charge `cost` to every rule of one limit (all in one hash, loaded by rl_load); the hash
+-- lives twice its longest window.
+local function rl_charge(rules, cost)
+  local args, longest = {}, 0
+  for _, rule in ipairs(rules) do
+    args[#args + 1] = rule.field .. 'w'
+    args[#args + 1] = rule.idx
+    args[#args + 1] = rule.field .. 'c'
+    args[#args + 1] = rule.c + cost
+    args[#args + 1] = rule.field .. 'p'
+    args[#args + 1] = rule.p
+    longest = math.max(longest, rule.window)
+  end
+  redis.call('HSET', rules[1].key, unpack(args))
+  redis.call('PEXPIRE', rules[1].key, longest * 2)
 end
 
--- Settlement: move a token charge made in window `idx` by `delta` (never below zero).
-local function rl_correct(key, idx, delta)
-  local v = redis.call('HMGET', key, 'w', 'c', 'p')
-  local w = tonumber(v[1])
-  local field, current
-  if w == idx then
-    field, current = 'c', tonumber(v[2]) or 0
-  elseif w == idx + 1 then
-    field, current = 'p', tonumber(v[3]) or 0
+-- Where a charge landed, for settlement to correct it there ('' = no rule): for one rule the
+-- fixed window's index alone (as earlier versions wrote it), for several 'window_ms:index'
+-- per rule, comma-separated.
+local function rl_landed(rules)
+  if not rules then
+    return ''
+  end
+  if #rules == 1 then
+    return string.format('%d', rules[1].idx)
+  end
+  local parts = {}
+  for _, rule in ipairs(rules) do
+    parts[#parts + 1] = string.format('%d:%d', rule.window, rule.idx)
+  end
+  return table.concat(parts, ',')
+end
+
+-- Settlement: move a token charge by `delta` (never below zero) in each fixed window it
+-- landed in (`landed` from rl_landed), if that window is still the current or the previous
+-- one; a window the counters no longer hold is left alone.
+local function rl_correct(key, landed, delta)
+  local marks, fields = {}, {}
+  if string.match(landed, '^%d+$') then
+    marks[1] = {'', tonumber(landed)}
   else
+    for window, idx in string.gmatch(landed, '(%d+):(%d+)') do
+      marks[#marks + 1] = {string.format('%d:', tonumber(window)), tonumber(idx)}
+    end
+  end
+  if #marks == 0 then
     return
   end
-  redis.call('HSET', key, field, math.max(0, current + delta))
+  for _, mark in ipairs(marks) do
+    fields[#fields + 1] = mark[1] .. 'w'
+    fields[#fields + 1] = mark[1] .. 'c'
+    fields[#fields + 1] = mark[1] .. 'p'
+  end
+  local v = redis.call('HMGET', key, unpack(fields))
+  local out = {}
+  for i, mark in ipairs(marks) do
+    local name, idx = mark[1], mark[2]
+    local w = tonumber(v[3 * i - 2])
+    local field, current
+    if w == idx then
+      field, current = 'c', tonumber(v[3 * i - 1]) or 0
+    elseif w == idx + 1 then
+      field, current = 'p', tonumber(v[3 * i]) or 0
+    end
+    if field then
+      out[#out + 1] = name .. field
+      out[#out + 1] = math.max(0, current + delta)
+    end
+  end
+  if #out > 0 then
+    redis.call('HSET', key, unpack(out))
+  end
 end

@@ -9,12 +9,15 @@
 -- ARGV[5] request id, ARGV[6] lease end (ms), ARGV[7] '1' if the model is dedicated,
 -- ARGV[8] what a sweeper needs to settle the call if its gateway dies (see keys.py),
 -- ARGV[9] now (ms), ARGV[10] tokens charged to the token limits (the hold's estimate),
--- ARGV[11..14] rule specs ('amount:window_ms' or ''): default account requests, default
--- account tokens, model requests, model tokens. The account's own limits (admin API) replace
--- the two defaults.
--- Replies: {'ok', hold, account tokens window, model tokens window, headers...},
+-- ARGV[11..14] limit specs (every rule of a limit: 'amount:window_ms[,...]', or ''; see
+-- _prelude.lua): default account requests, default account tokens, model requests, model
+-- tokens. The account's own limits (admin API) replace the two defaults. Every rule of every
+-- limit is checked: one refusing refuses the call, and charges nothing anywhere.
+-- Replies: {'ok', hold, account tokens landed, model tokens landed, headers...},
 -- {'rate_limited', retry ms, refused rules, headers...} or {refusal code[, detail]};
--- headers are 6 values: limit, remaining, reset ms for requests, then for tokens ('' = none).
+-- "landed" is where the token charge landed, for settlement (rl_landed, '' = no rule);
+-- headers are 6 values: limit, remaining, reset ms for requests, then for tokens ('' = none),
+-- each kind's of its tightest rule (see below).
 -- A resend is the same call. The gateway never reuses a request id, so a hold for ARGV[5] exists
 -- only if this script already ran for it: a client library resent the command after its
 -- connection dropped before the reply (redis-py's cluster client does). The resend answers as
@@ -46,49 +49,68 @@ end
 local resent = redis.call('HGET', KEYS[4], ARGV[5])
 
 local now, tokens = tonumber(ARGV[9]), tonumber(ARGV[10])
-local rules = {}  -- {rule, cost, kind}
-local function add(spec, key, kind, cost)
-  local rule = rl_spec(spec)
-  if rule then
-    rule.kind = kind
-    rules[#rules + 1] = {rl_load(rule, key, now), cost}
+local limits = {}  -- {rules, cost, kind, label}: every limit that applies, each one hash
+local function add(spec, key, kind, label, cost)
+  local rules = rl_spec(spec)
+  if rules then
+    rl_load(rules, key, now)
+    limits[#limits + 1] = {rules, cost, kind, label}
   end
-  return rule
+  return rules
 end
-local acct_req = add(rl_spec(acct[4]) and acct[4] or ARGV[11], KEYS[7], 'requests', 1)
-local acct_tok = add(rl_spec(acct[5]) and acct[5] or ARGV[12], KEYS[8], 'tokens', tokens)
-local model_req = add(ARGV[13], KEYS[9], 'requests', 1)
-local model_tok = add(ARGV[14], KEYS[10], 'tokens', tokens)
+local to_model = ' to model ' .. ARGV[3]
+add(rl_spec(acct[4]) and acct[4] or ARGV[11], KEYS[7], 'requests', 'requests', 1)
+local acct_tok = add(rl_spec(acct[5]) and acct[5] or ARGV[12], KEYS[8], 'tokens', 'tokens', tokens)
+add(ARGV[13], KEYS[9], 'requests', 'requests' .. to_model, 1)
+local model_tok = add(ARGV[14], KEYS[10], 'tokens', 'tokens' .. to_model, tokens)
 
 local refused, retry = {}, 0
-for _, entry in ipairs(rules) do
-  local rule, cost = entry[1], entry[2]
-  if rule.used + cost > rule.limit then
-    refused[#refused + 1] = rule.kind .. ' (' .. rule.limit .. ' per ' ..
-      math.floor(rule.window / 1000) .. 's)'
-    retry = math.max(retry, rl_retry_ms(rule, cost))
+for _, limit in ipairs(limits) do
+  local cost = limit[2]
+  for _, rule in ipairs(limit[1]) do
+    if rule.used + cost > rule.limit then
+      refused[#refused + 1] = string.format('%s (%d per %ds)', limit[4], rule.limit,
+        math.floor(rule.window / 1000))
+      retry = math.max(retry, rl_retry_ms(rule, cost))
+    end
   end
 end
 
--- The x-ratelimit-* values: the account's rule, else the model's. `remaining` counts this call
+-- The x-ratelimit-* values of a kind describe its tightest rule, account's or model's: the one
+-- with the least remaining after this call (a refused rule, on a refusal: the cost is the same
+-- for every rule of a kind, so a refused rule always has less left than one that let the call
+-- through); on a tie, the one whose window resets later (it keeps the caller waiting longer),
+-- then the first (account before model, shorter window first). `remaining` counts this call
 -- (already in the counters on a resend).
 local charged = resent ~= false or #refused == 0
-local function header(rule, cost)
-  if not rule then
+local function header(kind)
+  local best, best_left, best_reset
+  for _, limit in ipairs(limits) do
+    if limit[3] == kind then
+      local cost = (charged and not resent) and limit[2] or 0
+      for _, rule in ipairs(limit[1]) do
+        local left = math.max(0, rule.limit - (rule.used + cost))
+        local reset = math.floor(rule.window - rule.elapsed)
+        if not best or left < best_left or (left == best_left and reset > best_reset) then
+          best, best_left, best_reset = rule, left, reset
+        end
+      end
+    end
+  end
+  if not best then
     return '', '', ''
   end
-  local after = rule.used + ((charged and not resent) and cost or 0)
-  return rule.limit, math.max(0, rule.limit - after), math.floor(rule.window - rule.elapsed)
+  return best.limit, best_left, best_reset
 end
 local function headers()
-  local req_l, req_r, req_t = header(acct_req or model_req, 1)
-  local tok_l, tok_r, tok_t = header(acct_tok or model_tok, tokens)
+  local req_l, req_r, req_t = header('requests')
+  local tok_l, tok_r, tok_t = header('tokens')
   return req_l, req_r, req_t, tok_l, tok_r, tok_t
 end
 
--- The windows the token charge landed in, for settlement to correct it there.
-local acct_window = acct_tok and acct_tok.idx or ''
-local model_window = model_tok and model_tok.idx or ''
+-- Where the token charge landed, for settlement to correct it there.
+local acct_window = rl_landed(acct_tok)
+local model_window = rl_landed(model_tok)
 
 if resent then
   return {'ok', tonumber(resent), acct_window, model_window, headers()}
@@ -103,8 +125,8 @@ if dedicated then
 elseif balance - held < hold then
   return {'insufficient_balance', balance - held}
 end
-for _, entry in ipairs(rules) do
-  rl_charge(entry[1], entry[2])
+for _, limit in ipairs(limits) do
+  rl_charge(limit[1], limit[2])
 end
 redis.call('HSET', KEYS[4], ARGV[5], hold)
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])

@@ -8,8 +8,9 @@
 -- ARGV[1] request id, ARGV[2] cost (micro-units), ARGV[3] now (ms), ARGV[4] marker ttl (s),
 -- ARGV[5] account id, ARGV[6] '1' to settle only a hold whose lease has ended (a sweeper
 -- settling for a dead gateway), ARGV[7] tokens to add to (or, negative, give back from) the
--- token limits' charge made at admission, ARGV[8..9] the windows that charge landed in (''
--- = none), ARGV[10..] the usage record's field/value pairs
+-- token limits' charge made at admission, ARGV[8..9] where that charge landed in the account's
+-- and the account+model's counters (reserve's reply, see rl_landed; '' = none),
+-- ARGV[10..] the usage record's field/value pairs
 local previous = redis.call('GET', KEYS[5])
 if previous then
   return {'duplicate', tonumber(previous)}
@@ -44,12 +45,8 @@ redis.call('XADD', KEYS[4], '*', unpack(record))
 redis.call('SET', KEYS[5], cost, 'EX', ARGV[4])
 local correction = tonumber(ARGV[7])
 if correction ~= 0 then
-  if ARGV[8] ~= '' then
-    rl_correct(KEYS[9], tonumber(ARGV[8]), correction)
-  end
-  if ARGV[9] ~= '' then
-    rl_correct(KEYS[10], tonumber(ARGV[9]), correction)
-  end
+  rl_correct(KEYS[9], ARGV[8], correction)
+  rl_correct(KEYS[10], ARGV[9], correction)
 end
 local events = 0
 local frozen_now = 0
