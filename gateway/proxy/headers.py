@@ -2,7 +2,9 @@
 
 Hop-by-hop headers (RFC 9110 section 7.6.1) describe one connection and never pass. The
 client's `Authorization` is the gateway's key and must never reach an upstream; the
-upstream's own key replaces it. Length and encoding are recomputed by the side that writes.
+upstream's own key replaces it. Length and encoding are recomputed by the side that writes:
+the body sent upstream is the one the gateway decoded (gateway.api.encoding), so the client's
+`Content-Encoding` would describe bytes the upstream never gets.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ _DROP_UPSTREAM = HOP_BY_HOP | {
     "host",
     "authorization",
     "content-length",
+    "content-encoding",
     "accept-encoding",
     "cookie",
     "x-request-id",
