@@ -19,6 +19,7 @@ from gateway.accounts.notifier import Notifier
 from gateway.admin import create_admin_app
 from gateway.api import inference, models, ops
 from gateway.api.middleware import attach_request_id, errors_middleware
+from gateway.api.protocol import answer_protocol_errors_in_json
 from gateway.config.reload import Reloader
 from gateway.config.schema import Settings
 from gateway.keys import (
@@ -174,7 +175,10 @@ def create_app(
     app = web.Application(
         middlewares=[access_middleware, errors_middleware],
         client_max_size=settings.server.max_body_bytes,
+        # Encoded bodies are decoded by errors_middleware, strictly (gateway.api.encoding).
+        handler_args={"auto_decompress": False},
     )
+    answer_protocol_errors_in_json(app)
     app[CONFIG] = ConfigHolder(settings, config_path)
     app[STORE_URL] = store_url
     app[METRICS] = Metrics()

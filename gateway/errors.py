@@ -33,6 +33,7 @@ __all__ = [
     "RateLimited",
     "RequestTimeout",
     "RequestTooLarge",
+    "UnsupportedEncoding",
     "UpstreamTimeout",
     "UpstreamUnavailable",
     "error_body",
@@ -98,6 +99,22 @@ class RequestTooLarge(GatewayError):
     status = 413
     type = "invalid_request_error"
     code = "request_too_large"
+
+
+class UnsupportedEncoding(GatewayError):
+    """A body in a content coding the gateway does not decode (RFC 9110 section 15.5.16): 415,
+    with `Accept-Encoding` naming the codings it does decode (section 12.5.3)."""
+
+    status = 415
+    type = "invalid_request_error"
+    code = "unsupported_content_encoding"
+
+    def __init__(self, message: str, accepted: str) -> None:
+        super().__init__(message)
+        self.accepted = accepted
+
+    def headers(self) -> dict[str, str]:
+        return {"Accept-Encoding": self.accepted}
 
 
 class UpstreamUnavailable(GatewayError):

@@ -6,9 +6,11 @@ import asyncio
 import itertools
 import os
 
-from aiohttp import web
+from aiohttp import hdrs, web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
+from gateway.api.encoding import decode_request_body
 from gateway.errors import (
     GatewayError,
     InternalError,
@@ -62,12 +64,25 @@ def _from_http_exception(exc: web.HTTPException) -> GatewayError:
     return InvalidRequest(exc.reason or "bad request")
 
 
+def _from_payload_error(exc: web.RequestPayloadError) -> InvalidRequest:
+    """A body whose framing broke as it was read (bad chunked framing, cut short)."""
+    cause = exc.__cause__
+    detail = cause.message if isinstance(cause, HttpProcessingError) else str(exc)
+    detail = " ".join(detail.split())[:200].encode("ascii", "backslashreplace").decode("ascii")
+    return InvalidRequest(f"request body is malformed: {detail}")
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
-    """Turn every raised error into an OpenAI-shaped answer (and note its code for the log)."""
+    """Turn every raised error into an OpenAI-shaped answer (and note its code for the log).
+
+    A body in a content coding is decoded here, before any handler reads it (see
+    gateway.api.encoding); one whose framing breaks while it is read is 400."""
     if REQUEST_ID not in request:
         request[REQUEST_ID] = new_request_id()
     try:
+        if hdrs.CONTENT_ENCODING in request.headers:
+            await decode_request_body(request)
         return await handler(request)
     except GatewayError as exc:
         request[ERROR_CODE] = exc.code
@@ -86,6 +101,12 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         error = _from_http_exception(exc)
         request[ERROR_CODE] = error.code
         return error_response(error)
+    except web.RequestPayloadError as exc:
+        error = _from_payload_error(exc)
+        request[ERROR_CODE] = error.code
+        response = error_response(error)
+        response.force_close()  # the rest of the stream cannot be framed
+        return response
     except asyncio.CancelledError:
         raise
     except Exception:
