@@ -17,6 +17,7 @@ from gateway.accounts.apikeys import KEY_PREFIX, new_api_key
 from gateway.accounts.notifier import load_preferences
 from gateway.accounts.preferences import NotificationPreferences
 from gateway.admin.views import USAGE_FIELDS, account_view, usage_view
+from gateway.api.body import read_body
 from gateway.config.types import check_rate_limit
 from gateway.errors import (
     AccountExists,
@@ -54,7 +55,9 @@ def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -
 
 
 async def _body(request: web.Request) -> dict[str, Any]:
-    raw = await request.read()
+    server = request.config_dict[CONFIG].snapshot.settings.server
+    # Bounded in size and in time as the data plane's are: a slow sender holds no handler.
+    raw = await read_body(request, server.max_body_bytes, server.read_timeout)
     try:
         data = orjson.loads(raw) if raw else None
     except orjson.JSONDecodeError as exc:

@@ -35,6 +35,10 @@ _DROP_UPSTREAM = HOP_BY_HOP | {
     "authorization",
     "content-length",
     "content-encoding",
+    # Digests of the client's bytes: what goes upstream is decoded, and may be re-encoded.
+    "content-md5",
+    "content-digest",
+    "repr-digest",
     "accept-encoding",
     "cookie",
     "x-request-id",
