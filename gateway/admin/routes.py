@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from gateway.accounts.apikeys import KEY_PREFIX, new_api_key
 from gateway.accounts.notifier import load_preferences
 from gateway.accounts.preferences import NotificationPreferences
-from gateway.admin.views import USAGE_FIELDS, account_view, usage_view
+from gateway.admin.views import USAGE_FIELDS, account_view, csv_row, usage_view
 from gateway.api.body import read_body
 from gateway.config.types import check_rate_limit
 from gateway.errors import (
@@ -242,7 +242,7 @@ async def usage(request: web.Request) -> web.StreamResponse:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=USAGE_FIELDS, lineterminator="\n")
         writer.writeheader()
-        writer.writerows(records)
+        writer.writerows(csv_row(record) for record in records)
         headers = {"X-Next-Cursor": cursor} if cursor else None
         return web.Response(text=buffer.getvalue(), content_type="text/csv", headers=headers)
     return _json({"data": records, "next": cursor})

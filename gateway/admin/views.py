@@ -9,7 +9,7 @@ from gateway.ledger import AccountRecord
 from gateway.money import format_micros
 from gateway.timefmt import iso_ms
 
-__all__ = ["USAGE_FIELDS", "account_view", "usage_view"]
+__all__ = ["USAGE_FIELDS", "account_view", "csv_row", "usage_view"]
 
 USAGE_FIELDS = (
     "id",
@@ -78,3 +78,18 @@ def usage_view(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
     out["channel"] = fields.get("channel") or None
     out["event"] = fields.get("event") or None
     return {name: out.get(name) for name in USAGE_FIELDS}
+
+
+def csv_row(record: dict[str, Any]) -> dict[str, str]:
+    """A JSON view's values as CSV cells, written as JSON writes them: `true` / `false`,
+    integers in digits, strings as they are, and null as an empty cell (Python's `str()` would
+    print `False` and `None`)."""
+    return {name: _csv_cell(value) for name, value in record.items()}
+
+
+def _csv_cell(value: Any) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return str(value)
