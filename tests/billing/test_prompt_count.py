@@ -1,5 +1,11 @@
-"""The gateway's own prompt count equals what the upstream reports, and big prompts are
-counted off the event loop."""
+"""The gateway's own prompt count equals the figures OpenAI published, and big prompts are
+counted off the event loop.
+
+The oracle is the table below: the prompt_tokens the OpenAI API reported for the examples of
+the cookbook "How to count tokens with tiktoken" (openai/openai-cookbook,
+examples/How_to_count_tokens_with_tiktoken.ipynb, sections 6 and 7), one row per model the
+notebook prints. The mock upstream is not an oracle here (it counts with a rule of its own).
+"""
 
 from __future__ import annotations
 
@@ -18,95 +24,216 @@ from gateway.metering.tokenizers import get_encoding
 from tests.admin_client import Admin
 from tests.procs import Proc
 
-CORPUS: list[dict[str, Any]] = [
-    {"messages": [{"role": "user", "content": "Hello!"}]},
+# Section 6, "Counting tokens for chat completions API calls": `example_messages`.
+COOKBOOK_MESSAGES: list[dict[str, Any]] = [
     {
-        "messages": [
-            {"role": "system", "content": "You are a helpful assistant."},
-            {"role": "user", "content": "What is the capital of France?"},
-            {"role": "assistant", "content": "Paris."},
-            {"role": "user", "content": "And of Japan?"},
-        ]
-    },
-    {"messages": [{"role": "user", "name": "alice_smith", "content": "Named speaker."}]},
-    {"messages": [{"role": "user", "content": "日本語のテキストと中文和한국어 😀🚀 émigré naïve"}]},
-    {"messages": [{"role": "user", "content": "Special text <|endoftext|> and <|fim_prefix|>"}]},
-    {"messages": [{"role": "user", "content": "def f(x):\n    return x ** 2\n\n\tprint(f(3))"}]},
-    {"messages": [{"role": "user", "content": "1234567890 3.14159 -42 1e10 0xFF"}]},
-    {"messages": [{"role": "user", "content": ""}]},
-    {"messages": [{"role": "user", "content": "   leading and trailing spaces   \n\n"}]},
-    {
-        "messages": [
-            {
-                "role": "user",
-                "content": [
-                    {"type": "text", "text": "Describe this picture."},
-                    {"type": "text", "text": "Second part."},
-                ],
-            }
-        ]
+        "role": "system",
+        "content": "You are a helpful, pattern-following assistant that translates corporate "
+        "jargon into plain English.",
     },
     {
-        "messages": [
-            {"role": "user", "content": "What's the weather?"},
-            {
-                "role": "assistant",
-                "content": None,
-                "tool_calls": [
-                    {
-                        "id": "call_1",
-                        "type": "function",
-                        "function": {"name": "weather", "arguments": '{"city": "Oslo"}'},
-                    }
-                ],
-            },
-            {"role": "tool", "tool_call_id": "call_1", "content": '{"temp": -3}'},
-        ],
-        "tools": [
-            {
-                "type": "function",
-                "function": {
-                    "name": "weather",
-                    "description": "Current weather",
-                    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        "role": "system",
+        "name": "example_user",
+        "content": "New synergies will help drive top-line growth.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Things working well together will increase revenue.",
+    },
+    {
+        "role": "system",
+        "name": "example_user",
+        "content": "Let's circle back when we have more bandwidth to touch base on opportunities "
+        "for increased leverage.",
+    },
+    {
+        "role": "system",
+        "name": "example_assistant",
+        "content": "Let's talk later when we're less busy about how to do better.",
+    },
+    {
+        "role": "user",
+        "content": "This late pivot means we don't have time to boil the ocean for the client "
+        "deliverable.",
+    },
+]
+
+# Section 7, "Counting tokens for chat completions with tool calls": `tools`, `example_messages`.
+COOKBOOK_TOOLS: list[dict[str, Any]] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_current_weather",
+            "description": "Get the current weather in a given location",
+            "parameters": {
+                "type": "object",
+                "properties": {
+                    "location": {
+                        "type": "string",
+                        "description": "The city and state, e.g. San Francisco, CA",
+                    },
+                    "unit": {
+                        "type": "string",
+                        "description": "The unit of temperature to return",
+                        "enum": ["celsius", "fahrenheit"],
+                    },
                 },
-            }
-        ],
+                "required": ["location"],
+            },
+        },
+    }
+]
+COOKBOOK_TOOL_MESSAGES: list[dict[str, Any]] = [
+    {
+        "role": "system",
+        "content": "You are a helpful assistant that can answer to questions about the weather.",
     },
-    {"messages": [{"role": "user", "content": "word " * 3000}]},
+    {"role": "user", "content": "What's the weather like in San Francisco?"},
+]
+
+MESSAGES_CALL = {"messages": COOKBOOK_MESSAGES}
+TOOLS_CALL = {"messages": COOKBOOK_TOOL_MESSAGES, "tools": COOKBOOK_TOOLS}
+# The same functions in the legacy `functions` parameter: no figure of its own is published;
+# OpenAI renders functions and tools into the same prompt text, so the tools figure holds.
+FUNCTIONS_CALL = {
+    "messages": COOKBOOK_TOOL_MESSAGES,
+    "functions": [tool["function"] for tool in COOKBOOK_TOOLS],
+}
+
+# (model the notebook ran, its tiktoken encoding, request, prompt_tokens the API reported)
+PUBLISHED: list[tuple[str, str, dict[str, Any], int]] = [
+    ("gpt-3.5-turbo", "cl100k_base", MESSAGES_CALL, 129),
+    ("gpt-4-0613", "cl100k_base", MESSAGES_CALL, 129),
+    ("gpt-4", "cl100k_base", MESSAGES_CALL, 129),
+    ("gpt-4o", "o200k_base", MESSAGES_CALL, 124),
+    ("gpt-4o-mini", "o200k_base", MESSAGES_CALL, 124),
+    ("gpt-3.5-turbo", "cl100k_base", TOOLS_CALL, 105),
+    ("gpt-4", "cl100k_base", TOOLS_CALL, 105),
+    ("gpt-4o", "o200k_base", TOOLS_CALL, 101),
+    ("gpt-4o-mini", "o200k_base", TOOLS_CALL, 101),
+]
+LEGACY_FUNCTIONS: list[tuple[str, str, dict[str, Any], int]] = [
+    (model, encoding, FUNCTIONS_CALL, figure)
+    for model, encoding, call, figure in PUBLISHED
+    if call is TOOLS_CALL
 ]
 
 
-def _random_text(rng: random.Random, n: int) -> str:
-    alphabet = "abcdefghijklmnopqrstuvwxyz ABCDEFG 0123456789 .,;:!?'\"()[]{}\n\tßçø漢字😀"
-    return "".join(rng.choice(alphabet) for _ in range(n))
+def _ids(rows: list[tuple[str, str, dict[str, Any], int]]) -> list[str]:
+    names = {id(MESSAGES_CALL): "messages", id(TOOLS_CALL): "tools", id(FUNCTIONS_CALL): "fns"}
+    return [f"{names[id(call)]}-{model}-{figure}" for model, _, call, figure in rows]
 
 
-RNG = random.Random(20261126)
-CORPUS += [
-    {"messages": [{"role": "user", "content": _random_text(RNG, RNG.randint(1, 400))}]}
-    for _ in range(12)
-]
+@pytest.mark.parametrize(("model", "encoding", "call", "figure"), PUBLISHED, ids=_ids(PUBLISHED))
+def test_published_figures(model: str, encoding: str, call: dict[str, Any], figure: int) -> None:
+    """The gateway counts, for each example and model of the cookbook, the prompt_tokens the
+    OpenAI API reported."""
+    assert count_prompt_sync("chat", {"model": model, **call}, get_encoding(encoding)) == figure
 
 
-@pytest.mark.parametrize("index", range(len(CORPUS)))
-async def test_local_prompt_count_equals_upstream(gateway: Proc, admin: Admin, index: int) -> None:
-    """For each request of a varied corpus, the usage record's gateway count of prompt tokens
-    equals the prompt tokens the upstream reported (and billed)."""
+@pytest.mark.parametrize(
+    ("model", "encoding", "call", "figure"), LEGACY_FUNCTIONS, ids=_ids(LEGACY_FUNCTIONS)
+)
+def test_legacy_functions_count_as_tools(
+    model: str, encoding: str, call: dict[str, Any], figure: int
+) -> None:
+    """The legacy `functions` parameter is counted, with the tools formula: the cookbook's
+    tools passed as functions count what the API reported for the tools."""
+    assert count_prompt_sync("chat", {"model": model, **call}, get_encoding(encoding)) == figure
+
+
+@pytest.mark.parametrize(("model", "encoding", "call", "figure"), PUBLISHED, ids=_ids(PUBLISHED))
+async def test_published_figures_off_the_loop(
+    model: str, encoding: str, call: dict[str, Any], figure: int
+) -> None:
+    """Counted on a worker thread (a body over OFFLOAD_BYTES), the figures are the same."""
+    counted = await count_prompt("chat", call, get_encoding(encoding), OFFLOAD_BYTES + 1)
+    assert counted == figure
+
+
+def _tokens(encoding: str, text: str) -> int:
+    return len(get_encoding(encoding).encode_ordinary(text))
+
+
+@pytest.mark.parametrize("encoding", ["cl100k_base", "o200k_base"])
+def test_tool_choice_and_function_call(encoding: str) -> None:
+    """The documented approximation (OpenAI publishes no rule): "none" adds 1 token, naming a
+    function adds 7 (tool_choice) or 4 (function_call) plus its name's tokens, "auto" and
+    "required" add nothing."""
+    enc = get_encoding(encoding)
+    name = "get_current_weather"
+    base = count_prompt_sync("chat", TOOLS_CALL, enc)
+    legacy = count_prompt_sync("chat", FUNCTIONS_CALL, enc)
+    named_tool = {"type": "function", "function": {"name": name}}
+    choices = [("auto", 0), ("required", 0), ("none", 1), (named_tool, 7 + _tokens(encoding, name))]
+    for choice, extra in choices:
+        assert count_prompt_sync("chat", {**TOOLS_CALL, "tool_choice": choice}, enc) == base + extra
+    calls = [("auto", 0), ("none", 1), ({"name": name}, 4 + _tokens(encoding, name))]
+    for call, extra in calls:
+        payload = {**FUNCTIONS_CALL, "function_call": call}
+        assert count_prompt_sync("chat", payload, enc) == legacy + extra
+
+
+def test_what_the_formula_does_not_cover() -> None:
+    """The documented approximations: a nested schema adds nothing beyond its property's own
+    line, a tool that is not a function counts as its compact JSON."""
+    enc = get_encoding("o200k_base")
+    messages = [{"role": "user", "content": "hi"}]
+    flat = {
+        "type": "function",
+        "function": {
+            "name": "f",
+            "parameters": {"type": "object", "properties": {"p": {"type": "object"}}},
+        },
+    }
+    nested = orjson.loads(orjson.dumps(flat))
+    nested["function"]["parameters"]["properties"]["p"]["properties"] = {"q": {"type": "string"}}
+    flat_count = count_prompt_sync("chat", {"messages": messages, "tools": [flat]}, enc)
+    assert count_prompt_sync("chat", {"messages": messages, "tools": [nested]}, enc) == flat_count
+    # 7 (function) + "f:" + 3 (properties) + 3 (one property) + "p:object:" + 12 (end)
+    plain = count_prompt_sync("chat", {"messages": messages}, enc)
+    f_line, p_line = _tokens("o200k_base", "f:"), _tokens("o200k_base", "p:object:")
+    assert flat_count == plain + 7 + f_line + 3 + 3 + p_line + 12
+    other = {"type": "custom", "custom": {"name": "grammar"}}
+    counted = count_prompt_sync("chat", {"messages": messages, "tools": [other]}, enc)
+    assert counted == plain + _tokens("o200k_base", orjson.dumps(other).decode())
+
+
+async def _usage_record(admin: Admin, account_id: str) -> dict[str, Any]:
+    """The call's usage record, once its settlement (a task of its own) has written it."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        records = admin.usage(account_id)
+        if records:
+            (record,) = records
+            return record
+        await asyncio.sleep(0.05)
+    raise AssertionError("no usage record")
+
+
+@pytest.mark.parametrize(
+    ("call", "figure"),
+    [(MESSAGES_CALL, 124), (TOOLS_CALL, 101), (FUNCTIONS_CALL, 101)],
+    ids=["messages", "tools", "functions"],
+)
+async def test_gateway_records_the_published_count(
+    gateway: Proc, admin: Admin, call: dict[str, Any], figure: int
+) -> None:
+    """Through the gateway (a model on o200k_base), the usage record's own prompt count is
+    the figure the API reported for gpt-4o; the bill follows the upstream's usage."""
     account_id, key = admin.funded(["mock-model"], amount="10.00")
-    payload = {"model": "mock-model", "max_tokens": 3, **CORPUS[index]}
+    payload = {"model": "mock-model", "max_tokens": 3, **call}
     async with (
         aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session,
         session.post(gateway.url + "/v1/chat/completions", data=orjson.dumps(payload)) as resp,
     ):
         assert resp.status == 200
         reported = orjson.loads(await resp.read())["usage"]["prompt_tokens"]
-    (record,) = admin.usage(account_id)
+    record = await _usage_record(admin, account_id)
+    assert record["gateway_prompt_tokens"] == figure
     assert record["usage_source"] == "upstream"
     assert record["prompt_tokens"] == reported
-    # The gateway's own count, recorded beside the upstream's, agrees.
-    assert record["gateway_prompt_tokens"] == reported
-    assert count_prompt_sync("chat", payload, get_encoding("o200k_base")) == reported
 
 
 async def test_large_prompt_does_not_stall_the_event_loop() -> None:
