@@ -289,7 +289,8 @@ async def _proxy_only(
         timeouts,
     )
     request[CALL_LOG].upstream = upstream_call.upstream.label
-    response, _ = await relay(request, upstream_call, timeouts)
+    passed = snapshot.settings.proxy.response_headers
+    response, _ = await relay(request, upstream_call, timeouts, passed_headers=passed)
     return response
 
 
@@ -434,7 +435,13 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         call.upstream_label = entry.upstream = upstream_call.upstream.label
         if upstream_call.response.status >= 400:
             # The upstream's own error passes through as it came and costs nothing.
-            response, _ = await relay(request, upstream_call, timeouts, extra_headers=limit_headers)
+            response, _ = await relay(
+                request,
+                upstream_call,
+                timeouts,
+                extra_headers=limit_headers,
+                passed_headers=settings.proxy.response_headers,
+            )
             await call.release()
             return response
         response, outcome = await relay(
@@ -446,6 +453,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
             flush=meter.flush,
             extra_headers=limit_headers,
             send_whole=True,
+            passed_headers=settings.proxy.response_headers,
         )
         status = _status_of(outcome)
         if outcome.body is not None and status == "ok":

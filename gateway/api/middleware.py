@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import itertools
-import os
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import HttpProcessingError
@@ -24,34 +22,11 @@ from gateway.errors import (
 from gateway.keys import REQUEST_ID
 from gateway.observability.access import ERROR_CODE
 from gateway.observability.logging import get_logger
+from gateway.request_ids import new_request_id
 
-__all__ = ["attach_request_id", "errors_middleware", "new_request_id"]
+__all__ = ["attach_request_id", "errors_middleware"]
 
 log = get_logger("gateway.api")
-
-
-class _RequestIds:
-    """`req_` + 16 random hex digits drawn once per process + a counter: unique across
-    processes and restarts without a random draw (a system call) per request."""
-
-    def __init__(self) -> None:
-        self._reseed()
-        os.register_at_fork(after_in_child=self._reseed)
-
-    def _reseed(self) -> None:
-        self.prefix = "req_" + os.urandom(8).hex()
-        self.counter = itertools.count(1)
-
-    def next(self) -> str:
-        return f"{self.prefix}{next(self.counter):010x}"
-
-
-_REQUEST_IDS = _RequestIds()
-
-
-def new_request_id() -> str:
-    """A fresh id; the gateway never reuses a client's, as it keys billing records."""
-    return _REQUEST_IDS.next()
 
 
 def _from_http_exception(exc: web.HTTPException) -> GatewayError:

@@ -27,8 +27,8 @@ from typing import Any
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
-from gateway.api.middleware import new_request_id
 from gateway.errors import error_body
+from gateway.request_ids import new_request_id
 
 __all__ = ["answer_protocol_errors_in_json"]
 

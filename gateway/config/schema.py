@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -28,6 +29,7 @@ from gateway.metering.encodings import ENCODINGS
 from gateway.money import MAX_PRICE_PER_MILLION_MICROS, MAX_TOKENS_PER_CALL, format_micros
 
 __all__ = [
+    "DEFAULT_RESPONSE_HEADERS",
     "DURATION_CEILING",
     "BillingConfig",
     "DurationRange",
@@ -43,6 +45,23 @@ __all__ = [
     "UpstreamConfig",
     "format_duration",
 ]
+
+# An upstream's answer headers reach the client only when named here (`proxy.response_headers`
+# replaces the list; a name ending in `*` is a prefix), `content-type` always. What a client of
+# OpenAI's API reads: caching, when and whether to retry (the OpenAI SDKs honour `retry-after`,
+# `retry-after-ms` and `x-should-retry`), and OpenAI's own processing time and API version.
+# Everything else stays behind: `x-litellm-key-spend` (the operator's spend), backend URLs,
+# `openai-organization`, server banners.
+DEFAULT_RESPONSE_HEADERS = (
+    "cache-control",
+    "retry-after",
+    "retry-after-ms",
+    "x-should-retry",
+    "openai-processing-ms",
+    "openai-version",
+)
+# RFC 9110 token characters, with an optional trailing `*` (a prefix).
+_HEADER_NAME = re.compile(r"[!#$%&'+\-.^_`|~0-9A-Za-z]+\*?")
 
 STORE_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 # The most tokens of each kind (prompt, completion) one call is billed for, by default: above
@@ -193,6 +212,21 @@ class ProxyConfig(_Frozen):
     # to that upstream): every call pays a new connection.
     keepalive: Annotated[Duration, bounded("100ms")] = 4.0
     max_connections: int = Field(default=1024, ge=1)
+    # The upstream answer headers a client gets (the default, and why, above); a name ending
+    # in `*` is a prefix. Content-Type always passes; the gateway's own
+    # (x-request-id, x-ratelimit-*) never come from an upstream.
+    response_headers: tuple[str, ...] = DEFAULT_RESPONSE_HEADERS
+
+    @field_validator("response_headers")
+    @classmethod
+    def _header_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            if not _HEADER_NAME.fullmatch(name):
+                raise ValueError(
+                    f"{name!r} is not a header name (letters, digits and !#$%&'*+-.^_`|~, "
+                    "optionally ending in * for a prefix)"
+                )
+        return tuple(name.lower() for name in names)
 
 
 class BillingConfig(_Frozen):

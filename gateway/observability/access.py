@@ -17,6 +17,7 @@ from aiohttp.typedefs import Handler
 from gateway.keys import CONFIG, METRICS, REQUEST_ID
 from gateway.money import format_micros
 from gateway.observability.logging import get_access_logger
+from gateway.request_ids import new_request_id
 
 __all__ = ["CALL_LOG", "ERROR_CODE", "CallLog", "access_middleware"]
 
@@ -49,8 +50,6 @@ ERROR_CODE = web.RequestKey("error_code", str)
 @web.middleware
 async def access_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Time data-plane calls; count, observe and log each one at its end."""
-    from gateway.api.middleware import new_request_id
-
     request[REQUEST_ID] = new_request_id()
     if request.method != "POST" or not request.path.startswith("/v1/"):
         return await handler(request)

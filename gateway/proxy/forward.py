@@ -16,11 +16,11 @@ from typing import Literal, Protocol
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDictProxy
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from gateway.config.schema import TimeoutsConfig
 from gateway.errors import UpstreamTimeout, UpstreamUnavailable
-from gateway.proxy.headers import request_headers, response_headers
+from gateway.proxy.headers import DEFAULT_RESPONSE_HEADERS, request_headers, response_headers
 from gateway.proxy.routing import Upstream
 
 __all__ = ["ChunkTransform", "RelayOutcome", "UpstreamCall", "open_upstream", "relay"]
@@ -119,19 +119,23 @@ async def relay(
     extra_headers: Mapping[str, str] | None = None,
     gate: StreamGate | None = None,
     send_whole: bool = False,
+    passed_headers: tuple[str, ...] = DEFAULT_RESPONSE_HEADERS,
 ) -> tuple[web.StreamResponse, RelayOutcome]:
     """Relay the upstream answer to the client.
 
     Raises 502/504 only while the client has been sent nothing; after that, failures end up
-    in the outcome's status. A non-streamed body is kept in the outcome for the meter, and
-    with `send_whole` it is written out here, so that what the caller does next (settling the
-    call) adds nothing to the client's wait, as for a stream.
+    in the outcome's status. Of the upstream's headers only `passed_headers` reach the client,
+    and `extra_headers` (the gateway's) replace any of the same name. A non-streamed body is
+    kept in the outcome for the meter, and with `send_whole` it is written out here, so that
+    what the caller does next (settling the call) adds nothing to the client's wait, as for a
+    stream.
     """
     upstream = call.response
     outcome = RelayOutcome(streamed=_is_event_stream(upstream))
     try:
         if not outcome.streamed:
-            whole = await _relay_whole(call, timeouts, outcome, extra_headers)
+            headers = _client_headers(call, extra_headers, passed_headers)
+            whole = await _relay_whole(call, timeouts, outcome, headers)
             if send_whole:
                 try:
                     await whole.prepare(request)
@@ -141,7 +145,14 @@ async def relay(
             return whole, outcome
         return (
             await _relay_stream(
-                request, call, timeouts, outcome, transform, flush, extra_headers, gate
+                request,
+                call,
+                timeouts,
+                outcome,
+                transform,
+                flush,
+                _client_headers(call, extra_headers, passed_headers),
+                gate,
             ),
             outcome,
         )
@@ -152,11 +163,20 @@ async def relay(
         upstream.release()
 
 
+def _client_headers(
+    call: UpstreamCall, extra_headers: Mapping[str, str] | None, passed: tuple[str, ...]
+) -> CIMultiDict[str]:
+    headers = response_headers(call.response.headers, passed)
+    if extra_headers:
+        headers.update(extra_headers)
+    return headers
+
+
 async def _relay_whole(
     call: UpstreamCall,
     timeouts: TimeoutsConfig,
     outcome: RelayOutcome,
-    extra_headers: Mapping[str, str] | None,
+    headers: CIMultiDict[str],
 ) -> web.StreamResponse:
     upstream = call.response
     try:
@@ -171,9 +191,6 @@ async def _relay_whole(
             f"upstream {call.upstream.label} failed while answering: {exc.__class__.__name__}"
         ) from None
     outcome.body = body
-    headers = response_headers(upstream.headers)
-    if extra_headers:
-        headers.update(extra_headers)
     return web.Response(status=upstream.status, body=body, headers=headers)
 
 
@@ -215,16 +232,13 @@ async def _relay_stream(
     outcome: RelayOutcome,
     transform: ChunkTransform | None,
     flush: Callable[[], bytes] | None,
-    extra_headers: Mapping[str, str] | None,
+    headers: CIMultiDict[str],
     gate: StreamGate | None,
 ) -> web.StreamResponse:
     upstream = call.response
     chunk = await _first_chunk(call)
     loop = asyncio.get_running_loop()
     outcome.first_chunk_at = time.perf_counter()
-    headers = response_headers(upstream.headers)
-    if extra_headers:
-        headers.update(extra_headers)
     response = web.StreamResponse(status=upstream.status, headers=headers)
     await response.prepare(request)
     content = upstream.content
