@@ -8,11 +8,13 @@ import gc
 import signal
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import get_args
 
 import aiohttp
 from aiohttp import web
 from redis.exceptions import RedisError
 
+from gateway.accounts.channels import ChannelKind
 from gateway.accounts.holds import HoldSweeper
 from gateway.accounts.lifecycle import LifecycleSweeper
 from gateway.accounts.notifier import Notifier
@@ -22,6 +24,7 @@ from gateway.api.middleware import attach_request_id, errors_middleware
 from gateway.api.protocol import answer_protocol_errors_in_json
 from gateway.config.reload import Reloader
 from gateway.config.schema import Settings
+from gateway.errors import GatewayError
 from gateway.keys import (
     CONFIG,
     HTTP,
@@ -41,7 +44,7 @@ from gateway.metering.tokenizers import warm_encodings
 from gateway.observability.access import access_middleware
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
-from gateway.state import ConfigHolder
+from gateway.state import ConfigHolder, Snapshot
 from gateway.store.channel import channel_for
 from gateway.store.client import check_eviction_policy, connect_store, exposure_warning
 
@@ -168,6 +171,24 @@ async def _stopping(app: web.Application) -> None:
     app[STOPPING].set()
 
 
+def _codes(error: type[GatewayError]) -> set[str]:
+    """The codes of `error` and every subclass of it: the refusals a client can get."""
+    found = {error.code} if error.status < 500 else set()
+    for sub in error.__subclasses__():
+        found |= _codes(sub)
+    return found
+
+
+def prime_metrics(metrics: Metrics, snapshot: Snapshot) -> None:
+    """Create at zero the series of every model, upstream, refusal and channel known now."""
+    metrics.prime(
+        models=[m.name for m in snapshot.settings.models],
+        upstreams=snapshot.routing.upstream_labels(),
+        reasons=sorted(_codes(GatewayError)),
+        channels=get_args(ChannelKind),
+    )
+
+
 def create_app(
     settings: Settings, store_url: str, config_path: str | None = None
 ) -> web.Application:
@@ -181,8 +202,13 @@ def create_app(
     answer_protocol_errors_in_json(app)
     app[CONFIG] = ConfigHolder(settings, config_path)
     app[STORE_URL] = store_url
-    app[METRICS] = Metrics()
-    app[RELOADER] = Reloader(app[CONFIG], app[METRICS])
+    metrics = app[METRICS] = Metrics()
+
+    def prime(snapshot: Snapshot) -> None:
+        prime_metrics(metrics, snapshot)
+
+    prime(app[CONFIG].snapshot)
+    app[RELOADER] = Reloader(app[CONFIG], metrics, on_swap=prime)
     app[SETTLEMENTS] = set()
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(_stopping)

@@ -117,13 +117,26 @@ class UnsupportedEncoding(GatewayError):
         return {"Accept-Encoding": self.accepted}
 
 
-class UpstreamUnavailable(GatewayError):
+class _UpstreamError(GatewayError):
+    """An upstream failure, naming for the metrics each upstream that failed the call (its
+    `host:port` label) with how: refused before it (`upstream_unavailable`), then this one."""
+
+    def __init__(
+        self, message: str, *, upstreams: tuple[str, ...] = (), refused: tuple[str, ...] = ()
+    ) -> None:
+        super().__init__(message)
+        self.failures = tuple((label, UpstreamUnavailable.code) for label in refused) + tuple(
+            (label, self.code) for label in upstreams
+        )
+
+
+class UpstreamUnavailable(_UpstreamError):
     status = 502
     type = "upstream_error"
     code = "upstream_unavailable"
 
 
-class UpstreamTimeout(GatewayError):
+class UpstreamTimeout(_UpstreamError):
     status = 504
     type = "upstream_error"
     code = "upstream_timeout"

@@ -346,12 +346,15 @@ async def dead_letters(request: web.Request) -> web.Response:
 
 
 async def reload_config(request: web.Request) -> web.Response:
-    """POST /admin/reload: re-read the config file now; 400 with the problems if invalid."""
-    problems = await request.config_dict[RELOADER].reload("admin")
-    if problems:
-        raise InvalidRequest("config refused; the old config keeps serving: " + "; ".join(problems))
+    """POST /admin/reload: re-read the config file now; 400 with the problems if invalid,
+    `reloaded: false` when the file says what the running config says."""
+    outcome = await request.config_dict[RELOADER].reload_outcome("admin")
+    if outcome.problems:
+        raise InvalidRequest(
+            "config refused; the old config keeps serving: " + "; ".join(outcome.problems)
+        )
     settings = request.config_dict[CONFIG].snapshot.settings
-    return _json({"reloaded": True, "models": [m.name for m in settings.models]})
+    return _json({"reloaded": outcome.changed, "models": [m.name for m in settings.models]})
 
 
 routes = [

@@ -433,6 +433,8 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
             timeouts,
         )
         call.upstream_label = entry.upstream = upstream_call.upstream.label
+        for label in upstream_call.refused:  # failed over: the call goes on, the error counts
+            metrics.upstream_errors.labels(label, "upstream_unavailable").inc()
         if upstream_call.response.status >= 400:
             # The upstream's own error passes through as it came and costs nothing.
             response, _ = await relay(
@@ -469,7 +471,10 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         _track(request, await call.bill(meter, status))
         return response
     except (UpstreamUnavailable, UpstreamTimeout) as exc:
-        metrics.upstream_errors.labels(call.upstream_label or "(all)", exc.code).inc()
+        # Each upstream that failed the call, by its own label: a connection refused by one
+        # and a timeout on the next are two failures, of two upstreams.
+        for label, how in exc.failures or ((call.upstream_label or "(none)", exc.code),):
+            metrics.upstream_errors.labels(label, how).inc()
         raise
     except asyncio.CancelledError:
         # aiohttp cancels the handler when the client's connection goes (handler_cancellation),

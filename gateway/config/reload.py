@@ -8,6 +8,8 @@ An invalid edit is refused, logged and counted, and the old config keeps serving
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from watchfiles import Change, awatch
@@ -16,9 +18,9 @@ from gateway.config.loader import ConfigError, load_settings
 from gateway.metering.tokenizers import warm_encodings
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
-from gateway.state import ConfigHolder
+from gateway.state import ConfigHolder, Snapshot
 
-__all__ = ["Reloader"]
+__all__ = ["ReloadOutcome", "Reloader"]
 
 log = get_logger("gateway.config")
 
@@ -26,20 +28,39 @@ log = get_logger("gateway.config")
 _RESTART_ONLY = ("server", "store")
 
 
+@dataclass(slots=True)
+class ReloadOutcome:
+    """What a reload did: refused (`problems`), applied (`changed`), or neither (the file
+    says what the running config says)."""
+
+    problems: list[str] = field(default_factory=list)
+    changed: bool = False
+
+
 class Reloader:
     """Reloads one holder's config from its file."""
 
-    def __init__(self, holder: ConfigHolder, metrics: Metrics) -> None:
+    def __init__(
+        self,
+        holder: ConfigHolder,
+        metrics: Metrics,
+        on_swap: Callable[[Snapshot], None] | None = None,
+    ) -> None:
         self.holder = holder
         self.metrics = metrics
+        self.on_swap = on_swap  # told of every new snapshot (metrics priming)
         self._lock = asyncio.Lock()
         self._target = Path(holder.path).resolve() if holder.path else None
 
     async def reload(self, trigger: str) -> list[str]:
         """Load and swap the config; return the problems (empty when it was applied)."""
+        return (await self.reload_outcome(trigger)).problems
+
+    async def reload_outcome(self, trigger: str) -> ReloadOutcome:
+        """Load and swap the config; say whether it was refused, applied or unchanged."""
         path = self.holder.path
         if path is None:
-            return ["(file): this gateway was not started from a config file"]
+            return ReloadOutcome(["(file): this gateway was not started from a config file"])
         async with self._lock:
             old = self.holder.snapshot.settings
             try:
@@ -52,11 +73,15 @@ class Reloader:
                     path=path,
                     problems=exc.problems,
                 )
-                return exc.problems
+                return ReloadOutcome(exc.problems)
             if new == old:
-                return []
+                self.metrics.config_reloads.labels("unchanged").inc()
+                log.info("config reload: nothing changed", trigger=trigger, path=path)
+                return ReloadOutcome()
             await warm_encodings(new)  # a new model's first call must not pay for it
-            self.holder.swap(new)
+            snapshot = self.holder.swap(new)
+            if self.on_swap is not None:
+                self.on_swap(snapshot)
             self.metrics.config_reloads.labels("ok").inc()
             old_models = {m.name for m in old.models}
             new_models = {m.name for m in new.models}
@@ -75,7 +100,7 @@ class Reloader:
                     log.warning(
                         "config section changed; it takes effect at restart", section=section
                     )
-            return []
+            return ReloadOutcome(changed=True)
 
     async def watch(self) -> None:
         """Reload whenever the file is written or replaced (editors often rename over it)."""

@@ -9,6 +9,7 @@ No account id is ever a label. With several workers, prometheus-client's multipr
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable
 from typing import Any
 
 from prometheus_client import (
@@ -21,7 +22,12 @@ from prometheus_client import (
 from prometheus_client.metrics import MetricWrapperBase
 from prometheus_client.multiprocess import MultiProcessCollector
 
-__all__ = ["Metrics"]
+__all__ = ["DELIVERY_RESULTS", "RELOAD_RESULTS", "UPSTREAM_ERROR_KINDS", "Metrics"]
+
+# The fixed vocabularies of some labels, whose series are created at zero at start (`prime`).
+RELOAD_RESULTS = ("ok", "error", "unchanged")
+UPSTREAM_ERROR_KINDS = ("upstream_unavailable", "upstream_timeout", "upstream_error")
+DELIVERY_RESULTS = ("delivered", "failed", "dead_lettered")
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -140,7 +146,7 @@ class Metrics:
         )
         self.config_reloads = Counter(
             "gateway_config_reloads",
-            "Config reloads, by result (ok or error).",
+            "Config reloads, by result (ok, error, or unchanged: the file said what it said).",
             ["result"],
             registry=registry,
         )
@@ -150,6 +156,36 @@ class Metrics:
             ["channel", "result"],
             registry=registry,
         )
+
+    def prime(
+        self,
+        *,
+        models: Iterable[str],
+        upstreams: Iterable[str],
+        reasons: Iterable[str],
+        channels: Iterable[str],
+    ) -> None:
+        """Create at zero every series whose labels are known now: a counter that first
+        appears at its first increment is invisible to `increase()` and `rate()` for that
+        increment (the first reload error, the first failed delivery, an upstream's first
+        timeout would never show). Called at start and after each reload (new models and
+        upstreams); series already there keep their values."""
+        for result in RELOAD_RESULTS:
+            self.child(self.config_reloads, result)
+        for upstream in upstreams:
+            for kind in UPSTREAM_ERROR_KINDS:
+                self.child(self.upstream_errors, upstream, kind)
+        for reason in reasons:
+            self.child(self.rejections, reason)
+        for channel in channels:
+            for result in DELIVERY_RESULTS:
+                self.child(self.notifications, channel, result)
+        for model in models:
+            self.child(self.billed, model)
+            for kind in ("prompt", "completion"):
+                self.child(self.tokens, model, kind)
+                self.child(self.drift_upstream, model, kind)
+                self.child(self.drift_local, model, kind)
 
     def exposition(self) -> bytes:
         """The text format for /metrics (every worker's values with several workers)."""

@@ -51,6 +51,8 @@ class UpstreamCall:
     upstream: Upstream
     started: float  # loop time when the call was sent
     deadline_first_byte: float
+    # Upstreams tried first that refused the connection (failed over, not failed).
+    refused: tuple[str, ...] = ()
 
 
 @dataclass(slots=True)
@@ -79,6 +81,7 @@ async def open_upstream(
     deadline = started + timeouts.first_byte
     client_timeout = aiohttp.ClientTimeout(total=None, sock_connect=timeouts.connect)
     failures: list[str] = []
+    tried: list[str] = []
     for upstream in candidates:
         headers = request_headers(incoming, upstream.api_key, request_id)
         try:
@@ -93,17 +96,24 @@ async def open_upstream(
                 )
         except _CONNECT_FAILURES as exc:
             failures.append(f"{upstream.label}: {exc.__class__.__name__}")
+            tried.append(upstream.label)
             continue
         except TimeoutError:
             raise UpstreamTimeout(
-                f"upstream {upstream.label} sent no answer within {timeouts.first_byte:g}s"
+                f"upstream {upstream.label} sent no answer within {timeouts.first_byte:g}s",
+                upstreams=(upstream.label,),
+                refused=tuple(tried),
             ) from None
         except aiohttp.ClientError as exc:
             raise UpstreamUnavailable(
-                f"upstream {upstream.label} failed: {exc.__class__.__name__}"
+                f"upstream {upstream.label} failed: {exc.__class__.__name__}",
+                upstreams=(upstream.label,),
+                refused=tuple(tried),
             ) from None
-        return UpstreamCall(response, upstream, started, deadline)
-    raise UpstreamUnavailable("no upstream could be reached (" + "; ".join(failures) + ")")
+        return UpstreamCall(response, upstream, started, deadline, tuple(tried))
+    raise UpstreamUnavailable(
+        "no upstream could be reached (" + "; ".join(failures) + ")", refused=tuple(tried)
+    )
 
 
 def _is_event_stream(response: aiohttp.ClientResponse) -> bool:
@@ -184,11 +194,15 @@ async def _relay_whole(
             body = await upstream.read()
     except TimeoutError:
         upstream.close()
-        raise UpstreamTimeout(f"upstream {call.upstream.label} stalled while answering") from None
+        raise UpstreamTimeout(
+            f"upstream {call.upstream.label} stalled while answering",
+            upstreams=(call.upstream.label,),
+        ) from None
     except aiohttp.ClientError as exc:
         upstream.close()
         raise UpstreamUnavailable(
-            f"upstream {call.upstream.label} failed while answering: {exc.__class__.__name__}"
+            f"upstream {call.upstream.label} failed while answering: {exc.__class__.__name__}",
+            upstreams=(call.upstream.label,),
         ) from None
     outcome.body = body
     return web.Response(status=upstream.status, body=body, headers=headers)
@@ -215,13 +229,15 @@ async def _first_chunk(call: UpstreamCall) -> bytes:
     except TimeoutError:
         call.response.close()
         raise UpstreamTimeout(
-            f"upstream {call.upstream.label} sent no first token in time"
+            f"upstream {call.upstream.label} sent no first token in time",
+            upstreams=(call.upstream.label,),
         ) from None
     except aiohttp.ClientError as exc:
         call.response.close()
         raise UpstreamUnavailable(
             f"upstream {call.upstream.label} failed before its first token: "
-            f"{exc.__class__.__name__}"
+            f"{exc.__class__.__name__}",
+            upstreams=(call.upstream.label,),
         ) from None
 
 

@@ -78,3 +78,11 @@ class RoutingTable:
 
     def get(self, name: str) -> ModelRoute | None:
         return self.routes.get(name)
+
+    def upstream_labels(self) -> list[str]:
+        """Every upstream's label, once each, in config order."""
+        seen: dict[str, None] = {}
+        for route in self.routes.values():
+            for upstream in route.upstreams:
+                seen.setdefault(upstream.label)
+        return list(seen)

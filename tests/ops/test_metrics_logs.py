@@ -122,9 +122,12 @@ async def test_metrics_series_and_values(make_gateway: Callable[..., Proc], mock
     assert samples[("gateway_billed_micros_total", (("model", "m"),))] > 0
     assert samples[("gateway_time_to_first_token_seconds_count", (("model", "m"),))] == 2
     assert samples[("gateway_requests_in_flight", ())] == 0
-    upstream = [k for k in samples if k[0] == "gateway_upstream_errors_total"]
-    assert upstream
-    assert all(dict(k[1])["kind"] == "upstream_error" for k in upstream)
+    # Every kind of the upstream's errors is there (at zero unless it happened): the one
+    # upstream error of these calls, under the upstream's own label.
+    upstream = {
+        dict(k[1])["kind"]: v for k, v in samples.items() if k[0] == "gateway_upstream_errors_total"
+    }
+    assert upstream == {"upstream_error": 1, "upstream_unavailable": 0, "upstream_timeout": 0}
     assert samples[("gateway_redis_call_seconds_count", (("operation", "reserve"),))] >= 4
     assert samples[("gateway_redis_call_seconds_count", (("operation", "settle"),))] >= 3
 
