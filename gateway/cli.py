@@ -50,12 +50,18 @@ def _server_int(field: str) -> Callable[[str], int]:
     return parse
 
 
-def _load_or_exit(path: str) -> Settings:
+def _load_or_exit(path: str, require_secrets: bool = True) -> Settings:
     try:
-        return load_settings(path)
+        return load_settings(path, require_secrets=require_secrets)
     except ConfigError as exc:
         print(str(exc), file=sys.stderr)
         raise SystemExit(1) from None
+
+
+def _admin_token_unset(settings: Settings) -> bool:
+    """True when the admin token's variable is unset or empty: the admin API is then off
+    (every /admin route answers 401), as gateway.admin.app decides."""
+    return not os.environ.get(settings.server.admin_token_env)
 
 
 def _run_worker(
@@ -142,7 +148,18 @@ def _serve(args: argparse.Namespace) -> int:
 
 
 def _check_config(args: argparse.Namespace) -> int:
-    settings = _load_or_exit(args.config)
+    # Secrets are often not at hand where a file is checked (CI, a laptop): an unset one is a
+    # warning here, and `serve` refuses to start without it.
+    settings = _load_or_exit(args.config, require_secrets=False)
+    for problem in settings.unset_secrets():
+        print(f"warning: {problem} (serve refuses to start without it)", file=sys.stderr)
+    if _admin_token_unset(settings):
+        variable = settings.server.admin_token_env
+        print(
+            f"warning: server.admin_token_env: environment variable {variable} is not set "
+            "(the admin API is disabled without it: every /admin route answers 401)",
+            file=sys.stderr,
+        )
     print(f"{args.config}: ok ({len(settings.models)} models)")
     return 0
 

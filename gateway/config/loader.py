@@ -8,7 +8,7 @@ from typing import Any
 import yaml
 from pydantic import ValidationError
 
-from gateway.config.schema import Settings
+from gateway.config.schema import SKIP_UNSET_SECRETS, Settings
 
 __all__ = ["ConfigError", "load_settings", "parse_settings"]
 
@@ -43,21 +43,29 @@ def _message(error: Any) -> str:
     return msg
 
 
-def parse_settings(data: Any, source: str = "<config>") -> Settings:
-    """Validate already-parsed YAML data into an immutable `Settings` snapshot."""
+def parse_settings(
+    data: Any, source: str = "<config>", *, require_secrets: bool = True
+) -> Settings:
+    """Validate already-parsed YAML data into an immutable `Settings` snapshot.
+
+    A secret variable the config names (`api_key_env`, `store.url_env`, `secret_env`,
+    `token_env`) that is not set is an error, unless `require_secrets` is false: then it is
+    left unread and `Settings.unset_secrets()` lists it. That is for checking a file
+    (`check-config`) where the secrets are not at hand; such a snapshot must not be served."""
     if data is None:
         data = {}
     if not isinstance(data, dict):
         raise ConfigError(source, ["(top level): expected a mapping of sections"])
     try:
-        return Settings.model_validate(data)
+        context = None if require_secrets else {SKIP_UNSET_SECRETS: True}
+        return Settings.model_validate(data, context=context)
     except ValidationError as exc:
         problems = [f"{_path(tuple(e['loc']))}: {_message(e)}" for e in exc.errors()]
         raise ConfigError(source, problems) from None
 
 
-def load_settings(path: str | Path) -> Settings:
-    """Read and validate the config file at `path`."""
+def load_settings(path: str | Path, *, require_secrets: bool = True) -> Settings:
+    """Read and validate the config file at `path` (`require_secrets`: as `parse_settings`)."""
     source = str(path)
     try:
         text = Path(path).read_text(encoding="utf-8")
@@ -69,4 +77,4 @@ def load_settings(path: str | Path) -> Settings:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(file)"
         raise ConfigError(source, [f"{where}: not valid YAML: {exc}"]) from None
-    return parse_settings(data, source)
+    return parse_settings(data, source, require_secrets=require_secrets)

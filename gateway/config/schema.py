@@ -31,6 +31,7 @@ from gateway.money import MAX_PRICE_PER_MILLION_MICROS, MAX_TOKENS_PER_CALL, for
 __all__ = [
     "DEFAULT_RESPONSE_HEADERS",
     "DURATION_CEILING",
+    "SKIP_UNSET_SECRETS",
     "BillingConfig",
     "DurationRange",
     "ModelConfig",
@@ -62,6 +63,22 @@ DEFAULT_RESPONSE_HEADERS = (
 )
 # RFC 9110 token characters, with an optional trailing `*` (a prefix).
 _HEADER_NAME = re.compile(r"[!#$%&'+\-.^_`|~0-9A-Za-z]+\*?")
+
+# The validation context key the loader sets (`require_secrets=False`) when a file is only being
+# checked: a secret variable that is not set is then left unread, for `Settings.unset_secrets`
+# to report, instead of failing validation. A snapshot so made must never be served.
+SKIP_UNSET_SECRETS = "skip_unset_secrets"
+
+
+def _skip_unset(info: ValidationInfo) -> bool:
+    """True when the loader validates for a check only (see SKIP_UNSET_SECRETS)."""
+    return isinstance(info.context, dict) and bool(info.context.get(SKIP_UNSET_SECRETS))
+
+
+def _env_missing(name: str) -> bool:
+    """A secret variable counts as unset when absent (an empty value is the operator's)."""
+    return name not in os.environ
+
 
 STORE_SCHEMES = ("redis", "rediss", "unix", "redis+cluster", "rediss+cluster")
 # The most tokens of each kind (prompt, completion) one call is billed for, by default: above
@@ -181,11 +198,13 @@ class StoreConfig(_Frozen):
     _url = field_validator("url")(_store_url)
 
     @model_validator(mode="after")
-    def _read_url(self) -> StoreConfig:
+    def _read_url(self, info: ValidationInfo) -> StoreConfig:
         if self.url_env is None:
             return self
         value = os.environ.get(self.url_env)
         if not value:
+            if _skip_unset(info):
+                return self
             raise ValueError(f"url_env: environment variable {self.url_env} is not set")
         try:
             _store_url(value)
@@ -354,13 +373,15 @@ class NotificationsConfig(_Frozen):
         return value
 
     @model_validator(mode="after")
-    def _secrets_present(self) -> NotificationsConfig:
+    def _secrets_present(self, info: ValidationInfo) -> NotificationsConfig:
+        if _skip_unset(info):
+            return self
         for i, sink in enumerate(self.webhooks):
-            if sink.secret_env is not None and sink.secret_env not in os.environ:
+            if sink.secret_env is not None and _env_missing(sink.secret_env):
                 raise ValueError(
                     f"webhooks[{i}].secret_env: environment variable {sink.secret_env} is not set"
                 )
-        if self.sms is not None and self.sms.token_env and self.sms.token_env not in os.environ:
+        if self.sms is not None and self.sms.token_env and _env_missing(self.sms.token_env):
             raise ValueError(f"sms.token_env: environment variable {self.sms.token_env} is not set")
         return self
 
@@ -391,11 +412,13 @@ class UpstreamConfig(_Frozen):
         return value.rstrip("/")
 
     @model_validator(mode="after")
-    def _read_api_key(self) -> UpstreamConfig:
+    def _read_api_key(self, info: ValidationInfo) -> UpstreamConfig:
         if self.api_key_env is None or self.api_key is not None:
             return self
         secret = os.environ.get(self.api_key_env)
         if secret is None:
+            if _skip_unset(info):
+                return self
             raise ValueError(f"environment variable {self.api_key_env} (api_key_env) is not set")
         object.__setattr__(self, "api_key", SecretStr(secret))
         return self
@@ -469,6 +492,33 @@ class Settings(_Frozen):
                     f"billing.max_tokens_per_call ({bound})"
                 )
         return models
+
+    def unset_secrets(self) -> list[str]:
+        """`path: variable is not set` for each secret variable the config names and the
+        environment lacks: what `serve` would refuse, which a snapshot validated with the
+        loader's `require_secrets=False` lets through (and only such a one can hold)."""
+        found = []
+        if self.store.url_env is not None and not os.environ.get(self.store.url_env):
+            found.append(f"store.url_env: environment variable {self.store.url_env} is not set")
+        for i, sink in enumerate(self.notifications.webhooks):
+            if sink.secret_env is not None and _env_missing(sink.secret_env):
+                found.append(
+                    f"notifications.webhooks[{i}].secret_env: "
+                    f"environment variable {sink.secret_env} is not set"
+                )
+        sms = self.notifications.sms
+        if sms is not None and sms.token_env and _env_missing(sms.token_env):
+            found.append(
+                f"notifications.sms.token_env: environment variable {sms.token_env} is not set"
+            )
+        for i, model in enumerate(self.models):
+            for j, upstream in enumerate(model.upstreams):
+                if upstream.api_key_env is not None and upstream.api_key is None:
+                    found.append(
+                        f"models[{i}].upstreams[{j}].api_key_env: "
+                        f"environment variable {upstream.api_key_env} is not set"
+                    )
+        return found
 
     def model(self, name: str) -> ModelConfig | None:
         """The configured model clients call `name`, if any."""
