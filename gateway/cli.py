@@ -1,13 +1,19 @@
-"""The `inference-gateway` command: serve, check-config, mock-upstream."""
+"""The `inference-gateway` command: serve, check-config, audit, mock-upstream, demo."""
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import errno
 import os
+import socket
+import subprocess
 import sys
 import time
+import urllib.error
+import urllib.request
 from collections.abc import Callable, Sequence
+from urllib.parse import urlsplit
 
 from aiohttp import web
 
@@ -64,6 +70,10 @@ def _admin_token_unset(settings: Settings) -> bool:
     return not os.environ.get(settings.server.admin_token_env)
 
 
+def _port_in_use(exc: OSError) -> bool:
+    return exc.errno == errno.EADDRINUSE
+
+
 def _run_worker(
     settings: Settings, config_path: str, store_url: str, host: str, port: int, reuse_port: bool
 ) -> int:
@@ -101,6 +111,11 @@ def _run_worker(
     except StoreMisconfigured as exc:
         log.error("refusing to start", reason=str(exc))
         return 1
+    except OSError as exc:
+        if not _port_in_use(exc):
+            raise
+        log.error("refusing to start", reason=f"port {port} on {host} is already in use")
+        return 1
     return 0
 
 
@@ -117,6 +132,12 @@ def _serve(args: argparse.Namespace) -> int:
     if args.worker:  # started by a supervisor, which runs the store and passes its URL
         store_url = os.environ[WORKER_STORE_ENV]
         return _run_worker(settings, args.config, store_url, host, port, reuse_port=True)
+    if _admin_token_unset(settings):
+        variable = settings.server.admin_token_env
+        log.warning(
+            f"admin API disabled: {variable} is not set; every /admin route answers 401",
+            variable=variable,
+        )
     store: EmbeddedStore | None = None
     store_url = settings.store.url
     if store_url == "embedded":
@@ -239,8 +260,117 @@ def _mock_upstream(args: argparse.Namespace) -> int:
         default_max_tokens=args.max_tokens,
         api_key=api_key,
     )
-    run_mock_upstream(args.host, args.port, options)
+    try:
+        run_mock_upstream(args.host, args.port, options)
+    except OSError as exc:
+        if not _port_in_use(exc):
+            raise
+        print(f"mock-upstream: port {args.port} on {args.host} is already in use", file=sys.stderr)
+        return 1
     return 0
+
+
+_LOOPBACK = ("127.0.0.1", "localhost", "::1")
+
+
+def _mock_address(settings: Settings) -> tuple[str, int] | str:
+    """Where the demo's mock upstream must listen: the one loopback address the config's
+    upstreams name (or why there is none)."""
+    found: set[tuple[str, int]] = set()
+    for model in settings.models:
+        for upstream in model.upstreams:
+            parts = urlsplit(upstream.url)
+            if parts.scheme == "http" and parts.hostname in _LOOPBACK:
+                found.add((parts.hostname, parts.port or 80))
+    if len(found) != 1:
+        named = ", ".join(f"{h}:{p}" for h, p in sorted(found)) or "none"
+        return f"expected the config's upstreams to name one loopback http address (got {named})"
+    return found.pop()
+
+
+def _port_free(host: str, port: int) -> bool:
+    """True when a server could listen on host:port now (with SO_REUSEADDR, as aiohttp binds:
+    a port whose last connections are in TIME_WAIT counts as free)."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def _wait_ready(url: str, proc: subprocess.Popen[bytes], timeout: float) -> bool:
+    """Poll `url` until it answers 200 (True) or `proc` exits or time runs out (False)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and proc.poll() is None:
+        try:
+            with urllib.request.urlopen(url, timeout=0.5):  # noqa: S310 - our own loopback URL
+                return True
+        except (urllib.error.URLError, OSError):
+            time.sleep(0.1)
+    return False
+
+
+def _stop(proc: subprocess.Popen[bytes], timeout: float = 5.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def _demo(args: argparse.Namespace) -> int:
+    """The mock upstream and the gateway in front of it, in one command. The mock is a child
+    in a session of its own, so a terminal's Ctrl-C (SIGINT to the process group) reaches the
+    gateway alone, which drains its calls (the mock still answering them) and stops; the mock
+    is stopped then, or as soon as this process dies, even by SIGKILL (PR_SET_PDEATHSIG)."""
+    from gateway.store.embedded import child_preexec
+
+    settings = _load_or_exit(args.config)
+    mock = _mock_address(settings)
+    if isinstance(mock, str):
+        print(f"demo: {args.config}: {mock}", file=sys.stderr)
+        return 1
+    mock_host, mock_port = mock
+    host = settings.server.host
+    port = settings.server.port if args.port is None else args.port
+    for what, (h, p) in (("the mock upstream", mock), ("the gateway", (host, port))):
+        if not _port_free(h, p):
+            print(
+                f"demo: port {p} on {h} is already in use; {what} needs it "
+                "(is another demo, mock-upstream or gateway still running?)",
+                file=sys.stderr,
+            )
+            return 1
+    command = [sys.executable, "-m", "gateway", "mock-upstream"]
+    command += ["--host", mock_host, "--port", str(mock_port)]
+    proc = subprocess.Popen(
+        command, stdin=subprocess.DEVNULL, preexec_fn=child_preexec(), start_new_session=True
+    )
+    try:
+        where = f"[{mock_host}]" if ":" in mock_host else mock_host
+        if not _wait_ready(f"http://{where}:{mock_port}/healthz", proc, timeout=30.0):
+            code = proc.poll()
+            why = f"exited with {code}" if code is not None else "did not answer within 30s"
+            print(f"demo: the mock upstream {why}", file=sys.stderr)
+            return 1
+        serve = argparse.Namespace(
+            config=args.config,
+            host=None,
+            port=args.port,
+            workers=None,
+            log_level=args.log_level,
+            worker=False,
+        )
+        return _serve(serve)
+    except KeyboardInterrupt:  # Ctrl-C before the gateway took over SIGINT
+        return 130
+    finally:
+        _stop(proc)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -279,6 +409,20 @@ def _parser() -> argparse.ArgumentParser:
     mock.add_argument("--max-tokens", type=int, default=16, help="tokens when none are asked")
     mock.add_argument("--api-key-env", help="require the key held in this environment variable")
     mock.set_defaults(func=_mock_upstream)
+
+    demo = sub.add_parser(
+        "demo",
+        help="run the mock upstream and the gateway in front of it; Ctrl-C stops both",
+    )
+    demo.add_argument(
+        "--config",
+        default="config/demo.yaml",
+        help="the gateway's config; the mock listens where its upstreams point "
+        "(default: config/demo.yaml)",
+    )
+    demo.add_argument("--port", type=_server_int("port"), help="override server.port")
+    demo.add_argument("--log-level", default="info")
+    demo.set_defaults(func=_demo)
     return parser
 
 
