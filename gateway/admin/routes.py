@@ -30,7 +30,7 @@ from gateway.errors import (
 )
 from gateway.keys import CONFIG, LEDGER, RELOADER
 from gateway.ledger import AccountRecord, Ledger
-from gateway.ledger.keys import ID_RULE, valid_account_id, valid_id
+from gateway.ledger.keys import ACCOUNT_CURSOR, ID_RULE, valid_account_id, valid_id
 from gateway.money import MAX_BALANCE_MICROS, format_micros, parse_amount
 from gateway.ratelimit import rule_spec
 from gateway.timefmt import iso_ms, now_ms
@@ -38,6 +38,7 @@ from gateway.timefmt import iso_ms, now_ms
 __all__ = ["routes"]
 
 MAX_USAGE_PAGE = 1000
+ACCOUNT_STATES = ("active", "frozen", "cleared")
 MAX_STREAM_PART = 2**64 - 1  # each half of a Redis stream id is an unsigned 64-bit number
 
 
@@ -103,6 +104,21 @@ async def get_account(request: web.Request) -> web.Response:
     ledger = request.config_dict[LEDGER]
     account = await _existing(ledger, _account_id(request))
     return _json(account_view(account, request.config_dict[CONFIG].snapshot.settings))
+
+
+async def list_accounts(request: web.Request) -> web.Response:
+    """GET /admin/accounts?limit=&after=&state= -> {"data": [accounts], "next"}: every account,
+    oldest first (by creation time, then id), each as GET /admin/accounts/{id} shows it."""
+    limit = _limit(request)
+    after = request.query.get("after")
+    if after is not None and ACCOUNT_CURSOR.fullmatch(after) is None:
+        raise InvalidRequest("after must be the 'next' cursor of a previous page", param="after")
+    state = request.query.get("state")
+    if state is not None and state not in ACCOUNT_STATES:
+        raise InvalidRequest(f"state must be one of {', '.join(ACCOUNT_STATES)}", param="state")
+    accounts, cursor = await request.config_dict[LEDGER].list_accounts(limit, after, state)
+    settings = request.config_dict[CONFIG].snapshot.settings
+    return _json({"data": [account_view(a, settings) for a in accounts], "next": cursor})
 
 
 async def create_topup(request: web.Request) -> web.Response:
@@ -360,6 +376,7 @@ async def reload_config(request: web.Request) -> web.Response:
 routes = [
     web.post("/reload", reload_config),
     web.post("/accounts", create_account),
+    web.get("/accounts", list_accounts),
     web.get("/accounts/{account_id}", get_account),
     web.post("/accounts/{account_id}/topups", create_topup),
     web.post("/accounts/{account_id}/keys", create_key),

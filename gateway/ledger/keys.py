@@ -11,6 +11,9 @@ from dataclasses import dataclass
 from typing import TypeGuard
 
 __all__ = [
+    "ACCOUNTS",
+    "ACCOUNTS_BACKFILLED",
+    "ACCOUNT_CURSOR",
     "ACCOUNT_KEY_PATTERN",
     "HOLDS_DUE",
     "ID_PATTERN",
@@ -19,6 +22,7 @@ __all__ = [
     "OUTBOX_DUE",
     "AccountKeys",
     "account_id_of",
+    "account_index_member",
     "account_keys",
     "stream_id_after",
     "valid_account_id",
@@ -48,6 +52,28 @@ OUTBOX_DUE = f"{PREFIX}:index:outbox"
 # Accounts with open holds, scored by the earliest time one of their leases may end. Written
 # before the admission script (so no hold is ever unindexed) and dropped by the hold sweeper.
 HOLDS_DUE = f"{PREFIX}:index:holds"
+
+# Every account, for the admin listing (its own slot): one member per account,
+# `<created_at ms, 15 digits>:<id>`, every score 0, so ZRANGEBYLEX walks the accounts by
+# creation time, then id, and a page's last member is the exclusive start of the next page.
+# An account's member never changes (created_at is written once) and is never removed, so a
+# walk lists every account that existed when it began exactly once, whatever is created
+# meanwhile. Written before create_account.lua, as HOLDS_DUE is before admission, so no
+# account is ever missing from it: a crash in between leaves a member no account stands
+# behind, which the listing skips, as it skips a member whose time is not its account's
+# created_at (a creation that lost to another of the same id drops its member; a crash
+# first leaves it). Accounts created before the index existed are added by a backfill
+# (Ledger.backfill_accounts_index), which a listing runs while ACCOUNTS_BACKFILLED is
+# absent; the backfill sets it when done.
+ACCOUNTS = f"{PREFIX}:index:accounts"
+ACCOUNTS_BACKFILLED = f"{PREFIX}:index:accounts:backfilled"
+# An ACCOUNTS member, as the listing's cursor (matched whole).
+ACCOUNT_CURSOR = re.compile(r"([0-9]{15}):([A-Za-z0-9_-]{1,64})")
+
+
+def account_index_member(account_id: str, created_ms: int) -> str:
+    """The ACCOUNTS member of the account created at `created_ms`."""
+    return f"{created_ms:015d}:{account_id}"
 
 
 ACCOUNT_KEY_PATTERN = f"{PREFIX}:{{a:*}}:account"  # SCAN pattern matching every account

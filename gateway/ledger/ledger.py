@@ -21,13 +21,19 @@ from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
 from gateway.errors import GatewayError, LedgerScriptError, LedgerUnavailable
 from gateway.ledger.keys import (
+    ACCOUNT_KEY_PATTERN,
+    ACCOUNTS,
+    ACCOUNTS_BACKFILLED,
     HOLDS_DUE,
     IDEMPOTENCY_TTL_SECONDS,
     LIFECYCLE_DUE,
     OUTBOX_DUE,
     SETTLED_TTL_SECONDS,
+    account_id_of,
+    account_index_member,
     account_keys,
     stream_id_after,
+    valid_account_id,
 )
 from gateway.money import MAX_BALANCE_MICROS
 from gateway.observability.logging import get_logger
@@ -61,6 +67,11 @@ return 0
 
 # How long hold-index entries wait to go out together (see Ledger._index_hold).
 INDEX_BATCH_SECONDS = 0.05
+# The most account-index members one listing page reads (Ledger.list_accounts): a page with a
+# state filter stops there, short, and its cursor goes on from where it stopped.
+LIST_EXAMINE_MAX = 5000
+# Accounts per round trip of the account-index backfill.
+BACKFILL_BATCH = 1000
 
 SCRIPT_NAMES = (
     "advance",
@@ -227,6 +238,7 @@ class Ledger:
         self._background: set[asyncio.Task[None]] = set()
         self._index_pending: dict[str, int] = {}  # account -> earliest lease end to index
         self._index_timer: asyncio.TimerHandle | None = None
+        self._backfill: asyncio.Task[None] | None = None  # the account-index backfill running
         # Called with (script name, seconds) after every script: the Redis latency metric.
         self.observe: Callable[[str, float], None] | None = None
         self._unlock = client.register_script(_UNLOCK)
@@ -269,9 +281,160 @@ class Ledger:
     # accounts ---------------------------------------------------------------------------
 
     async def create_account(self, account_id: str, name: str, now_ms: int) -> bool:
-        """Create an account; False if the id is taken."""
+        """Create an account; False if the id is taken. Its account-index member goes in first
+        (keys.ACCOUNTS): a crash before the script leaves a member the listing skips, never an
+        account the listing cannot find."""
         k = account_keys(account_id)
-        return bool(await self._run("create_account", [k.account], [account_id, name, now_ms]))
+        member = account_index_member(account_id, now_ms)
+        async with _guard("index accounts"):
+            await self.client.zadd(ACCOUNTS, {member: 0})
+        if await self._run("create_account", [k.account], [account_id, name, now_ms]):
+            return True
+        await self._tidy_account_member(account_id, member)
+        return False
+
+    async def _tidy_account_member(self, account_id: str, member: str) -> None:
+        """After a refused creation: drop the member it wrote unless it is the account's own
+        (a resent script refuses the creation its first run made), and make sure the account
+        that holds the id has its member (one made before the index existed may not yet).
+        Tidying only: the listing skips such a member anyway, so a store error is logged."""
+        try:
+            async with _guard("index accounts"):
+                created: Any = await self.client.hget(
+                    account_keys(account_id).account, "created_at"
+                )
+                if created is None or not _text(created).isdigit():
+                    return
+                own = account_index_member(account_id, int(created))
+                if own != member:
+                    await self.client.zadd(ACCOUNTS, {own: 0})
+                    await self.client.zrem(ACCOUNTS, member)
+        except GatewayError as exc:
+            log.warning("account index not tidied", account=account_id, error=str(exc))
+
+    async def list_accounts(
+        self, limit: int, after: str | None, state: str | None = None
+    ) -> tuple[list[AccountRecord], str | None]:
+        """Up to `limit` accounts after cursor `after` (an account-index member) in creation
+        order, then id order, only those in `state` when it is given, and the cursor of the
+        next page (None when there is no more). A walk that follows the cursors sees every
+        account that existed when it started exactly once, whatever is created meanwhile. A
+        page reads at most LIST_EXAMINE_MAX index members: with a state filter it may hold
+        fewer than `limit` accounts, none even, and still have a next page."""
+        await self.ensure_accounts_backfilled()
+        found: list[AccountRecord] = []
+        cursor, examined = after, 0
+        while True:
+            want = limit - len(found)
+            chunk = min(max(want, 100) if state else want, LIST_EXAMINE_MAX - examined)
+            async with _guard():
+                raw: Any = await self.client.zrangebylex(
+                    ACCOUNTS, f"({cursor}" if cursor else "-", "+", start=0, num=chunk
+                )
+            members = [_text(m) for m in raw]
+            records = await self._indexed_accounts(members)
+            taken = 0
+            for member, record in zip(members, records, strict=True):
+                taken, cursor = taken + 1, member
+                if record is not None and (state is None or record.state == state):
+                    found.append(record)
+                    if len(found) == limit:
+                        break
+            examined += taken
+            if taken == len(members) and len(members) < chunk:
+                return found, None  # the index has no more
+            if len(found) == limit or examined >= LIST_EXAMINE_MAX:
+                if taken < len(members):
+                    return found, cursor
+                async with _guard():
+                    more: Any = await self.client.zrangebylex(
+                        ACCOUNTS, f"({cursor}", "+", start=0, num=1
+                    )
+                return found, cursor if more else None
+
+    async def _indexed_accounts(self, members: Sequence[str]) -> list[AccountRecord | None]:
+        """The account behind each index member; None for a member no account stands behind
+        (its creation never ran, or another creation of the id won: created_at differs)."""
+        ids = [member.partition(":")[2] for member in members]
+        wanted = [account_id for account_id in ids if valid_account_id(account_id)]
+        replies: list[Any] = []
+        if wanted:
+            async with _guard(), self.client.pipeline(transaction=False) as pipe:
+                for account_id in wanted:
+                    k = account_keys(account_id)
+                    pipe.hgetall(k.account)
+                    pipe.smembers(k.subscriptions)
+                replies = await pipe.execute()
+        found = {
+            account_id: AccountRecord.from_hash(data, subs)
+            for account_id, data, subs in zip(wanted, replies[::2], replies[1::2], strict=True)
+            if data
+        }
+        out: list[AccountRecord | None] = []
+        for member, account_id in zip(members, ids, strict=True):
+            record = found.get(account_id)
+            if record is not None and account_index_member(record.id, record.created_at) != member:
+                record = None
+            out.append(record)
+        return out
+
+    async def ensure_accounts_backfilled(self) -> None:
+        """Run the account-index backfill unless a run has finished (ACCOUNTS_BACKFILLED is
+        set). One run per instance at a time, shielded: a listing that gives up waiting does
+        not stop it."""
+        async with _guard():
+            if await self.client.exists(ACCOUNTS_BACKFILLED):
+                return
+        if self._backfill is None or self._backfill.done():
+            self._backfill = asyncio.ensure_future(self._run_backfill())
+            # Its failure reaches the listings waiting; if none still is, it is dropped here.
+            self._backfill.add_done_callback(lambda task: task.cancelled() or task.exception())
+        await asyncio.shield(self._backfill)
+
+    async def _run_backfill(self) -> None:
+        started = time.perf_counter()
+        added = await self.backfill_accounts_index()
+        async with _guard():
+            await self.client.set(ACCOUNTS_BACKFILLED, int(time.time() * 1000))
+        log.info(
+            "account index backfilled",
+            added=added,
+            seconds=round(time.perf_counter() - started, 3),
+        )
+
+    async def backfill_accounts_index(self) -> int:
+        """Put every account of the store in the account index (a SCAN of every primary on a
+        cluster); the number of members it added. Idempotent, and safe while accounts are
+        created (their members go in before them)."""
+        added = 0
+        batch: list[str] = []
+        async with _guard("backfill the account index"):
+            async for key in self.client.scan_iter(match=ACCOUNT_KEY_PATTERN, count=1000):
+                account_id = account_id_of(_text(key))
+                # The pattern's `*` matches more than an id: keep only an account's own hash.
+                if valid_account_id(account_id) and account_keys(account_id).account == _text(key):
+                    batch.append(account_id)
+                if len(batch) >= BACKFILL_BATCH:
+                    added += await self._index_accounts(batch)
+                    batch = []
+            if batch:
+                added += await self._index_accounts(batch)
+        return added
+
+    async def _index_accounts(self, ids: Sequence[str]) -> int:
+        async with self.client.pipeline(transaction=False) as pipe:
+            for account_id in ids:
+                pipe.hget(account_keys(account_id).account, "created_at")
+            times: list[Any] = await pipe.execute()
+        members = {
+            account_index_member(account_id, int(_text(created))): 0
+            for account_id, created in zip(ids, times, strict=True)
+            if created is not None and _text(created).isdigit()
+        }
+        if not members:
+            return 0
+        added: Any = await self.client.zadd(ACCOUNTS, members)
+        return int(added)
 
     async def get_account(self, account_id: str) -> AccountRecord | None:
         k = account_keys(account_id)

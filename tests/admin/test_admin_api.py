@@ -133,10 +133,12 @@ def _data_error(status: int, body: bytes, want_status: int, want_code: str) -> N
 
 
 def test_route_list_covers_the_spec_routes() -> None:
-    """The walked list holds at least every admin route SPEC section 6 names."""
+    """The walked list holds at least every admin route SPEC section 6 names, and the account
+    listing."""
     walked = set(_route_list())
     for route in [
         ("POST", "/admin/accounts"),
+        ("GET", "/admin/accounts"),
         ("GET", "/admin/accounts/{account_id}"),
         ("POST", "/admin/accounts/{account_id}/topups"),
         ("POST", "/admin/accounts/{account_id}/keys"),
