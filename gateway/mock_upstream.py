@@ -5,7 +5,12 @@ upstream without a GPU or a network: answers are cheap to produce, identical byt
 same request, and their `usage` numbers are true (re-tokenizing the text gives the same
 counts). Request headers inject failures (`x-mock-status`, `x-mock-disconnect-after`),
 latency (`x-mock-ttft`, `x-mock-token-delay`) and untrue usage (`x-mock-usage-prompt-tokens`,
-`x-mock-usage-completion-tokens`: the numbers `usage` reports, the text unchanged), and
+`x-mock-usage-completion-tokens`: the numbers `usage` reports, the text unchanged), no
+usage at all (`x-mock-omit-usage: true`, even when a stream asks for it) and several choices
+(`x-mock-allow-n: true` lets a request's `n` of 1-16 through: each choice has words of its
+own and ends with a "." token, so the choices' texts joined tokenize differently from each
+on its own, as real answers do; a stream interleaves them as OpenAI does; without the header
+`n` must be 1), and
 `GET /debug/last-request` shows what the gateway forwarded.
 """
 
@@ -115,7 +120,7 @@ def _check_vocabulary(encoding: tiktoken.Encoding) -> None:
             if len(encoding.encode(form, disallowed_special=())) != 1:
                 raise RuntimeError(f"{form!r} is not one token in {encoding.name}")
     sample = WORDS[0].capitalize() + "".join(" " + word for word in WORDS)
-    if len(encoding.encode(sample, disallowed_special=())) != len(WORDS) + 1:
+    if len(encoding.encode(sample + ".", disallowed_special=())) != len(WORDS) + 2:
         raise RuntimeError(f"the word list does not tokenize word by word in {encoding.name}")
 
 
@@ -136,10 +141,23 @@ def _completion_words(digest: bytes, count: int) -> list[int]:
     return rng.choices(_WORD_INDICES, k=count)
 
 
-def _completion_text(indices: list[int]) -> str:
+def _completion_text(indices: list[int], period: bool = False) -> str:
+    """The text of a completion's words; with `period`, its last token is "." instead."""
     if not indices:
         return ""
+    if period:
+        return _completion_text(indices[:-1]) + "."
     return _CAPITALIZED[indices[0]] + "".join([_SPACED[i] for i in indices[1:]])
+
+
+_PERIOD_JSON: Final = orjson.dumps(".")
+
+
+def _piece_json(indices: list[int], position: int, period: bool) -> bytes:
+    """The JSON string of a completion's token at `position` (see `_completion_text`)."""
+    if period and position == len(indices) - 1:
+        return _PERIOD_JSON
+    return _SPACED_JSON[indices[position]] if position else _CAPITALIZED_JSON[indices[position]]
 
 
 def _header_float(request: web.Request, name: str, default: float) -> float:
@@ -180,10 +198,23 @@ def _completion_limit(body: dict[str, Any]) -> int | None:
     return None
 
 
-def _check_n(body: dict[str, Any]) -> None:
+MAX_CHOICES: Final = 16
+
+
+def _choices_of(body: dict[str, Any], allow_n: bool) -> int:
+    """How many choices to answer with: `n` where `x-mock-allow-n` lets it through, else 1."""
     n = body.get("n")
-    if n is not None and n != 1:
+    if n is None or n == 1:
+        return 1
+    if not allow_n:
         raise _bad_request("the mock upstream only supports n=1", "n")
+    if type(n) is not int or not 1 <= n <= MAX_CHOICES:
+        raise _bad_request(f"n must be an integer in 1-{MAX_CHOICES}", "n")
+    return n
+
+
+def _header_flag(request: web.Request, name: str) -> bool:
+    return request.headers.get(name, "").strip().lower() in ("1", "true", "yes")
 
 
 def _stream_flags(body: dict[str, Any]) -> tuple[bool, bool]:
@@ -248,11 +279,13 @@ class _Generation:
 
     model: str
     response_id: str
-    indices: list[int]
+    choices: list[list[int]]  # each choice's words, as indices into WORDS
+    period: bool  # each choice's last token is "." (n > 1)
     finish_reason: str
     prompt_tokens: int
     stream: bool
     include_usage: bool
+    omit_usage: bool
 
 
 class _MockServer:
@@ -386,20 +419,27 @@ class _MockServer:
             param,
         )
 
-    def _generation(self, body: dict[str, Any], id_prefix: str, prompt_tokens: int) -> _Generation:
-        _check_n(body)
+    def _generation(
+        self, request: web.Request, body: dict[str, Any], id_prefix: str, prompt_tokens: int
+    ) -> _Generation:
+        n = _choices_of(body, _header_flag(request, "x-mock-allow-n"))
         limit = _completion_limit(body)
         count = self.options.default_max_tokens if limit is None else limit
         digest = _request_digest(body)
         stream, include_usage = _stream_flags(body)
+        # Choice 0 has the words a request without `n` gets; each other its own.
+        seeds = [digest] + [hashlib.sha256(digest + bytes([k])).digest() for k in range(1, n)]
+        omit_usage = _header_flag(request, "x-mock-omit-usage")
         return _Generation(
             model=body["model"],
             response_id=id_prefix + digest.hex()[:24],
-            indices=_completion_words(digest, count),
+            choices=[_completion_words(seed, count) for seed in seeds],
+            period=n > 1,
             finish_reason="stop" if limit is None else "length",
             prompt_tokens=prompt_tokens,
             stream=stream,
-            include_usage=include_usage,
+            include_usage=include_usage and not omit_usage,
+            omit_usage=omit_usage,
         )
 
     async def _dispatch(
@@ -418,38 +458,46 @@ class _MockServer:
         ttft = _header_float(request, "x-mock-ttft", self.options.ttft)
         delay = _header_float(request, "x-mock-token-delay", self.options.token_delay)
         disconnect_after = _header_int(request, "x-mock-disconnect-after")
-        usage = _reported_usage(request, gen.prompt_tokens, len(gen.indices))
+        completion_tokens = sum(len(words) for words in gen.choices)
+        usage = _reported_usage(request, gen.prompt_tokens, completion_tokens)
         if gen.stream:
             return await self._stream(request, gen, chat, ttft, delay, disconnect_after, usage)
         if ttft > 0:
             await asyncio.sleep(ttft)
         if disconnect_after is not None:
             return _drop_connection(request)
-        text = _completion_text(gen.indices)
-        choice: dict[str, Any]
-        if chat:
-            choice = {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": gen.finish_reason,
-            }
-        else:
-            choice = {
-                "index": 0,
-                "text": text,
-                "logprobs": None,
-                "finish_reason": gen.finish_reason,
-            }
-        payload = {
+        choices: list[dict[str, Any]] = []
+        for index, words in enumerate(gen.choices):
+            text = _completion_text(words, gen.period)
+            if chat:
+                choices.append(
+                    {
+                        "index": index,
+                        "message": {"role": "assistant", "content": text, "refusal": None},
+                        "logprobs": None,
+                        "finish_reason": gen.finish_reason,
+                    }
+                )
+            else:
+                choices.append(
+                    {
+                        "index": index,
+                        "text": text,
+                        "logprobs": None,
+                        "finish_reason": gen.finish_reason,
+                    }
+                )
+        payload: dict[str, Any] = {
             "id": gen.response_id,
             "object": "chat.completion" if chat else "text_completion",
             "created": CREATED,
             "model": gen.model,
-            "choices": [choice],
+            "choices": choices,
             "usage": usage,
             "system_fingerprint": SYSTEM_FINGERPRINT,
         }
+        if gen.omit_usage:
+            del payload["usage"]
         return _json_response(orjson.dumps(payload))
 
     async def _stream(
@@ -477,25 +525,29 @@ class _MockServer:
                 payload["usage"] = usage
             return payload
 
-        def choice(content: str | None, finish_reason: str | None) -> dict[str, Any]:
+        def choice(content: str | None, finish_reason: str | None, index: int) -> dict[str, Any]:
             if chat:
                 delta = {} if content is None else {"content": content}
                 return {
-                    "index": 0,
+                    "index": index,
                     "delta": delta,
                     "logprobs": None,
                     "finish_reason": finish_reason,
                 }
             return {
-                "index": 0,
+                "index": index,
                 "text": content or "",
                 "logprobs": None,
                 "finish_reason": finish_reason,
             }
 
-        prefix, suffix = _split_template(chunk([choice(_PLACEHOLDER, None)], None))
-        indices = gen.indices
-        limit = len(indices) if disconnect_after is None else min(disconnect_after, len(indices))
+        indexed = list(enumerate(gen.choices))
+        templates = [
+            _split_template(chunk([choice(_PLACEHOLDER, None, index)], None))
+            for index, _ in indexed
+        ]
+        length = len(gen.choices[0])  # every choice has as many words
+        limit = length if disconnect_after is None else min(disconnect_after, length)
 
         resp = web.StreamResponse(headers={"Cache-Control": "no-cache"})
         resp.content_type = "text/event-stream"
@@ -504,19 +556,22 @@ class _MockServer:
         try:
             await resp.prepare(request)
             if chat:
-                opening = choice("", None)
-                opening["delta"] = {"role": "assistant", "content": ""}
-                await resp.write(_sse(chunk([opening], None)))
+                for index, _ in indexed:
+                    opening = choice("", None, index)
+                    opening["delta"] = {"role": "assistant", "content": ""}
+                    await resp.write(_sse(chunk([opening], None)))
             for position in range(limit):
                 if position and delay > 0:
                     await asyncio.sleep(delay)
-                word = indices[position]
-                token = _SPACED_JSON[word] if position else _CAPITALIZED_JSON[word]
-                await resp.write(prefix + token + suffix)
+                for index, words in indexed:
+                    token = _piece_json(words, position, gen.period)
+                    prefix, suffix = templates[index]
+                    await resp.write(prefix + token + suffix)
             if disconnect_after is not None:
                 _drop_connection(request)
                 return resp
-            await resp.write(_sse(chunk([choice(None, gen.finish_reason)], None)))
+            for index, _ in indexed:
+                await resp.write(_sse(chunk([choice(None, gen.finish_reason, index)], None)))
             if gen.include_usage:
                 await resp.write(_sse(chunk([], usage)))
             await resp.write(_SSE_DONE)
@@ -530,12 +585,14 @@ class _MockServer:
     async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await self._read_body(request)
         prompt_tokens = self._chat_prompt_tokens(body)
-        return await self._answer(request, self._generation(body, "chatcmpl-", prompt_tokens), True)
+        generation = self._generation(request, body, "chatcmpl-", prompt_tokens)
+        return await self._answer(request, generation, True)
 
     async def _completion(self, request: web.Request) -> web.StreamResponse:
         body = await self._read_body(request)
         prompt_tokens = self._input_tokens(body.get("prompt"), "prompt")
-        return await self._answer(request, self._generation(body, "cmpl-", prompt_tokens), False)
+        generation = self._generation(request, body, "cmpl-", prompt_tokens)
+        return await self._answer(request, generation, False)
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         body = await self._read_body(request)
