@@ -1,9 +1,32 @@
 """Completion tokens as they pass: the text of a whole answer or of an SSE stream.
 
-The meter reads only what counting needs (choice text, tool-call arguments, `usage`). When
-the gateway asked the upstream for stream usage on the client's behalf, the meter also hides
-it again: it drops the usage-only chunk and the `"usage":null` fields, so the client gets the
-bytes it would have got without the gateway.
+The meter reads only what counting needs (choice text, tool-call arguments, `usage`). Each
+choice's text is kept apart (by its `index`): with `n` > 1 the choices are counted one by one
+and summed, as the upstream counts them (their texts joined would tokenize differently).
+
+Usage the gateway asked for on the client's behalf (`strip_usage`: the gateway set
+`stream_options.include_usage` and the client had not) is read, then hidden again, so the
+client gets the events the upstream would have sent without the gateway. The gateway cannot
+know what a given upstream sends when not asked, so the rule is the one that is exact for
+OpenAI and vLLM (which send no `usage` key at all when not asked):
+
+- an event whose `usage` is not null (a report, even of zeros) and that, without it, carries
+  nothing a client could use is dropped. "Nothing" means: its `choices` are absent, empty, or
+  each has only an `index` besides blank values (null, "", {}, [] or objects of those: the
+  empty `delta` and null `finish_reason` / `logprobs` of LiteLLM's usage chunk, the empty
+  `text` of a legacy completion's), and its other fields are the envelope (`id`, `object`,
+  `created`, `model`, `system_fingerprint`, `service_tier`, `obfuscation`) or blank.
+  OpenAI's and vLLM's usage chunk (`"choices": []`) and LiteLLM's
+  (`[{"index": 0, "delta": {}}]`) are such events;
+- from every other event that has a top-level `usage` key (OpenAI's `"usage": null` on every
+  chunk, vLLM's continuous usage, a finish chunk that also carries the usage), the key alone
+  is removed, with the comma that separated it: every other byte of the event is kept, and
+  every event without a `usage` key is passed on untouched. (An event split over several
+  `data:` lines is re-serialized instead.)
+
+Where an upstream would have sent usage unasked (LiteLLM puts zero usage on each legacy
+completions chunk), the client does not get it through a gateway that forced usage: the
+gateway cannot tell it from the usage it asked for.
 """
 
 from __future__ import annotations
@@ -22,6 +45,15 @@ __all__ = ["CompletionMeter"]
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _NULL_USAGE = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
 _NOT_JSON = object()
+# A JSON string or one structural character: enough to find a top-level member's bytes.
+_JSON_TOKEN = re.compile(rb'"[^"\\]*(?:\\.[^"\\]*)*"|[{}\[\],:]')
+_USAGE_KEY = b'"usage"'
+_WHITESPACE = b" \t\r\n"
+# Top-level fields that say nothing by themselves: a chunk of only these (and usage) is the
+# usage chunk.
+_ENVELOPE = frozenset(
+    {"id", "object", "created", "model", "system_fingerprint", "service_tier", "obfuscation"}
+)
 
 
 def _payload(event: bytes) -> bytes | None:
@@ -34,9 +66,110 @@ def _payload(event: bytes) -> bytes | None:
     return b"\n".join(lines)
 
 
-def _usage_only(obj: dict[str, Any] | None) -> bool:
-    """The usage chunk only the gateway asked for (no choices)."""
-    return obj is not None and bool(obj.get("usage")) and not obj.get("choices")
+def _blank(value: Any) -> bool:
+    """Null, "", [], {} or an object of such values: nothing a client could use."""
+    if value is None:
+        return True
+    if isinstance(value, str | list):
+        return not value
+    if isinstance(value, dict):
+        return all(_blank(item) for item in value.values())
+    return False
+
+
+def _usage_only(obj: dict[str, Any]) -> bool:
+    """True when the event has a `usage` (not null) and, without it, carries nothing else."""
+    if obj.get("usage") is None:
+        return False
+    for key, value in obj.items():
+        if key == "usage" or key in _ENVELOPE:
+            continue
+        if key == "choices":
+            if not isinstance(value, list):
+                return False
+            for choice in value:
+                if not isinstance(choice, dict):
+                    return False
+                for field, item in choice.items():
+                    if field != "index" and not _blank(item):
+                        return False
+        elif not _blank(value):
+            return False
+    return True
+
+
+def _cut_member(text: bytes, start: int) -> bytes | None:
+    """`text` without the top-level `"usage"` member of the JSON object that opens at
+    `start` (and without the comma that separated it from a neighbour); None if that object
+    has no such member spelled plainly."""
+    depth = 0
+    expect_key = False
+    comma = -1  # the last top-level comma before the member
+    member = -1  # where the member's key starts
+    for match in _JSON_TOKEN.finditer(text, start):
+        at = match.start()
+        char = text[at]
+        if char == 0x7B or char == 0x5B:  # { [
+            depth += 1
+            expect_key = depth == 1
+            continue
+        if char == 0x7D or char == 0x5D:  # } ]
+            depth -= 1
+            if depth == 0:
+                if member < 0:
+                    return None
+                end = at
+                while text[end - 1] in _WHITESPACE:
+                    end -= 1
+                return text[: comma if comma >= 0 else member] + text[end:]
+            continue
+        if depth != 1:
+            continue
+        if char == 0x2C:  # ,
+            if member >= 0:
+                end = match.end()
+                while end < len(text) and text[end] in _WHITESPACE:
+                    end += 1
+                return text[:member] + text[end:]
+            comma = at
+            expect_key = True
+        elif char == 0x22:  # a string: a key where one is expected
+            if expect_key and member < 0 and match.group() == _USAGE_KEY:
+                member = at
+            expect_key = False
+        else:
+            expect_key = False
+    return None
+
+
+def _without_usage(event: bytes, obj: dict[str, Any]) -> bytes:
+    """The event with its top-level `usage` member removed, all its other bytes kept."""
+    if obj["usage"] is None and event.count(_USAGE_KEY) == 1:
+        for pattern in _NULL_USAGE:  # the usual case: OpenAI's `"usage":null`
+            if pattern in event:
+                return event.replace(pattern, b"", 1)
+    data = event.find(b"data:")
+    if data >= 0 and event.count(b"data:") == 1:
+        brace = event.find(b"{", data)
+        if brace >= 0:
+            cut = _cut_member(event, brace)
+            if cut is not None:
+                return cut
+    # Several `data:` lines (or a key spelled with escapes): the event is written anew, its
+    # other lines kept where they were.
+    rest = {key: value for key, value in obj.items() if key != "usage"}
+    ending = event[len(event.rstrip(b"\r\n")) :]
+    lines = event[: len(event) - len(ending)].splitlines()
+    newline = b"\r\n" if b"\r\n" in event else b"\n"
+    out: list[bytes] = []
+    written = False
+    for line in lines:
+        if not line.startswith(b"data:"):
+            out.append(line)
+        elif not written:
+            out.append(b"data: " + orjson.dumps(rest))
+            written = True
+    return newline.join(out) + ending
 
 
 def _loads(payload: bytes) -> Any:
@@ -46,15 +179,51 @@ def _loads(payload: bytes) -> Any:
         return _NOT_JSON
 
 
+def _stripped(
+    events: list[bytes], objects: list[dict[str, Any] | None], sep: bytes
+) -> tuple[bytes, bool]:
+    """The events a client that did not ask for usage gets (see the module docstring),
+    joined with `sep`, and whether there are any."""
+    nulls = 0
+    for obj in objects:
+        if obj is not None and "usage" in obj:
+            if obj["usage"] is not None:
+                break
+            nulls += 1
+    else:
+        # The usual case (OpenAI's `"usage":null` on every chunk, or no usage at all): one
+        # replace over the joined events, when each of their keys is found once, plainly.
+        joined = sep.join(events)
+        if not nulls:
+            return joined, bool(events)
+        if joined.count(_USAGE_KEY) == nulls:
+            for pattern in _NULL_USAGE:
+                joined = joined.replace(pattern, b"")
+            if _USAGE_KEY not in joined:
+                return joined, bool(events)
+    out: list[bytes] = []
+    for event, obj in zip(events, objects, strict=True):
+        if obj is None or "usage" not in obj:
+            out.append(event)
+        elif not _usage_only(obj):
+            out.append(_without_usage(event, obj))
+    return sep.join(out), bool(out)
+
+
 class CompletionMeter:
     """Collects one answer's completion text and the upstream's `usage`, if any."""
 
-    __slots__ = ("_pending", "_strip_usage", "done", "last", "texts", "usage")
+    __slots__ = ("_choice", "_marks", "_pending", "_strip_usage", "done", "last", "texts", "usage")
 
     def __init__(self, strip_usage: bool = False) -> None:
         self._strip_usage = strip_usage
         self._pending = b""
+        # Every piece of text, in the order it came, whatever its choice: `_marks` says where
+        # the choice changes, as (position in `texts`, choice index) from then on; with one
+        # choice (index 0, the usual case) there are none.
         self.texts: list[str] = []
+        self._marks: list[tuple[int, int]] = []
+        self._choice = 0
         self.usage: dict[str, Any] | None = None
         self.done = False  # the stream's `[DONE]` was seen
         self.last: dict[str, Any] | None = None  # the last chunk with choices (for its id)
@@ -95,14 +264,8 @@ class CompletionMeter:
         objects = self._parse(payloads)
         if not self._strip_usage:
             return chunk
-        kept = [e for e, obj in zip(events, objects, strict=True) if not _usage_only(obj)]
-        if not kept:
-            return b""
-        out = b"\n\n".join(kept) + b"\n\n"
-        if b'"usage"' in out:  # inside a JSON string the quotes would be escaped
-            for pattern in _NULL_USAGE:
-                out = out.replace(pattern, b"")
-        return out
+        out, kept = _stripped(events, objects, b"\n\n")
+        return out + b"\n\n" if kept else b""
 
     def _feed_crlf(self, data: bytes, chunk: bytes) -> bytes:
         events = []
@@ -114,15 +277,7 @@ class CompletionMeter:
         objects = self._parse([_payload(event) for event in events])
         if not self._strip_usage:
             return chunk
-        out: list[bytes] = []
-        for event, obj in zip(events, objects, strict=True):
-            if _usage_only(obj):
-                continue
-            if b"usage" in event:
-                for pattern in _NULL_USAGE:
-                    event = event.replace(pattern, b"")
-            out.append(event)
-        return b"".join(out)
+        return _stripped(events, objects, b"")[0]
 
     def _parse(self, payloads: list[bytes | None]) -> list[dict[str, Any] | None]:
         """Each payload's JSON object (None for `[DONE]`, comments and what is not JSON),
@@ -177,6 +332,13 @@ class CompletionMeter:
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
+            index = choice.get("index", 0)
+            if index != self._choice:
+                if type(index) is not int:
+                    index = 0
+                if index != self._choice:
+                    self._marks.append((len(texts), index))
+                    self._choice = index
             text = choice.get("text")
             if isinstance(text, str):
                 texts.append(text)
@@ -196,11 +358,26 @@ class CompletionMeter:
                             if isinstance(value, str):
                                 texts.append(value)
 
+    def choice_texts(self) -> dict[int, str]:
+        """The text seen of each choice, by its index."""
+        texts = self.texts
+        if not self._marks:
+            return {0: "".join(texts)} if texts else {}
+        pieces: dict[int, list[str]] = {}
+        starts = [(0, 0), *self._marks]
+        ends = [position for position, _ in self._marks] + [len(texts)]
+        for (start, index), end in zip(starts, ends, strict=True):
+            pieces.setdefault(index, []).extend(texts[start:end])
+        return {index: "".join(parts) for index, parts in pieces.items() if parts}
+
     def local_tokens(self, encoding: tiktoken.Encoding) -> int:
-        """Completion tokens counted by the gateway from the text it saw."""
+        """Completion tokens counted by the gateway from the text it saw: each choice's text
+        tokenized on its own, summed."""
         if not self.texts:
             return 0
-        return len(encoding.encode_ordinary("".join(self.texts)))
+        if not self._marks:
+            return len(encoding.encode_ordinary("".join(self.texts)))
+        return sum(len(encoding.encode_ordinary(t)) for t in self.choice_texts().values())
 
     async def count_local_tokens(self, encoding: tiktoken.Encoding) -> int:
         """`local_tokens`, on a worker thread for a long answer (as prompts are counted)."""
