@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -16,8 +17,9 @@ import orjson
 import pytest
 import redis
 
-from gateway.ledger.keys import account_keys
-from tests.admin_client import Admin
+from gateway.ledger.keys import ACCOUNTS_BACKFILLED, account_keys
+from gateway.timefmt import now_ms
+from tests.admin_client import ADMIN_TOKEN, Admin
 from tests.billing.checks import assert_invariant, micros, wait_no_holds
 from tests.cluster import ValkeyCluster
 from tests.conftest import model_entry
@@ -147,6 +149,85 @@ async def test_lifecycle_and_events_once_across_instances(
     assert ops.bad_signatures() == []
     slots = {cluster_client.keyslot(f"gw:{{a:{a}}}:account") for a in ids}
     assert len(slots) == len(ids)
+
+
+async def _create_accounts(gateways: list[Proc], ids: list[str]) -> None:
+    """Create `ids` all at once, spread over the instances."""
+    headers = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+    async def create(session: aiohttp.ClientSession, gw: Proc, account_id: str) -> int:
+        body = orjson.dumps({"id": account_id})
+        async with session.post(gw.url + "/admin/accounts", data=body, headers=headers) as r:
+            await r.read()
+            return r.status
+
+    async with aiohttp.ClientSession() as session:
+        statuses = await asyncio.gather(
+            *(create(session, gateways[i % len(gateways)], a) for i, a in enumerate(ids))
+        )
+    assert statuses == [201] * len(ids)
+
+
+async def test_account_listing_across_primaries(
+    make_gateway: Callable[..., Proc],
+    mock_a: Proc,
+    cluster: ValkeyCluster,
+    cluster_client: redis.RedisCluster,
+) -> None:
+    """GET /admin/accounts on the cluster: accounts an earlier version left out of the index,
+    on every primary, are backfilled (the scan covers each primary), and a walk with limit 4
+    through one instance, while both instances create more accounts between its pages, lists
+    each account that existed when it began exactly once, nothing twice, in creation order."""
+    gateways = [make_gateway([_model(mock_a.url)], store={"url": cluster.url}) for _ in range(2)]
+    cluster_client.delete(ACCOUNTS_BACKFILLED)
+    old: list[str] = []
+    while any(
+        sum(cluster.node_of(account_keys(a).account) == n for a in old) < 3 for n in range(3)
+    ):
+        old.append("old-" + uuid.uuid4().hex[:10])
+    base = now_ms() - 86_400_000
+    for i, account_id in enumerate(old):  # as create_account.lua wrote them before the index
+        cluster_client.hset(
+            account_keys(account_id).account,
+            mapping={
+                "id": account_id,
+                "name": "",
+                "balance": 0,
+                "held": 0,
+                "topped_up": 0,
+                "spent": 0,
+                "state": "active",
+                "period": "",
+                "arrears_since": "",
+                "created_at": base + i,
+            },
+        )
+    new = ["new-" + uuid.uuid4().hex[:10] for _ in range(30)]
+    await _create_accounts(gateways, new)
+    admin = Admin(gateways[1].url)
+    items: list[dict[str, Any]] = []
+    meanwhile: list[str] = []
+    after = ""
+    for _ in range(1000):
+        page = await asyncio.to_thread(admin.ok, "GET", f"/admin/accounts?limit=4{after}")
+        assert len(page["data"]) <= 4
+        items.extend(page["data"])
+        more = ["more-" + uuid.uuid4().hex[:10] for _ in range(2)]
+        await _create_accounts(gateways, more)
+        meanwhile += more
+        if page["next"] is None:
+            break
+        after = f"&after={page['next']}"
+    else:
+        pytest.fail("the walk did not end")
+    seen = Counter(item["id"] for item in items)
+    assert max(seen.values()) == 1
+    assert all(seen[a] == 1 for a in old + new)
+    assert [i["id"] for i in items if i["id"] in old] == old
+    assert items == sorted(items, key=lambda i: (i["created_at"], i["id"].encode()))
+    assert cluster_client.exists(ACCOUNTS_BACKFILLED)
+    for item in items[:3]:
+        assert item == admin.account(item["id"])
 
 
 def test_cluster_keys_share_one_slot_per_account(tmp_path: Path) -> None:
