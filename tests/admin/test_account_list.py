@@ -132,7 +132,9 @@ def _new_ids(n: int, prefix: str = "acct") -> list[str]:
     return [f"{prefix}-{uuid.uuid4().hex[:10]}" for _ in range(n)]
 
 
-def _old_version_account(store: redis.Redis, account_id: str, created_ms: int) -> None:
+def old_version_account(
+    store: redis.Redis | redis.RedisCluster, account_id: str, created_ms: int
+) -> None:
     """An account as the create_account.lua of the version before the index wrote it."""
     store.hset(
         account_keys(account_id).account,
@@ -333,7 +335,7 @@ async def test_accounts_from_before_the_index_are_backfilled(
     old = [f"old-{i}-{uuid.uuid4().hex[:6]}" for i in range(25)]
     base = now_ms() - 3_600_000
     for i, account_id in enumerate(old):
-        _old_version_account(store, account_id, base + i)
+        old_version_account(store, account_id, base + i)
     store.delete(ACCOUNTS, ACCOUNTS_BACKFILLED)
     new = _new_ids(10)
     await _create_many(gateways, new)
@@ -344,7 +346,7 @@ async def test_accounts_from_before_the_index_are_backfilled(
     assert store.exists(ACCOUNTS_BACKFILLED)
     assert store.zcard(ACCOUNTS) == 35
     # With the marker set no scan runs: an unindexed account stays out...
-    _old_version_account(store, "late-old", base + 100)
+    old_version_account(store, "late-old", base + 100)
     assert "late-old" not in [i["id"] for i in _walk(Admin(gateways[0].url), 1000)]
     # ...until the marker is deleted (after a rolling upgrade) and the next listing scans.
     store.delete(ACCOUNTS_BACKFILLED)
@@ -409,7 +411,7 @@ async def test_a_duplicate_post_indexes_an_account_older_than_the_index(
     index, and not the refused creation's."""
     Admin(gateway_alone.url).ok("GET", "/admin/accounts")  # the backfill has run: marker set
     account_id = "older-" + uuid.uuid4().hex[:8]
-    _old_version_account(store, account_id, 12_345)
+    old_version_account(store, account_id, 12_345)
     reply = Admin(gateway_alone.url).call("POST", "/admin/accounts", {"id": account_id})
     _error(reply, 409, "account_exists")
     members = [m.decode() for m in store.zrangebylex(ACCOUNTS, "-", "+")]

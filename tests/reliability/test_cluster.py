@@ -19,6 +19,7 @@ import redis
 
 from gateway.ledger.keys import ACCOUNTS_BACKFILLED, account_keys
 from gateway.timefmt import now_ms
+from tests.admin.test_account_list import old_version_account
 from tests.admin_client import ADMIN_TOKEN, Admin
 from tests.billing.checks import assert_invariant, micros, wait_no_holds
 from tests.cluster import ValkeyCluster
@@ -187,21 +188,7 @@ async def test_account_listing_across_primaries(
         old.append("old-" + uuid.uuid4().hex[:10])
     base = now_ms() - 86_400_000
     for i, account_id in enumerate(old):  # as create_account.lua wrote them before the index
-        cluster_client.hset(
-            account_keys(account_id).account,
-            mapping={
-                "id": account_id,
-                "name": "",
-                "balance": 0,
-                "held": 0,
-                "topped_up": 0,
-                "spent": 0,
-                "state": "active",
-                "period": "",
-                "arrears_since": "",
-                "created_at": base + i,
-            },
-        )
+        old_version_account(cluster_client, account_id, base + i)
     new = ["new-" + uuid.uuid4().hex[:10] for _ in range(30)]
     await _create_accounts(gateways, new)
     admin = Admin(gateways[1].url)
