@@ -1,4 +1,4 @@
-"""The `inference-gateway` command: serve, check-config, audit, mock-upstream, demo."""
+"""The `inference-gateway` command: serve, check-config, audit, backup, mock-upstream, demo."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -249,6 +251,111 @@ def _running_store_url(data_dir: str, wait: float = 15.0) -> str | None:
     return url
 
 
+# What a backup of the embedded store holds, relative to its data directory: the append-only
+# files (the ledger), the password they are served with, and the settlement journal (what the
+# store had not yet acknowledged). The rest (valkey.conf, store.url, the socket, the lock,
+# the logs) is written afresh at each start.
+BACKUP_PARTS = ("appendonlydir", "store.password", "journal")
+
+
+def _write_backup(data_dir: Path, out: Path) -> list[str]:
+    """A gzipped tar of BACKUP_PARTS, written beside `out` and renamed into place. With the
+    store's AOF rewrites off, the append-only files only grow meanwhile: each is copied up to
+    the size it had when reached (a command cut at the end is one Valkey drops at load)."""
+    import tarfile
+
+    partial = out.with_name(out.name + ".partial")
+    taken: list[str] = []
+    with tarfile.open(partial, "w:gz") as tar:
+        for part in BACKUP_PARTS:
+            path = data_dir / part
+            if path.exists():
+                tar.add(path, arcname=part)
+                taken.append(part)
+    os.chmod(partial, 0o600)  # it holds the store's password
+    partial.rename(out)
+    return taken
+
+
+def _aof_rewrite_settled(client: Any, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    while True:
+        info = client.info("persistence")
+        if not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]:
+            if info.get("aof_last_bgrewrite_status", "ok") != "ok":
+                raise RuntimeError("the store's last AOF rewrite failed (see valkey.log)")
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"the store's AOF rewrite did not end within {timeout:.0f}s")
+        time.sleep(0.1)
+
+
+def _backup_live(url: str, data_dir: Path, out: Path, timeout: float) -> list[str]:
+    """A running store: automatic AOF rewrites off (so no file of the log is replaced while
+    it is copied), BGREWRITEAOF (one compact base file), copy, rewrites back as they were."""
+    import redis
+
+    client = redis.Redis.from_url(url, socket_timeout=30, decode_responses=True)
+    try:
+        setting = "auto-aof-rewrite-percentage"
+        before = str(client.config_get(setting)[setting])
+        client.config_set(setting, 0)
+        try:
+            _aof_rewrite_settled(client, timeout)  # one already under way ends first
+            client.bgrewriteaof()
+            _aof_rewrite_settled(client, timeout)
+            return _write_backup(data_dir, out)
+        finally:
+            client.config_set(setting, before)
+    finally:
+        client.close()
+
+
+def _backup(args: argparse.Namespace) -> int:
+    from redis.exceptions import RedisError
+
+    from gateway.store.embedded import DataDirLocked, EmbeddedStore
+
+    settings = _load_or_exit(args.config, require_secrets=False)  # no secret is needed here
+    if settings.store.url != "embedded":
+        print(
+            "backup: the store is not embedded: back it up where it runs "
+            "(its append-only files after BGREWRITEAOF, or its snapshots)",
+            file=sys.stderr,
+        )
+        return 1
+    data_dir = Path(settings.store.data_dir).resolve()
+    out = Path(args.out)
+    if not (data_dir / "appendonlydir").is_dir():
+        print(f"backup: {data_dir} holds no embedded store yet", file=sys.stderr)
+        return 1
+    if out.exists():
+        print(f"backup: {out} exists; name a new file", file=sys.stderr)
+        return 1
+    store = EmbeddedStore(data_dir)
+    try:
+        store.lock()  # nobody serves it: copied as it is, holding the lock meanwhile
+    except DataDirLocked:
+        url = _running_store_url(str(data_dir))
+        if url is None:
+            print(f"backup: {data_dir} is locked but its store does not answer", file=sys.stderr)
+            return 1
+        try:
+            taken = _backup_live(url, data_dir, out, args.timeout)
+        except (RedisError, RuntimeError, OSError) as exc:
+            print(f"backup: {exc}", file=sys.stderr)
+            return 1
+        how = "from the running store"
+    else:
+        try:
+            taken = _write_backup(data_dir, out)
+        finally:
+            store.unlock()
+        how = "from the stopped store"
+    print(f"backup: {out} ({', '.join(taken)}) {how} in {data_dir}")
+    return 0
+
+
 def _mock_upstream(args: argparse.Namespace) -> int:
     from gateway.mock_upstream import MockOptions, run_mock_upstream
 
@@ -399,6 +506,17 @@ def _parser() -> argparse.ArgumentParser:
     audit.add_argument("--config", required=True)
     audit.add_argument("--store-url", help="audit this store instead of the config's")
     audit.set_defaults(func=_audit)
+
+    backup = sub.add_parser(
+        "backup",
+        help="copy the embedded store (ledger, password, journal) to a .tar.gz, live or stopped",
+    )
+    backup.add_argument("--config", required=True, help="the gateway's config (its data_dir)")
+    backup.add_argument("--out", required=True, help="the archive to write (a new file)")
+    backup.add_argument(
+        "--timeout", type=float, default=300.0, help="seconds the AOF rewrite may take"
+    )
+    backup.set_defaults(func=_backup)
 
     mock = sub.add_parser("mock-upstream", help="run the demo OpenAI-compatible model server")
     mock.add_argument("--host", default="127.0.0.1")
