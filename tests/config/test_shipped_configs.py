@@ -25,6 +25,8 @@ EXAMPLE = REPO / "config" / "gateway.example.yaml"
 # Every variable a shipped config or the tests below name, unset for each run.
 SECRETS = (
     "UPSTREAM_API_KEY",
+    "OPENAI_API_KEY",
+    "VLLM_API_KEY",
     "GATEWAY_ADMIN_TOKEN",
     "GATEWAY_STORE_URL",
     "OPS_WEBHOOK_SECRET",
@@ -92,7 +94,9 @@ def test_shipped_config_passes_check_config_with_no_secret_set(path: Path) -> No
 def test_example_warns_for_its_upstream_key_and_serve_refuses_without_it() -> None:
     """What check-config only warns about, serve refuses at once: exit 1, the path named.
     Set, the warning is gone."""
-    assert {"demo.yaml", "gateway.example.yaml", "compose.yaml"} <= {p.name for p in SHIPPED}
+    shipped = {p.name for p in SHIPPED}
+    assert {"demo.yaml", "gateway.example.yaml", "compose.yaml"} <= shipped
+    assert {"openai.yaml", "vllm.yaml", "redis.yaml"} <= shipped  # the README's worked examples
     result = _run("check-config", "--config", str(EXAMPLE))
     assert result.returncode == 0, result.stderr
     assert (
