@@ -86,7 +86,8 @@ def _run_worker(
     log = get_logger("gateway.cli")
     app = create_app(settings, store_url, config_path)
 
-    async def announce(_app: web.Application) -> None:
+    def announce(*_: object) -> None:
+        # aiohttp calls its `print` once every site listens: not before the port is bound.
         log.info(
             "gateway listening",
             url=f"http://{host}:{port}",
@@ -94,14 +95,13 @@ def _run_worker(
             pid=os.getpid(),
         )
 
-    app.on_startup.append(announce)
     try:
         web.run_app(
             app,
             host=host,
             port=port,
             access_log=None,
-            print=None,
+            print=announce,
             loop=_new_loop(),
             shutdown_timeout=settings.server.drain_timeout,
             keepalive_timeout=settings.server.idle_timeout,

@@ -208,6 +208,7 @@ def test_serve_and_mock_upstream_with_their_port_taken_say_so_in_one_line(
             assert result.returncode == 1, (args, result.stderr)
             assert "Traceback" not in result.stderr, result.stderr
             assert f"port {port} on 127.0.0.1 is already in use" in result.stderr, result.stderr
+            assert "gateway listening" not in result.stderr  # said once the port is bound
 
 
 def test_serve_warns_at_start_when_the_admin_token_is_unset(tmp_path: Path) -> None:
