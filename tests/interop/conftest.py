@@ -56,6 +56,7 @@ def _prepare() -> dict[str, Any]:
     return found
 
 
+@pytest.hookimpl(trylast=True)  # after -k / -m deselection: build only for tests that run
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     mine = [item for item in items if HERE in Path(str(item.path)).parents]
     if not mine:

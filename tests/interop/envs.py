@@ -3,10 +3,16 @@
 Each lives in `$INTEROP_CACHE` (default `~/.cache/inference-gateway-interop/`), in a folder
 named by what it pins, so a new pin builds a new folder and an old one is never half reused:
 
-- `litellm-<version>/venv`: LiteLLM's proxy (`litellm[proxy]`), from PyPI.
-- `llama-<version>/venv`: llama-cpp-python's server (compiles llama.cpp: the long one) and
-  `gguf`, whose Python writes the tiny model (`models/tiny-<hash>.gguf`, by make_tiny_gguf.py).
+- `litellm-<version>-<hash>/venv`: LiteLLM's proxy, from PyPI, exactly as locks/litellm.txt
+  lists it (the pip freeze of the `litellm[proxy]==<version>` venv this suite was tested on).
+- `llama-<version>-<hash>/venv`: llama-cpp-python's server (compiles llama.cpp: the long one)
+  and `gguf`, exactly as locks/llama.txt lists them; gguf's Python writes the tiny model
+  (`models/tiny-<hash>.gguf`, by make_tiny_gguf.py).
 - `node-openai-<version>/`: the `openai` npm package, where `node` and `npm` exist.
+
+`<hash>` covers the lock file (and, for llama, the CMake arguments). To move a pin: change it
+here, build with INTEROP_UNLOCKED=1 (the top-level pins only; folders `...-unlocked`), run the
+suite, then `python -m tests.interop.envs freeze` rewrites the locks from those venvs.
 
 A folder counts once its `.ok` file is written, after a build that succeeded; a failed or cut
 build leaves no `.ok` and is redone from scratch. Builds hold a lock file, so two test runs on
@@ -48,6 +54,7 @@ GGUF = "0.19.0"
 NODE_OPENAI = "7.59.0"
 
 HERE = Path(__file__).resolve().parent
+LOCKS = HERE / "locks"
 INSTALL_TIMEOUT = 40 * 60  # a cold llama.cpp compile on 2 busy cores, with room
 
 
@@ -126,9 +133,23 @@ def _venv(folder: Path, log: Path, *requirements: str, env: dict[str, str] | Non
     _run([*pip, *requirements], log, env)
 
 
+def _unlocked() -> bool:
+    return os.environ.get("INTEROP_UNLOCKED") == "1"
+
+
+def _requirements(lock: str, *pins: str, salt: str = "") -> tuple[str, list[str]]:
+    """(folder suffix, pip arguments): the lock file's exact set, or the top-level pins."""
+    if _unlocked():
+        return "unlocked", list(pins)
+    path = LOCKS / lock
+    digest = hashlib.sha256(path.read_bytes() + salt.encode()).hexdigest()[:10]
+    return digest, ["-r", str(path)]
+
+
 def litellm_env() -> Built:
+    suffix, requirements = _requirements("litellm.txt", f"litellm[proxy]=={LITELLM}")
     return _build(
-        f"litellm-{LITELLM}", lambda folder, log: _venv(folder, log, f"litellm[proxy]=={LITELLM}")
+        f"litellm-{LITELLM}-{suffix}", lambda folder, log: _venv(folder, log, *requirements)
     )
 
 
@@ -141,15 +162,17 @@ def llama_env() -> Built:
         "INTEROP_CMAKE_ARGS",
         "-DLLAVA_BUILD=OFF -DCMAKE_C_FLAGS_RELEASE=-O1 -DCMAKE_CXX_FLAGS_RELEASE=-O1",
     )
+    suffix, requirements = _requirements(
+        "llama.txt", f"llama-cpp-python[server]=={LLAMA_CPP}", f"gguf=={GGUF}", salt=cmake
+    )
     return _build(
-        f"llama-{LLAMA_CPP}",
+        f"llama-{LLAMA_CPP}-{suffix}",
         lambda folder, log: _venv(
             folder,
             log,
             # pip's wheel cache would hand back a wheel built with other CMake arguments
             "--no-cache-dir",
-            f"llama-cpp-python[server]=={LLAMA_CPP}",
-            f"gguf=={GGUF}",
+            *requirements,
             env={"CMAKE_ARGS": cmake},
         ),
     )
@@ -205,7 +228,34 @@ def node_env() -> Built | None:
     )  # fmt: skip
 
 
+def freeze() -> None:
+    """Rewrite locks/*.txt from the INTEROP_UNLOCKED=1 venvs (built if missing)."""
+    os.environ["INTEROP_UNLOCKED"] = "1"
+    for lock, build, what in (
+        ("litellm.txt", litellm_env, f"litellm[proxy]=={LITELLM}"),
+        ("llama.txt", llama_env, f"llama-cpp-python[server]=={LLAMA_CPP} and gguf=={GGUF}"),
+    ):
+        python = str(build().path / "venv/bin/python")
+        frozen = subprocess.run(
+            [python, "-m", "pip", "freeze", "--disable-pip-version-check"],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=True,
+        ).stdout
+        head = (
+            f"# The interop suite's venv, as built and tested: pip freeze of {what} on Python "
+            f"{sys.version_info.major}.{sys.version_info.minor}.\n"
+            "# Rewrite with: python -m tests.interop.envs freeze\n"
+        )
+        (LOCKS / lock).write_text(head + frozen)
+        print(f"wrote {LOCKS / lock}")
+
+
 def main() -> None:
+    if sys.argv[1:] == ["freeze"]:
+        freeze()
+        return
     for name, build in (("litellm", litellm_env), ("llama", llama_env), ("node", node_env)):
         started = time.monotonic()
         built = build()

@@ -6,6 +6,7 @@ then SIGKILL), so a server's own children (uvicorn workers) go with it, on failu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -63,26 +64,22 @@ class Server:
         return "\n".join(lines[-last:])
 
     def stop(self) -> None:
-        if self.popen.poll() is not None:
-            return
-        try:
+        """SIGTERM to the whole group, SIGKILL to whatever of it is left 15 s later (or at
+        once, once the leader has gone: a worker it left behind)."""
+        with contextlib.suppress(ProcessLookupError):
             os.killpg(self.popen.pid, signal.SIGTERM)
-        except ProcessLookupError:
-            return
-        try:
+        with contextlib.suppress(subprocess.TimeoutExpired):
             self.popen.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            try:
-                os.killpg(self.popen.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                return
-            self.popen.wait(timeout=10)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(self.popen.pid, signal.SIGKILL)
+        self.popen.wait(timeout=10)
 
 
 def _wait(server: Server, path: str, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.popen.poll() is not None:
+            server.stop()
             raise RuntimeError(
                 f"{server.name} exited with {server.popen.returncode} before it answered\n"
                 f"--- {server.log_path} ---\n{server.log()}"
