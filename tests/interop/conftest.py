@@ -1,10 +1,12 @@
 """The interop suite: real LiteLLM and llama-cpp-python servers behind a real gateway.
 
-Opt-in, because a cold start installs LiteLLM's proxy and compiles llama.cpp (well over CI's
-share of time): `INTEROP=1 .venv/bin/python -m pytest tests/interop`. Without INTEROP=1 every
-test here is skipped with that command as the reason. The environments are built once into
-`$INTEROP_CACHE` (default ~/.cache/inference-gateway-interop/; see envs.py) before the first
-test runs, outside any test's timeout, and reused by later runs.
+Opt-in: `INTEROP=1 .venv/bin/python -m pytest tests/interop` (as .ci/run runs it, after the
+main suite). Without INTEROP=1 every test here is skipped with that command as the reason, so
+the whole-suite command neither installs nor starts anything for it. The environments are
+built once into `$INTEROP_CACHE` (default ~/.cache/inference-gateway-interop/; see envs.py)
+before the first test runs, outside any test's timeout, and reused by later runs: a cold
+build (LiteLLM's proxy installed, llama.cpp compiled) took 7.5-9.5 min on this 2-core
+machine, a warm run of the 70 tests about 1 min.
 """
 
 from __future__ import annotations

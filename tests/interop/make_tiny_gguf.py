@@ -3,7 +3,7 @@
 Run with the llama-cpp-python environment's Python (it has `gguf` and `numpy`), not the
 test venv's: `python make_tiny_gguf.py OUT.gguf`. Nothing is downloaded.
 
-The model is 2 blocks of 64 dimensions over a vocabulary of about 500 pieces (a
+The model is 2 blocks of 64 dimensions over a vocabulary of 573 pieces (a
 SentencePiece-style `llama` tokenizer: <unk>, <s>, </s>, the 256 byte pieces, printable ASCII,
 and a few words with every prefix of each, so prompts tokenize into something). Every weight
 is random and small except for one planted chain: the embedding of word i has a large
