@@ -11,6 +11,7 @@ import subprocess
 import sys
 import tarfile
 import threading
+import time
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -61,6 +62,13 @@ def _call(url: str, key: str) -> None:
 
 
 def _state(admin: Admin, accounts: list[str]) -> dict[str, tuple[str, int]]:
+    """Each account's balance and record count once its calls have settled: a call's
+    settlement is written just after its answer, so read too early the balance can predate
+    it while the record count, read next, does not."""
+    deadline = time.monotonic() + 10
+    while any(admin.account(a)["held"] != "0.000000" for a in accounts):
+        assert time.monotonic() < deadline, "calls still held after 10 s"
+        time.sleep(0.05)
     return {a: (admin.account(a)["balance"], len(admin.usage(a))) for a in accounts}
 
 
