@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from decimal import Decimal
 from fractions import Fraction
@@ -49,3 +50,16 @@ def assert_invariant(admin: Admin, store: redis.Redis, account_id: str, topped_u
     assert account["held"] == "0.000000"
     assert account["available"] == account["balance"]
     return account, records
+
+
+async def one_usage_record(admin: Admin, account_id: str) -> Any:
+    """The account's single usage record, once its settlement (a task of its own, run just
+    after the answer) has written it."""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        records = admin.usage(account_id)
+        if records:
+            (record,) = records
+            return record
+        await asyncio.sleep(0.05)
+    raise AssertionError("no usage record")

@@ -22,6 +22,7 @@ import pytest
 from gateway.metering.prompt import OFFLOAD_BYTES, count_prompt, count_prompt_sync
 from gateway.metering.tokenizers import get_encoding
 from tests.admin_client import Admin
+from tests.billing.checks import one_usage_record
 from tests.procs import Proc
 
 # Section 6, "Counting tokens for chat completions API calls": `example_messages`.
@@ -200,18 +201,6 @@ def test_what_the_formula_does_not_cover() -> None:
     assert counted == plain + _tokens("o200k_base", orjson.dumps(other).decode())
 
 
-async def _usage_record(admin: Admin, account_id: str) -> dict[str, Any]:
-    """The call's usage record, once its settlement (a task of its own) has written it."""
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        records = admin.usage(account_id)
-        if records:
-            (record,) = records
-            return record
-        await asyncio.sleep(0.05)
-    raise AssertionError("no usage record")
-
-
 @pytest.mark.parametrize(
     ("call", "figure"),
     [(MESSAGES_CALL, 124), (TOOLS_CALL, 101), (FUNCTIONS_CALL, 101)],
@@ -230,7 +219,7 @@ async def test_gateway_records_the_published_count(
     ):
         assert resp.status == 200
         reported = orjson.loads(await resp.read())["usage"]["prompt_tokens"]
-    record = await _usage_record(admin, account_id)
+    record = await one_usage_record(admin, account_id)
     assert record["gateway_prompt_tokens"] == figure
     assert record["usage_source"] == "upstream"
     assert record["prompt_tokens"] == reported

@@ -4,8 +4,6 @@ each choice's own text."""
 
 from __future__ import annotations
 
-import asyncio
-import time
 from typing import Any
 
 import aiohttp
@@ -15,6 +13,7 @@ import pytest
 from gateway.metering.completion import CompletionMeter
 from gateway.metering.tokenizers import get_encoding
 from tests.admin_client import Admin
+from tests.billing.checks import one_usage_record
 from tests.procs import Proc
 
 ENCODINGS = ["cl100k_base", "o200k_base"]
@@ -182,17 +181,6 @@ def test_one_choice_is_unchanged() -> None:
         assert m.local_tokens(enc) == len(enc.encode_ordinary("hello world")) == 2
 
 
-async def _usage_record(admin: Admin, account_id: str) -> dict[str, Any]:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        records = admin.usage(account_id)
-        if records:
-            (record,) = records
-            return record
-        await asyncio.sleep(0.05)
-    raise AssertionError("no usage record")
-
-
 async def test_gateway_bills_each_choice_when_the_upstream_reports_no_usage(
     gateway: Proc, admin: Admin
 ) -> None:
@@ -231,7 +219,7 @@ async def test_gateway_bills_each_choice_when_the_upstream_reports_no_usage(
     assert sorted(texts) == [0, 1, 2]
     expected = _true_tokens("o200k_base", texts)  # the gateway's model is on o200k_base
     assert expected != len(get_encoding("o200k_base").encode_ordinary(joined))
-    record = await _usage_record(admin, account_id)
+    record = await one_usage_record(admin, account_id)
     assert record["usage_source"] == "gateway"
     assert record["completion_tokens"] == expected
     assert record["gateway_completion_tokens"] == expected
