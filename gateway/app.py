@@ -15,7 +15,7 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway.accounts.channels import ChannelKind
-from gateway.accounts.holds import HoldSweeper
+from gateway.accounts.orphans import OrphanSweeper
 from gateway.accounts.lifecycle import LifecycleSweeper
 from gateway.accounts.notifier import Notifier
 from gateway.admin import create_admin_app
@@ -121,7 +121,7 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     ledger = app[LEDGER]
     tasks = [
         asyncio.create_task(LifecycleSweeper(ledger, app[CONFIG]).run(), name="lifecycle"),
-        asyncio.create_task(HoldSweeper(ledger, app[CONFIG], app[JOURNAL]).run(), name="holds"),
+        asyncio.create_task(OrphanSweeper(ledger, app[CONFIG], app[JOURNAL]).run(), name="holds"),
         asyncio.create_task(
             Notifier(ledger, app[CONFIG], session, app[METRICS]).run(), name="notifier"
         ),

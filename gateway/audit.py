@@ -17,6 +17,7 @@ import redis.asyncio as aioredis
 from gateway.ledger.keys import ACCOUNT_KEY_PATTERN, account_id_of, account_keys, stream_id_after
 from gateway.money import format_micros
 from gateway.timefmt import now_ms
+from gateway.usage_record import UsageRecord
 
 __all__ = ["AuditReport", "audit_store"]
 
@@ -32,8 +33,11 @@ def _text(value: Any) -> str:
 class AuditReport:
     accounts: int = 0
     failures: dict[str, list[str]] = field(default_factory=dict)
-    # model -> [upstream prompt, local prompt, upstream completion, local completion]
-    drift: dict[str, list[int]] = field(default_factory=lambda: defaultdict(lambda: [0, 0, 0, 0]))
+    # model -> [upstream prompt, local prompt, upstream completion, local completion, cached,
+    # cache write, reasoning] (the classes: tokens the upstream reported within its counts)
+    drift: dict[str, list[int]] = field(
+        default_factory=lambda: defaultdict(lambda: [0, 0, 0, 0, 0, 0, 0])
+    )
 
     @property
     def ok(self) -> bool:
@@ -49,10 +53,13 @@ class AuditReport:
             lines.append("token drift (upstream-reported minus counted locally), per model:")
             lines.append(
                 "model | prompt upstream | prompt local | drift | completion upstream | "
-                "completion local | drift"
+                "completion local | drift | cached | cache write | reasoning"
             )
-            for model, (pu, pl, cu, cl) in sorted(self.drift.items()):
-                lines.append(f"{model} | {pu} | {pl} | {pu - pl:+d} | {cu} | {cl} | {cu - cl:+d}")
+            for model, (pu, pl, cu, cl, cached, written, reasoning) in sorted(self.drift.items()):
+                lines.append(
+                    f"{model} | {pu} | {pl} | {pu - pl:+d} | {cu} | {cl} | {cu - cl:+d} | "
+                    f"{cached} | {written} | {reasoning}"
+                )
         return "\n".join(lines)
 
 
@@ -107,13 +114,17 @@ async def audit_account(client: aioredis.Redis, account_id: str, report: AuditRe
         problems.append(
             f"{len(stale)} hold(s) older than their lease: {[_text(s) for s in stale][:5]}"
         )
-    for record in records:
-        if record.get("usage_source") == "upstream" and record.get("gateway_prompt_tokens"):
-            drift = report.drift[record.get("model", "?")]
-            drift[0] += int(record.get("prompt_tokens") or 0)
-            drift[1] += int(record.get("gateway_prompt_tokens") or 0)
-            drift[2] += int(record.get("completion_tokens") or 0)
-            drift[3] += int(record.get("gateway_completion_tokens") or 0)
+    for fields in records:
+        record = UsageRecord.from_fields(fields)
+        if record.usage_source == "upstream" and record.gateway_prompt_tokens:
+            drift = report.drift[record.model or "?"]
+            drift[0] += record.prompt_tokens
+            drift[1] += record.gateway_prompt_tokens
+            drift[2] += record.completion_tokens
+            drift[3] += record.gateway_completion_tokens or 0
+            drift[4] += record.cached_tokens
+            drift[5] += record.cache_write_tokens
+            drift[6] += record.reasoning_tokens
     if problems:
         report.failures[account_id] = problems
 

@@ -18,6 +18,7 @@ __all__ = [
     "AccountInArrears",
     "AccountNotFound",
     "AdminUnauthorized",
+    "CostCapExceeded",
     "GatewayError",
     "IdempotencyConflict",
     "InsufficientBalance",
@@ -179,6 +180,14 @@ class InsufficientBalance(GatewayError):
     status = 402
     type = "insufficient_quota"
     code = "insufficient_balance"
+
+
+class CostCapExceeded(GatewayError):
+    """The client's own cap (`x-gateway-max-cost`) does not cover the call's prompt."""
+
+    status = 402
+    type = "insufficient_quota"
+    code = "cost_cap_exceeded"
 
 
 class ModelNotSubscribed(GatewayError):

@@ -5,7 +5,10 @@ upstream without a GPU or a network: answers are cheap to produce, identical byt
 same request, and their `usage` numbers are true (re-tokenizing the text gives the same
 counts). Request headers inject failures (`x-mock-status`, `x-mock-disconnect-after`),
 latency (`x-mock-ttft`, `x-mock-token-delay`) and untrue usage (`x-mock-usage-prompt-tokens`,
-`x-mock-usage-completion-tokens`: the numbers `usage` reports, the text unchanged), no
+`x-mock-usage-completion-tokens`: the numbers `usage` reports, the text unchanged; token
+classes `x-mock-usage-cached-tokens`, `x-mock-usage-cache-write-tokens`,
+`x-mock-usage-reasoning-tokens`, in OpenAI's details or, with `x-mock-usage-style: litellm`,
+in LiteLLM's top-level cache fields), no
 usage at all (`x-mock-omit-usage: true`, even when a stream asks for it) and several choices
 (`x-mock-allow-n: true` lets a request's `n` of 1-16 through: each choice has words of its
 own and ends with a "." token, so the choices' texts joined tokenize differently from each
@@ -237,14 +240,36 @@ def _request_digest(body: dict[str, Any]) -> bytes:
 
 def _reported_usage(
     request: web.Request, prompt_tokens: int, completion_tokens: int
-) -> dict[str, int]:
-    """The answer's `usage`: the true counts, unless a header says what to report instead."""
+) -> dict[str, Any]:
+    """The answer's `usage`: the true counts, unless a header says what to report instead;
+    token classes as the headers give them (OpenAI's details, or with
+    `x-mock-usage-style: litellm` the top-level fields LiteLLM's proxy passes on from
+    Anthropic: `cache_read_input_tokens`, `cache_creation_input_tokens`)."""
     prompt = _header_int(request, "x-mock-usage-prompt-tokens")
     completion = _header_int(request, "x-mock-usage-completion-tokens")
-    return _usage(
+    usage: dict[str, Any] = _usage(
         prompt_tokens if prompt is None else prompt,
         completion_tokens if completion is None else completion,
     )
+    cached = _header_int(request, "x-mock-usage-cached-tokens")
+    written = _header_int(request, "x-mock-usage-cache-write-tokens")
+    reasoning = _header_int(request, "x-mock-usage-reasoning-tokens")
+    if request.headers.get("x-mock-usage-style") == "litellm":
+        if cached is not None:
+            usage["cache_read_input_tokens"] = cached
+        if written is not None:
+            usage["cache_creation_input_tokens"] = written
+    else:
+        details: dict[str, int] = {}
+        if cached is not None:
+            details["cached_tokens"] = cached
+        if written is not None:
+            details["cache_creation_tokens"] = written
+        if details:
+            usage["prompt_tokens_details"] = details
+    if reasoning is not None:
+        usage["completion_tokens_details"] = {"reasoning_tokens": reasoning}
+    return usage
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:

@@ -1,4 +1,5 @@
-"""Money as integer micro-units (10^-6 of the currency): parsing, printing, pricing.
+"""Money as integer micro-units (10^-6 of the currency): parsing, printing, and the bounds that
+keep it exact (gateway/pricing.py turns tokens into it).
 
 No float ever holds an amount: API strings are parsed digit by digit and costs are computed
 in exact integer arithmetic, rounded up to the next micro-unit once per call.
@@ -31,9 +32,9 @@ __all__ = [
     "MAX_BALANCE_MICROS",
     "MAX_PRICE_PER_MILLION_MICROS",
     "MAX_TOKENS_PER_CALL",
-    "call_cost",
     "format_micros",
     "parse_amount",
+    "parse_micros",
 ]
 
 MICROS = 1_000_000
@@ -52,24 +53,37 @@ MAX_TOKENS_PER_CALL = 10**8
 _AMOUNT = re.compile(r"([0-9]{1,10})(?:\.([0-9]{1,6}))?")
 
 
-def parse_amount(text: object) -> int:
-    """A positive decimal string (`"10.00"`, at most 6 decimals) -> micro-units. The string
-    is the amount exactly: nothing around it (`" 1"` is refused, not trimmed)."""
+def parse_micros(text: object, *, minimum: int = 0, maximum: int = MAX_AMOUNT_MICROS) -> int:
+    """A decimal string (`"10.00"`, at most 6 decimals) -> micro-units, in [minimum, maximum].
+    The one parser of money written by people (API bodies, headers, the config file): the
+    string is the amount exactly, nothing around it (`" 1"` is refused, not trimmed), and a
+    float never stands in for one (YAML's `0.1` is a binary float)."""
     if not isinstance(text, str):
-        raise ValueError('amount must be a decimal string such as "10.00"')
+        raise ValueError('expected a decimal string with at most 6 decimals, such as "0.15"')
     match = _AMOUNT.fullmatch(text)
     if match is None:
         raise ValueError(
-            "amount must be a decimal string of ASCII digits with at most 6 decimals and "
-            f'nothing around it, e.g. "10.00" (at most {format_micros(MAX_AMOUNT_MICROS)})'
+            "expected a decimal string of ASCII digits with at most 6 decimals and "
+            f'nothing around it, e.g. "10.00" (at most {format_micros(maximum)})'
         )
     whole, frac = match.group(1), match.group(2) or ""
     micros = int(whole) * MICROS + int(frac.ljust(6, "0"))
-    if micros <= 0:
-        raise ValueError("amount must be greater than zero")
-    if micros > MAX_AMOUNT_MICROS:
-        raise ValueError(f"amount is too large: at most {format_micros(MAX_AMOUNT_MICROS)}")
+    if micros < minimum:
+        if minimum == 1:
+            raise ValueError("must be greater than zero")
+        raise ValueError(f"must be at least {format_micros(minimum)}")
+    if micros > maximum:
+        raise ValueError(f"too large: at most {format_micros(maximum)}")
     return micros
+
+
+def parse_amount(text: object) -> int:
+    """An amount of money to move (a top-up, a cost cap): positive, at most
+    MAX_AMOUNT_MICROS."""
+    try:
+        return parse_micros(text, minimum=1)
+    except ValueError as exc:
+        raise ValueError(f"amount {exc}") from None
 
 
 def format_micros(micros: int) -> str:
@@ -77,11 +91,3 @@ def format_micros(micros: int) -> str:
     sign = "-" if micros < 0 else ""
     whole, frac = divmod(abs(micros), MICROS)
     return f"{sign}{whole}.{frac:06d}"
-
-
-def call_cost(
-    prompt_tokens: int, completion_tokens: int, input_per_million: int, output_per_million: int
-) -> int:
-    """SPEC section 2: ceil((p * in + c * out) / 1e6) micro-units, in integers."""
-    total = prompt_tokens * input_per_million + completion_tokens * output_per_million
-    return -(-total // MICROS)

@@ -26,8 +26,10 @@ from gateway.ledger.keys import OUTBOX_DUE, account_keys
 from gateway.money import format_micros
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
+from gateway.pricing import delivery_price
 from gateway.state import ConfigHolder
 from gateway.timefmt import iso_ms, now_ms
+from gateway.usage_record import UsageRecord
 
 __all__ = ["Notifier", "event_payload", "load_preferences"]
 
@@ -87,16 +89,6 @@ def _account_channels(prefs: NotificationPreferences | None, event_type: str) ->
     channels += [Channel("email", address) for address in prefs.emails]
     channels += [Channel("sms", number) for number in prefs.sms]
     return channels
-
-
-def delivery_price(channel: Channel, nbytes: int, config: NotificationsConfig) -> int:
-    """Micro-units one delivery costs: per message, plus downstream traffic for HTTP and email."""
-    prices = config.prices
-    if channel.kind == "sms":
-        return prices.sms
-    base = prices.email if channel.kind == "email" else prices.http
-    traffic = -(-nbytes * prices.traffic_per_gb // 1_000_000_000)
-    return base + traffic
 
 
 class Notifier:
@@ -247,24 +239,18 @@ class Notifier:
         config: NotificationsConfig,
     ) -> None:
         """Bill one delivery as a usage record of kind `notification` (once per delivery)."""
-        cost = delivery_price(channel, nbytes, config)
+        cost = delivery_price(channel.kind, nbytes, config)
         now = now_ms()
         request_id = f"ntf_{event_id}_{channel.id}"
-        record = {
-            "request_id": request_id,
-            "time": now,
-            "kind": "notification",
-            "model": "",
-            "prompt_tokens": 0,
-            "completion_tokens": 0,
-            "cost": cost,
-            "usage_source": "gateway",
-            "status": "ok",
-            "stream": "0",
-            "channel": channel.kind,
-            "event": event["type"],
-            "bytes": nbytes,
-        }
+        record = UsageRecord(
+            request_id=request_id,
+            time=now,
+            kind="notification",
+            cost=cost,
+            channel=channel.kind,
+            event=event["type"],
+            bytes=nbytes,
+        ).fields()
         await self.ledger.settle(account_id, request_id, cost, now, record)
 
     async def _dead_letter(

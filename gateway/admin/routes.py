@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from gateway.accounts.apikeys import KEY_PREFIX, new_api_key
 from gateway.accounts.notifier import load_preferences
 from gateway.accounts.preferences import NotificationPreferences
-from gateway.admin.views import USAGE_FIELDS, account_view, csv_row, usage_view
+from gateway.admin.views import USAGE_FIELDS, account_view, csv_row, prices_view, usage_view
 from gateway.api.body import read_body
 from gateway.config.types import check_rate_limit
 from gateway.errors import (
@@ -361,6 +361,12 @@ async def dead_letters(request: web.Request) -> web.Response:
     return _json({"data": data})
 
 
+async def prices(request: web.Request) -> web.Response:
+    """GET /admin/prices: every model's current, scheduled and replaced price sheets."""
+    settings = request.config_dict[CONFIG].snapshot.settings
+    return _json(prices_view(settings, now_ms()))
+
+
 async def reload_config(request: web.Request) -> web.Response:
     """POST /admin/reload: re-read the config file now; 400 with the problems if invalid,
     `reloaded: false` when the file says what the running config says."""
@@ -375,6 +381,7 @@ async def reload_config(request: web.Request) -> web.Response:
 
 routes = [
     web.post("/reload", reload_config),
+    web.get("/prices", prices),
     web.post("/accounts", create_account),
     web.get("/accounts", list_accounts),
     web.get("/accounts/{account_id}", get_account),

@@ -7,34 +7,11 @@ from typing import Any
 from gateway.config.schema import Settings
 from gateway.ledger import AccountRecord
 from gateway.money import format_micros
+from gateway.pricing import Prices, prices_at, sheet_prices
 from gateway.timefmt import iso_ms
+from gateway.usage_record import USAGE_FIELDS, UsageRecord
 
-__all__ = ["USAGE_FIELDS", "account_view", "csv_row", "usage_view"]
-
-USAGE_FIELDS = (
-    "id",
-    "request_id",
-    "time",
-    "kind",
-    "model",
-    "prompt_tokens",
-    "completion_tokens",
-    "cost",
-    "usage_source",
-    "status",
-    "stream",
-    "gateway_prompt_tokens",
-    "gateway_completion_tokens",
-    "key_id",
-    "channel",
-    "event",
-)
-_INT_FIELDS = (
-    "prompt_tokens",
-    "completion_tokens",
-    "gateway_prompt_tokens",
-    "gateway_completion_tokens",
-)
+__all__ = ["USAGE_FIELDS", "account_view", "csv_row", "prices_view", "usage_view"]
 
 
 def account_view(account: AccountRecord, settings: Settings) -> dict[str, Any]:
@@ -62,22 +39,42 @@ def account_view(account: AccountRecord, settings: Settings) -> dict[str, Any]:
 
 def usage_view(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
     """One usage record as the API shows it."""
-    out: dict[str, Any] = {"id": entry_id}
-    out["request_id"] = fields.get("request_id")
-    out["time"] = iso_ms(int(fields["time"])) if fields.get("time") else None
-    out["kind"] = fields.get("kind")
-    out["model"] = fields.get("model")
-    for name in _INT_FIELDS:
-        value = fields.get(name)
-        out[name] = int(value) if value not in (None, "") else None
-    out["cost"] = format_micros(int(fields.get("cost", "0")))
-    out["usage_source"] = fields.get("usage_source")
-    out["status"] = fields.get("status")
-    out["stream"] = fields.get("stream") == "1"
-    out["key_id"] = fields.get("key_id") or None
-    out["channel"] = fields.get("channel") or None
-    out["event"] = fields.get("event") or None
-    return {name: out.get(name) for name in USAGE_FIELDS}
+    return UsageRecord.from_fields(fields).view(entry_id)
+
+
+def _sheet_view(prices: Prices) -> dict[str, Any]:
+    return {
+        "version": prices.version,
+        "effective_from": iso_ms(prices.effective_from_ms),
+        "input_per_million": format_micros(prices.input),
+        "output_per_million": format_micros(prices.output),
+        "cached_input_per_million": format_micros(prices.cached_input),
+        "cache_write_per_million": format_micros(prices.cache_write),
+        "reasoning_per_million": format_micros(prices.reasoning),
+    }
+
+
+def prices_view(settings: Settings, now_ms: int) -> dict[str, Any]:
+    """`GET /admin/prices`: per model, the sheet in force now, the ones scheduled after it
+    (by start) and the ones it replaced; every price resolved (a class left out shows its
+    parent's price) and named by the version its usage records cite."""
+    models = []
+    for model in settings.models:
+        current = prices_at(model, now_ms)
+        sheets = [sheet_prices(sheet) for sheet in model.price_sheets]
+        later = [p for p in sheets if (p.effective_from_ms or 0) > now_ms]
+        earlier = [p for p in sheets if p not in later and p != current]
+        models.append(
+            {
+                "model": model.name,
+                "billing": model.billing,
+                "currency": settings.billing.currency,
+                "current": _sheet_view(current) if current is not None else None,
+                "scheduled": [_sheet_view(p) for p in later],
+                "replaced": [_sheet_view(p) for p in earlier],
+            }
+        )
+    return {"object": "list", "data": models}
 
 
 def csv_row(record: dict[str, Any]) -> dict[str, str]:

@@ -25,6 +25,8 @@ class ConfigError(Exception):
 def _path(loc: tuple[int | str, ...]) -> str:
     out = ""
     for part in loc:
+        if isinstance(part, str) and part.startswith("<"):
+            continue  # a union's tag (schema.PRICE_SHEET): a form of the value, not a field
         if isinstance(part, int):
             out += f"[{part}]"
         else:

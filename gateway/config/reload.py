@@ -2,7 +2,8 @@
 
 Triggers: the file changes (watchfiles), SIGHUP, or POST /admin/reload. A call in flight keeps
 the snapshot it started with, so a stream begun under the old price settles at the old price.
-An invalid edit is refused, logged and counted, and the old config keeps serving.
+An invalid edit is refused, logged and counted, and the old config keeps serving; so is one that
+would change a price sheet already used to bill calls (pricing.history_violations).
 """
 
 from __future__ import annotations
@@ -18,7 +19,9 @@ from gateway.config.loader import ConfigError, load_settings
 from gateway.metering.tokenizers import warm_encodings
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
+from gateway.pricing import history_violations
 from gateway.state import ConfigHolder, Snapshot
+from gateway.timefmt import now_ms
 
 __all__ = ["ReloadOutcome", "Reloader"]
 
@@ -74,6 +77,16 @@ class Reloader:
                     problems=exc.problems,
                 )
                 return ReloadOutcome(exc.problems)
+            history = history_violations(old, new, now_ms())
+            if history:
+                self.metrics.config_reloads.labels("error").inc()
+                log.error(
+                    "config reload refused; the old config keeps serving",
+                    trigger=trigger,
+                    path=path,
+                    problems=history,
+                )
+                return ReloadOutcome(history)
             if new == old:
                 self.metrics.config_reloads.labels("unchanged").inc()
                 log.info("config reload: nothing changed", trigger=trigger, path=path)

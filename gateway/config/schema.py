@@ -9,16 +9,20 @@ from __future__ import annotations
 import math
 import os
 import re
+import time
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
 
 from pydantic import (
     AfterValidator,
+    AwareDatetime,
     BaseModel,
     ConfigDict,
+    Discriminator,
     Field,
     SecretStr,
+    Tag,
     ValidationInfo,
     field_validator,
     model_validator,
@@ -269,6 +273,9 @@ class BillingConfig(_Frozen):
         default=DEFAULT_MAX_TOKENS_PER_CALL, ge=1, le=MAX_TOKENS_PER_CALL
     )
     enforcement: Literal["postpaid", "strict"] = "postpaid"
+    # Every answer says what it cost: `x-gateway-cost` / `x-gateway-balance-available` on a
+    # whole answer, `usage.cost` in a stream's usage chunk (when the client asked for usage).
+    report_cost: bool = True
     # How often the arrears timer and the orphan sweeper run. At 0 they spin (one store round
     # trip after another: 70-95% of a CPU on an idle gateway); at 50ms an idle gateway uses
     # about 3%. At most an hour: the sleep under way ends before a reloaded value is read.
@@ -387,12 +394,65 @@ class NotificationsConfig(_Frozen):
 
 
 class PricingConfig(_Frozen):
-    """Prices per one million tokens, held as integer micro-units after parsing."""
+    """One price sheet: what each class of token costs per one million, as integer micro-units
+    once parsed, and from when (`effective_from`, ISO 8601 with a zone; absent: the model's
+    base sheet, in force until a dated one starts). A class's price left out is its parent's:
+    cached and cache-write input cost what input does, reasoning what output does."""
 
+    effective_from: AwareDatetime | None = None
     input_per_million: Micros
     output_per_million: Micros
+    cached_input_per_million: Micros | None = None
+    cache_write_per_million: Micros | None = None
+    reasoning_per_million: Micros | None = None
 
-    _bounded = field_validator("input_per_million", "output_per_million")(_price_at_most_max)
+    _bounded = field_validator(
+        "input_per_million",
+        "output_per_million",
+        "cached_input_per_million",
+        "cache_write_per_million",
+        "reasoning_per_million",
+    )(_price_at_most_max)
+
+    @property
+    def effective_from_ms(self) -> int | None:
+        if self.effective_from is None:
+            return None
+        return int(self.effective_from.timestamp() * 1000)
+
+
+def _pricing_form(value: object) -> str:
+    """A list is a schedule of sheets; anything else is read as the one sheet."""
+    return PRICE_SCHEDULE if isinstance(value, list | tuple) else PRICE_SHEET
+
+
+# The two forms of `pricing`, as pydantic tags its errors with them (the loader leaves such
+# tags out of the paths it prints: they are not fields).
+PRICE_SHEET = "<sheet>"
+PRICE_SCHEDULE = "<schedule>"
+Pricing = Annotated[
+    Annotated[PricingConfig, Tag(PRICE_SHEET)]
+    | Annotated[tuple[PricingConfig, ...], Tag(PRICE_SCHEDULE)],
+    Discriminator(_pricing_form),
+]
+
+
+def _check_schedule(sheets: tuple[PricingConfig, ...]) -> None:
+    """A schedule has at most one base sheet and one sheet per start time, and a sheet in
+    force now: a call is always billed under exactly one."""
+    if not sheets:
+        raise ValueError("pricing: expected a price sheet, or a list of at least one")
+    starts = [sheet.effective_from_ms for sheet in sheets]
+    if starts.count(None) > 1:
+        raise ValueError("pricing: at most one sheet may leave out effective_from (the base)")
+    dated = [start for start in starts if start is not None]
+    if len(set(dated)) != len(dated):
+        raise ValueError("pricing: two sheets have the same effective_from")
+    if None not in starts and min(dated) > int(time.time() * 1000):
+        raise ValueError(
+            "pricing: no sheet is in force now (every one starts later): add one without "
+            "effective_from, or dated in the past"
+        )
 
 
 class UpstreamConfig(_Frozen):
@@ -428,7 +488,7 @@ class ModelConfig(_Frozen):
     name: str = Field(min_length=1)
     tokenizer: str = "o200k_base"
     billing: Literal["tokens", "dedicated"] = "tokens"
-    pricing: PricingConfig | None = None
+    pricing: Pricing | None = None
     hold_output_tokens: int | None = Field(default=None, ge=1, le=MAX_TOKENS_PER_CALL)
     rate_limits: RateLimitsConfig | None = None
     upstreams: tuple[UpstreamConfig, ...]
@@ -451,7 +511,19 @@ class ModelConfig(_Frozen):
     def _priced_if_billed(self) -> ModelConfig:
         if self.billing == "tokens" and self.pricing is None:
             raise ValueError("a model with billing 'tokens' needs pricing")
+        if self.pricing is not None:
+            _check_schedule(self.price_sheets)
         return self
+
+    @property
+    def price_sheets(self) -> tuple[PricingConfig, ...]:
+        """Every sheet of the model, the base (if any) first, then by effective_from."""
+        pricing = self.pricing
+        if pricing is None:
+            return ()
+        if isinstance(pricing, PricingConfig):
+            return (pricing,)
+        return tuple(sorted(pricing, key=lambda sheet: sheet.effective_from_ms or -1))
 
     def upstream_model(self, upstream: UpstreamConfig) -> str:
         """The name the upstream knows this model by."""

@@ -7,12 +7,13 @@ fails with a message that says what was expected, so the loader can prefix the f
 from __future__ import annotations
 
 import re
-from decimal import Decimal, InvalidOperation
 from typing import Annotated, Any, NamedTuple
 
 from limits import parse_many
 from limits.util import SEPARATORS, SINGLE_EXPR
 from pydantic import BeforeValidator
+
+from gateway import money
 
 __all__ = [
     "RATE_LIMIT_MAX_AMOUNT",
@@ -29,7 +30,6 @@ __all__ = [
 
 _DURATION = re.compile(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)\s*$")
 _UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DECIMAL = re.compile(r"^[0-9]+(\.[0-9]{1,6})?$")
 
 
 def parse_duration(value: Any) -> float:
@@ -48,17 +48,10 @@ def parse_duration(value: Any) -> float:
 
 
 def parse_micros(value: Any) -> int:
-    """A decimal string with at most six decimals (`"0.15"`) -> integer micro-units.
-
-    Floats are refused: YAML turns `0.1` into a binary float, and money never passes through one.
-    """
-    if not isinstance(value, str) or not _DECIMAL.match(value.strip()):
-        raise ValueError('expected a decimal string with at most 6 decimals, such as "0.15"')
-    try:
-        micros = Decimal(value.strip()) * 1_000_000
-    except InvalidOperation as exc:  # pragma: no cover - the regex already refuses these
-        raise ValueError("expected a decimal string") from exc
-    return int(micros)
+    """A decimal string with at most six decimals (`"0.15"`) -> integer micro-units, zero
+    allowed (a free model, a free channel): money.parse_micros, the one parser of written
+    money, so the config file and the API read amounts by the same rule."""
+    return money.parse_micros(value)
 
 
 # The bounds of every rule of a rate-limit string. An amount is at least 1 (a limit of 0 would

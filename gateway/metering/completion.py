@@ -33,14 +33,17 @@ from __future__ import annotations
 
 import asyncio
 import re
+from collections.abc import Callable
 from typing import Any
 
 import orjson
 import tiktoken
 
 from gateway.metering.prompt import OFFLOAD_BYTES
+from gateway.metering.usage import read_usage
+from gateway.pricing import TokenUsage
 
-__all__ = ["CompletionMeter"]
+__all__ = ["CompletionMeter", "UsagePrice"]
 
 _EVENT_END = re.compile(rb"\r?\n\r?\n")
 _NULL_USAGE = (b',"usage":null', b'"usage":null,', b', "usage": null', b'"usage": null, ')
@@ -210,13 +213,72 @@ def _stripped(
     return sep.join(out), bool(out)
 
 
+# The call's cost of a usage report (a decimal string), or None to leave the report as it is.
+UsagePrice = Callable[[dict[str, Any]], str | None]
+
+
+def _with_cost(event: bytes, cost: str) -> bytes:
+    """The event with `"cost": "<cost>"` as the last member of its top-level `usage` object,
+    every other byte kept; the event as it is when its usage is not spelled plainly."""
+    data = event.find(b"data:")
+    brace = event.find(b"{", data) if data >= 0 else -1
+    if brace < 0:
+        return event
+    depth, key, opened = 0, False, -1
+    for match in _JSON_TOKEN.finditer(event, brace):
+        char = event[match.start()]
+        if char == 0x7B or char == 0x5B:  # { [
+            depth += 1
+            if depth == 2 and key and char == 0x7B:
+                opened = match.start()
+            continue
+        if char == 0x7D or char == 0x5D:  # } ]
+            if depth == 2 and opened >= 0:
+                at = match.start()
+                inner = event[opened + 1 : at].strip(_WHITESPACE)
+                member = b'"cost":"' + cost.encode() + b'"'
+                return event[:at] + (b"," + member if inner else member) + event[at:]
+            depth -= 1
+            continue
+        if depth == 1 and char == 0x22:
+            key = match.group() == _USAGE_KEY
+    return event
+
+
+def _priced(
+    events: list[bytes], objects: list[dict[str, Any] | None], sep: bytes, price: UsagePrice
+) -> bytes:
+    """The events, the usage report among them (an event of usage alone) carrying its cost."""
+    out: list[bytes] = []
+    for event, obj in zip(events, objects, strict=True):
+        if obj is not None and isinstance(obj.get("usage"), dict) and _usage_only(obj):
+            cost = price(obj["usage"])
+            if cost is not None:
+                event = _with_cost(event, cost)
+        out.append(event)
+    return sep.join(out)
+
+
 class CompletionMeter:
     """Collects one answer's completion text and the upstream's `usage`, if any."""
 
-    __slots__ = ("_choice", "_marks", "_pending", "_strip_usage", "done", "last", "texts", "usage")
+    __slots__ = (
+        "_choice",
+        "_marks",
+        "_pending",
+        "_price",
+        "_strip_usage",
+        "done",
+        "last",
+        "texts",
+        "usage",
+    )
 
-    def __init__(self, strip_usage: bool = False) -> None:
+    def __init__(self, strip_usage: bool = False, price: UsagePrice | None = None) -> None:
         self._strip_usage = strip_usage
+        # With `price` (the client asked for usage and the gateway reports costs), the usage
+        # chunk gets the call's cost as `"cost": "<decimal>"` in its `usage` object.
+        self._price = None if strip_usage else price
         self._pending = b""
         # Every piece of text, in the order it came, whatever its choice: `_marks` says where
         # the choice changes, as (position in `texts`, choice index) from then on; with one
@@ -248,13 +310,14 @@ class CompletionMeter:
         The events that a chunk completes are parsed with one orjson call (a JSON array of
         their payloads): a fast upstream packs dozens of events in one read, and per-event
         Python work was most of a streamed call's metering cost."""
-        data = self._pending + chunk if self._pending else chunk
+        carried = self._pending
+        data = carried + chunk if carried else chunk
         if b"\r" in data:  # CRLF separators: the general, slower split
-            return self._feed_crlf(data, chunk)
+            return self._feed_crlf(data, chunk, carried)
         cut = data.rfind(b"\n\n")
         if cut < 0:
             self._pending = data
-            return b"" if self._strip_usage else chunk
+            return chunk if self._passes(chunk, carried) else b""
         complete, self._pending = data[:cut], data[cut + 2 :]
         events = complete.split(b"\n\n")
         if complete.count(b"\n") == 2 * (len(events) - 1):  # one line per event: the usual
@@ -262,12 +325,14 @@ class CompletionMeter:
         else:
             payloads = [_payload(e) for e in events]
         objects = self._parse(payloads)
-        if not self._strip_usage:
+        if self._passes(chunk, carried):
             return chunk
+        if self._price is not None:
+            return _priced(events, objects, b"\n\n", self._price) + b"\n\n"
         out, kept = _stripped(events, objects, b"\n\n")
         return out + b"\n\n" if kept else b""
 
-    def _feed_crlf(self, data: bytes, chunk: bytes) -> bytes:
+    def _feed_crlf(self, data: bytes, chunk: bytes, carried: bytes) -> bytes:
         events = []
         start = 0
         for match in _EVENT_END.finditer(data):
@@ -275,9 +340,21 @@ class CompletionMeter:
             start = match.end()
         self._pending = data[start:]
         objects = self._parse([_payload(event) for event in events])
-        if not self._strip_usage:
+        if self._passes(chunk, carried):
             return chunk
+        if self._price is not None:
+            return _priced(events, objects, b"", self._price)
         return _stripped(events, objects, b"")[0]
+
+    def _passes(self, chunk: bytes, carried: bytes) -> bool:
+        """Whether the chunk goes on as it came: nothing is stripped or priced, or (pricing)
+        it holds no usage report and nothing is held back, before it or after it. Else only
+        whole events go on (a partial one waits for its end)."""
+        if self._strip_usage:
+            return False
+        if self._price is None:
+            return True
+        return not carried and not self._pending and _USAGE_KEY not in chunk
 
     def _parse(self, payloads: list[bytes | None]) -> list[dict[str, Any] | None]:
         """Each payload's JSON object (None for `[DONE]`, comments and what is not JSON),
@@ -385,13 +462,6 @@ class CompletionMeter:
             return self.local_tokens(encoding)
         return await asyncio.to_thread(self.local_tokens, encoding)
 
-    def upstream_tokens(self) -> tuple[int, int] | None:
-        """(prompt, completion) tokens the upstream reported, if it did."""
-        usage = self.usage
-        if usage is None:
-            return None
-        prompt = usage.get("prompt_tokens")
-        completion = usage.get("completion_tokens", 0)
-        if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
-            return None
-        return prompt, completion
+    def reported_usage(self) -> TokenUsage | None:
+        """The tokens, by class, that the upstream's `usage` reported, if it did."""
+        return read_usage(self.usage)

@@ -1,5 +1,5 @@
-"""What a call may cost at most, held before it runs (SPEC section 3), and the request's own
-output limits, checked as OpenAI checks them.
+"""How many tokens a call may use, as its hold counts them (SPEC section 3): the request's own
+output limits, checked as OpenAI checks them, and the prompt's size.
 
 A request's `max_tokens` / `max_completion_tokens` sizes its hold and bounds its bill, so a
 value the gateway cannot hold for (0 or less, which some upstreams read as "no limit"; a
@@ -11,15 +11,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from gateway.config.schema import ModelConfig
 from gateway.errors import InvalidRequest
 from gateway.metering.prompt import CallKind
-from gateway.money import MAX_TOKENS_PER_CALL, call_cost
+from gateway.money import MAX_TOKENS_PER_CALL
 
 __all__ = [
     "OUTPUT_LIMIT_FIELDS",
     "check_prompt_size",
-    "hold_amount",
     "output_allowance",
     "requested_output",
 ]
@@ -107,15 +105,3 @@ def check_prompt_size(kind: CallKind, prompt_tokens: int, maximum: int) -> None:
             f"{field}.",
             param=field,
         )
-
-
-def hold_amount(model: ModelConfig, prompt_tokens: int, output_tokens: int) -> int:
-    """Micro-units to hold: the cost of the counted prompt plus the allowed output."""
-    if model.billing == "dedicated" or model.pricing is None:
-        return 0
-    return call_cost(
-        prompt_tokens,
-        output_tokens,
-        model.pricing.input_per_million,
-        model.pricing.output_per_million,
-    )

@@ -1,12 +1,22 @@
-"""What a finished call is billed for, and the usage record that says so.
+"""What a finished call is billed for: its tokens by class, and where the counts came from.
 
 The upstream's `usage` is authoritative, but not beyond what the call could have produced:
 no more prompt tokens than `billing.max_tokens_per_call`, no more completion tokens than the
 request's own `max_tokens` / `max_completion_tokens` (times the choices it asked for) or that
-bound. Usage above it is billed at the bound, counted in `gateway_usage_anomalies_total` and
-logged: a buggy or hostile upstream cannot charge an account trillions, nor hand the ledger's
-Lua arithmetic a number past 2**53 (gateway/money.py). The bound is applied here, where the
-bill is computed, and nowhere else.
+bound, and no class bigger than the tokens it is part of (cached and cache-write tokens are
+input tokens, reasoning tokens are output tokens). Usage above it is billed at the bound,
+counted in `gateway_usage_anomalies_total` and logged: a buggy or hostile upstream cannot
+charge an account trillions, nor hand the ledger's Lua arithmetic a number past 2**53
+(gateway/money.py). The bound is applied here, where the bill's tokens are decided, and
+nowhere else. This module counts; gateway/pricing.py prices.
+
+How `usage` names the classes (chat and legacy completions, as OpenAI, vLLM and LiteLLM's
+proxy send them): `prompt_tokens` is every input token; of those,
+`prompt_tokens_details.cached_tokens` were read from a prompt cache (LiteLLM also sends
+Anthropic's `cache_read_input_tokens`, the same tokens) and `cache_creation_input_tokens` (or
+`prompt_tokens_details.cache_creation_tokens`) were written to one; of `completion_tokens`,
+`completion_tokens_details.reasoning_tokens` were reasoning. Audio tokens are input or output
+tokens like any other and are billed at those prices.
 """
 
 from __future__ import annotations
@@ -15,18 +25,27 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
-from gateway.config.schema import ModelConfig
-from gateway.metering.completion import CompletionMeter
 from gateway.metering.estimate import requested_output
 from gateway.metering.prompt import CallKind
-from gateway.money import MAX_TOKENS_PER_CALL, call_cost
+from gateway.money import MAX_TOKENS_PER_CALL
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
+from gateway.pricing import TokenUsage
 
-__all__ = ["AnomalyHook", "Bill", "CallStatus", "UsageBound", "anomaly_reporter", "bill_call"]
+__all__ = [
+    "AnomalyHook",
+    "CallStatus",
+    "Counted",
+    "UsageBound",
+    "anomaly_reporter",
+    "count_call",
+    "read_usage",
+]
 
 CallStatus = Literal["ok", "client_disconnected", "upstream_error", "interrupted", "orphaned"]
-UsageField = Literal["prompt_tokens", "completion_tokens"]
+UsageField = Literal[
+    "prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens", "reasoning_tokens"
+]
 # (field, reported, billed): told once per field a bill was cut down on.
 AnomalyHook = Callable[[UsageField, int, int], None]
 
@@ -72,50 +91,79 @@ class UsageBound:
 _WIDEST = UsageBound(MAX_TOKENS_PER_CALL, MAX_TOKENS_PER_CALL)
 
 
+def _count(value: object) -> int | None:
+    """A token count as JSON gives it: a non-negative integer (not a bool, not a float)."""
+    return value if type(value) is int and value >= 0 else None
+
+
+def _detail(usage: dict[str, Any], details: str, field: str) -> int | None:
+    block = usage.get(details)
+    return _count(block.get(field)) if isinstance(block, dict) else None
+
+
+def read_usage(usage: dict[str, Any] | None) -> TokenUsage | None:
+    """The classes of an upstream's `usage` object (see the module docstring), or None when
+    it reports no usable prompt and completion counts (the gateway's own count is billed)."""
+    if usage is None:
+        return None
+    prompt = _count(usage.get("prompt_tokens"))
+    completion = _count(usage.get("completion_tokens", 0))
+    if prompt is None or completion is None:
+        return None
+    cached = _detail(usage, "prompt_tokens_details", "cached_tokens")
+    if cached is None:
+        cached = _count(usage.get("cache_read_input_tokens"))
+    written = _count(usage.get("cache_creation_input_tokens"))
+    if written is None:
+        written = _detail(usage, "prompt_tokens_details", "cache_creation_tokens")
+    reasoning = _detail(usage, "completion_tokens_details", "reasoning_tokens")
+    return TokenUsage(prompt, completion, cached or 0, written or 0, reasoning or 0)
+
+
 @dataclass(frozen=True, slots=True)
-class Bill:
-    prompt_tokens: int
-    completion_tokens: int
-    cost: int
-    usage_source: Literal["upstream", "gateway"]
+class Counted:
+    """The tokens a call is billed for, and the gateway's own counts beside them."""
+
+    usage: TokenUsage
+    source: Literal["upstream", "gateway"]
     gateway_prompt_tokens: int
     gateway_completion_tokens: int
 
 
-def bill_call(
-    model: ModelConfig,
-    meter: CompletionMeter,
+def count_call(
+    reported: TokenUsage | None,
     gateway_prompt_tokens: int,
     local_completion: int,
     bound: UsageBound | None = None,
-) -> Bill:
-    """The upstream's `usage` when it reported one (authoritative), the gateway's count else;
+) -> Counted:
+    """The upstream's usage when it reported one (authoritative), the gateway's count else;
     either cut down to `bound`. A reported value above it is an anomaly, told to
     `bound.report`; the gateway's own count above it is not (its tokenizer may not be the
     upstream's, and the client asked for no more than the bound)."""
     bound = bound or _WIDEST
-    reported = meter.upstream_tokens()
     if reported is not None:
-        prompt, completion = reported
-        source: Literal["upstream", "gateway"] = "upstream"
+        usage, source = reported, "upstream"
     else:
-        prompt, completion = gateway_prompt_tokens, local_completion
+        usage = TokenUsage(gateway_prompt_tokens, local_completion)
         source = "gateway"
     report = bound.report if source == "upstream" else None
-    if prompt > bound.prompt_tokens:
-        if report is not None:
-            report("prompt_tokens", prompt, bound.prompt_tokens)
-        prompt = bound.prompt_tokens
-    if completion > bound.completion_tokens:
-        if report is not None:
-            report("completion_tokens", completion, bound.completion_tokens)
-        completion = bound.completion_tokens
-    cost = 0
-    if model.billing == "tokens" and model.pricing is not None:
-        cost = call_cost(
-            prompt, completion, model.pricing.input_per_million, model.pricing.output_per_million
-        )
-    return Bill(prompt, completion, cost, source, gateway_prompt_tokens, local_completion)
+    prompt = _within(usage.prompt_tokens, bound.prompt_tokens, "prompt_tokens", report)
+    completion = _within(
+        usage.completion_tokens, bound.completion_tokens, "completion_tokens", report
+    )
+    cached = _within(usage.cached_tokens, prompt, "cached_tokens", report)
+    written = _within(usage.cache_write_tokens, prompt - cached, "cache_write_tokens", report)
+    reasoning = _within(usage.reasoning_tokens, completion, "reasoning_tokens", report)
+    billed = TokenUsage(prompt, completion, cached, written, reasoning)
+    return Counted(billed, source, gateway_prompt_tokens, local_completion)  # type: ignore[arg-type]
+
+
+def _within(value: int, most: int, field: UsageField, report: AnomalyHook | None) -> int:
+    if value <= most:
+        return value
+    if report is not None:
+        report(field, value, most)
+    return most
 
 
 def anomaly_reporter(metrics: Metrics, model: str, request_id: str) -> AnomalyHook:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -130,6 +130,7 @@ async def relay(
     gate: StreamGate | None = None,
     send_whole: bool = False,
     passed_headers: tuple[str, ...] = DEFAULT_RESPONSE_HEADERS,
+    answer_headers: Callable[[bytes], Awaitable[Mapping[str, str]]] | None = None,
 ) -> tuple[web.StreamResponse, RelayOutcome]:
     """Relay the upstream answer to the client.
 
@@ -138,7 +139,7 @@ async def relay(
     and `extra_headers` (the gateway's) replace any of the same name. A non-streamed body is
     kept in the outcome for the meter, and with `send_whole` it is written out here, so that
     what the caller does next (settling the call) adds nothing to the client's wait, as for a
-    stream.
+    stream; `answer_headers` reads such a body first and gives headers to add (its cost).
     """
     upstream = call.response
     outcome = RelayOutcome(streamed=_is_event_stream(upstream))
@@ -146,6 +147,8 @@ async def relay(
         if not outcome.streamed:
             headers = _client_headers(call, extra_headers, passed_headers)
             whole = await _relay_whole(call, timeouts, outcome, headers)
+            if answer_headers is not None and outcome.body is not None:
+                whole.headers.update(await answer_headers(outcome.body))
             if send_whole:
                 try:
                     await whole.prepare(request)

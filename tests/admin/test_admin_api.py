@@ -18,9 +18,10 @@ from multidict import CIMultiDict
 
 from gateway.accounts.apikeys import hash_key
 from gateway.admin.routes import routes as admin_routes
-from gateway.money import call_cost, format_micros
+from gateway.money import format_micros
 from gateway.store.embedded import EmbeddedStore
 from tests.admin_client import ADMIN_TOKEN, Admin, Reply
+from tests.billing.checks import gateway_cost as call_cost
 from tests.conftest import model_entry
 from tests.procs import Proc
 

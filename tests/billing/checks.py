@@ -11,6 +11,7 @@ from typing import Any
 import redis
 
 from gateway.ledger.keys import account_keys
+from gateway.pricing import Prices, TokenUsage
 from tests.admin_client import Admin
 
 
@@ -63,3 +64,9 @@ async def one_usage_record(admin: Admin, account_id: str) -> Any:
             return record
         await asyncio.sleep(0.05)
     raise AssertionError("no usage record")
+
+
+def gateway_cost(prompt: int, completion: int, input_micros: int, output_micros: int) -> int:
+    """The gateway's own cost of plain input and output tokens (gateway/pricing.py), for tests
+    of its arithmetic (compare with `expected_cost`, computed independently)."""
+    return Prices.plain("test", input_micros, output_micros).cost(TokenUsage(prompt, completion))

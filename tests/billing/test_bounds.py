@@ -22,9 +22,9 @@ import redis
 from openai import AsyncOpenAI
 
 from gateway.config import ConfigError, parse_settings
-from gateway.money import call_cost
 from tests.admin_client import Admin
 from tests.billing.checks import assert_invariant, expected_cost, micros
+from tests.billing.checks import gateway_cost as call_cost
 from tests.conftest import model_entry
 from tests.procs import Proc
 

@@ -10,6 +10,7 @@ import pytest
 
 from gateway.metering.completion import CompletionMeter
 from gateway.metering.tokenizers import get_encoding
+from gateway.pricing import TokenUsage
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
 WORDS = ["Hello", " there", ", friend"]
@@ -92,7 +93,7 @@ def test_chunk_boundaries_do_not_matter(sizes: list[int], strip: bool) -> None:
     assert "".join(meter.texts) == "".join(WORDS)
     assert meter.usage == whole.usage == USAGE
     assert meter.done
-    assert meter.upstream_tokens() == (9, 3)
+    assert meter.reported_usage() == TokenUsage(9, 3)
 
 
 def test_passthrough_returns_every_chunk_as_is() -> None:
@@ -214,7 +215,7 @@ def test_tool_call_deltas_are_counted() -> None:
     assert meter.local_tokens(enc) == len(enc.encode_ordinary('get_weather{"city": "Paris"}'))
     assert meter.local_tokens(enc) > 0
     assert meter.usage is None
-    assert meter.upstream_tokens() is None
+    assert meter.reported_usage() is None
 
 
 def test_legacy_completion_stream_text_is_counted() -> None:
@@ -258,7 +259,7 @@ def test_observe_body_reads_a_whole_answer() -> None:
     meter.observe_body(body)
     assert meter.texts == ["Hello there", "f", "{}"]
     assert meter.usage == USAGE
-    assert meter.upstream_tokens() == (9, 3)
+    assert meter.reported_usage() == TokenUsage(9, 3)
     assert meter.done
     enc = get_encoding("cl100k_base")
     assert meter.local_tokens(enc) == len(enc.encode_ordinary("Hello theref{}"))
@@ -276,7 +277,7 @@ def test_observe_body_reads_completions_and_embeddings() -> None:
         )
     )
     assert embeddings.texts == []
-    assert embeddings.upstream_tokens() == (4, 0)
+    assert embeddings.reported_usage() == TokenUsage(4, 0)
     assert embeddings.local_tokens(get_encoding("cl100k_base")) == 0
 
 
@@ -329,7 +330,7 @@ def test_last_usage_wins() -> None:
     first = orjson.dumps({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 1}})
     meter = CompletionMeter()
     meter.feed(_sse([first, _usage_chunk()]))
-    assert meter.upstream_tokens() == (9, 3)
+    assert meter.reported_usage() == TokenUsage(9, 3)
 
 
 @pytest.mark.parametrize(
@@ -354,7 +355,7 @@ def test_upstream_tokens_rejects_bad_numbers(usage: dict[str, Any]) -> None:
     booleans) is not trusted: upstream_tokens() is None, so the gateway's count is billed."""
     meter = CompletionMeter()
     meter.observe_body(orjson.dumps({"choices": [], "usage": usage}))
-    assert meter.upstream_tokens() is None
+    assert meter.reported_usage() is None
 
 
 def test_upstream_tokens_accepts_zero_and_big_ints() -> None:
@@ -363,7 +364,7 @@ def test_upstream_tokens_accepts_zero_and_big_ints() -> None:
         meter = CompletionMeter()
         usage = {"prompt_tokens": prompt, "completion_tokens": completion}
         meter.observe_body(orjson.dumps({"usage": usage}))
-        assert meter.upstream_tokens() == (prompt, completion)
+        assert meter.reported_usage() == TokenUsage(prompt, completion)
 
 
 def test_local_tokens_count_the_joined_text() -> None:

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from gateway.money import MAX_AMOUNT_MICROS, call_cost, format_micros, parse_amount
+from gateway.money import MAX_AMOUNT_MICROS, format_micros, parse_amount
+from tests.billing.checks import gateway_cost as call_cost
 
 SEED = 20241126
 

@@ -26,6 +26,7 @@ import orjson
 import pytest
 
 from gateway.metering.completion import CompletionMeter
+from gateway.pricing import TokenUsage
 
 USAGE = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
 DONE = b"data: [DONE]"
@@ -263,7 +264,7 @@ def test_stripped_stream_is_the_stream_without_usage(
     got, meter = _relay(_sse(build(True), sep), sizes)
     assert got == _sse(build(False), sep)
     assert meter.usage == usage
-    assert meter.upstream_tokens() == (9, 3)
+    assert meter.reported_usage() == TokenUsage(9, 3)
     assert "".join(meter.texts) == "Hello there!"
     assert meter.done
 
@@ -314,7 +315,7 @@ def test_multiline_data_event_is_rewritten_in_place() -> None:
     got, meter = _relay(event + DONE + b"\n\n", [4])
     expected = b'id: 7\ndata: {"id":"x","choices":[{"index":0,"delta":{"content":"a"}}]}\n\n'
     assert got == expected + DONE + b"\n\n"
-    assert meter.upstream_tokens() == (1, 1)
+    assert meter.reported_usage() == TokenUsage(1, 1)
     assert meter.texts == ["a"]
 
 

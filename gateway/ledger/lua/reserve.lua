@@ -13,11 +13,12 @@
 -- _prelude.lua): default account requests, default account tokens, model requests, model
 -- tokens. The account's own limits (admin API) replace the two defaults. Every rule of every
 -- limit is checked: one refusing refuses the call, and charges nothing anywhere.
--- Replies: {'ok', hold, account tokens landed, model tokens landed, headers...},
+-- Replies: {'ok', hold, account tokens landed, model tokens landed, headers..., available},
 -- {'rate_limited', retry ms, refused rules, headers...} or {refusal code[, detail]};
 -- "landed" is where the token charge landed, for settlement (rl_landed, '' = no rule);
 -- headers are 6 values: limit, remaining, reset ms for requests, then for tokens ('' = none),
--- each kind's of its tightest rule (see below).
+-- each kind's of its tightest rule (see below); available is the balance less every hold, this
+-- one's included, once it is placed.
 -- A resend is the same call. The gateway never reuses a request id, so a hold for ARGV[5] exists
 -- only if this script already ran for it: a client library resent the command after its
 -- connection dropped before the reply (redis-py's cluster client does). The resend answers as
@@ -113,7 +114,9 @@ local acct_window = rl_landed(acct_tok)
 local model_window = rl_landed(model_tok)
 
 if resent then
-  return {'ok', tonumber(resent), acct_window, model_window, headers()}
+  local rq_l, rq_r, rq_t, tk_l, tk_r, tk_t = headers()
+  return {'ok', tonumber(resent), acct_window, model_window, rq_l, rq_r, rq_t, tk_l, tk_r, tk_t,
+    balance - held}
 end
 if not charged then
   return {'rate_limited', math.ceil(retry), table.concat(refused, ', '), headers()}
@@ -132,4 +135,6 @@ redis.call('HSET', KEYS[4], ARGV[5], hold)
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
 redis.call('HSET', KEYS[6], ARGV[5], ARGV[8])
 redis.call('HINCRBY', KEYS[1], 'held', hold)
-return {'ok', hold, acct_window, model_window, headers()}
+local rq_l, rq_r, rq_t, tk_l, tk_r, tk_t = headers()
+return {'ok', hold, acct_window, model_window, rq_l, rq_r, rq_t, tk_l, tk_r, tk_t,
+  balance - held - hold}

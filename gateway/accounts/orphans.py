@@ -18,17 +18,19 @@ from __future__ import annotations
 
 import asyncio
 import time
+from dataclasses import dataclass
 
 from gateway.errors import LedgerUnavailable
 from gateway.ledger import Ledger
 from gateway.ledger.journal import SettlementJournal
 from gateway.ledger.keys import HOLDS_DUE
-from gateway.money import call_cost
 from gateway.observability.logging import get_logger
+from gateway.pricing import Prices, TokenUsage
 from gateway.state import ConfigHolder
 from gateway.timefmt import now_ms
+from gateway.usage_record import UsageRecord
 
-__all__ = ["HoldSweeper", "hold_info"]
+__all__ = ["HoldInfo", "OrphanSweeper"]
 
 log = get_logger("gateway.holds")
 
@@ -37,23 +39,46 @@ BATCH = 200
 ORPHAN_GRACE_S = 3.0
 
 
-def hold_info(
-    model: str, prompt_tokens: int, input_price: int, output_price: int, key_id: str, stream: bool
-) -> str:
-    """What the sweeper needs to bill a call without its gateway."""
-    return "\t".join(
-        (
-            model,
-            str(prompt_tokens),
-            str(input_price),
-            str(output_price),
-            key_id,
-            "1" if stream else "0",
+@dataclass(frozen=True, slots=True)
+class HoldInfo:
+    """What the sweeper needs to bill a call without its gateway, kept beside its hold."""
+
+    model: str
+    prompt_tokens: int
+    input_price: int  # micro-units per million tokens, of the sheet the call was admitted under
+    output_price: int
+    key_id: str
+    stream: bool
+    price_version: str = ""
+
+    def encode(self) -> str:
+        return "\t".join(
+            (
+                self.model,
+                str(self.prompt_tokens),
+                str(self.input_price),
+                str(self.output_price),
+                self.key_id,
+                "1" if self.stream else "0",
+                self.price_version,
+            )
         )
-    )
+
+    @classmethod
+    def decode(cls, text: str) -> HoldInfo | None:
+        """The info as written; None when there is none (settled meanwhile). Six fields are
+        an earlier version's, without the price version."""
+        parts = text.split("\t")
+        if len(parts) not in (6, 7):
+            return None
+        model, prompt, input_price, output_price, key_id, stream = parts[:6]
+        version = parts[6] if len(parts) == 7 else ""
+        return cls(
+            model, int(prompt), int(input_price), int(output_price), key_id, stream == "1", version
+        )
 
 
-class HoldSweeper:
+class OrphanSweeper:
     """Settles or releases holds whose lease has ended; safe with any number of instances."""
 
     def __init__(self, ledger: Ledger, config: ConfigHolder, journal: SettlementJournal) -> None:
@@ -90,28 +115,31 @@ class HoldSweeper:
     async def _orphan(
         self, account_id: str, request_id: str, info: str, tokens: int, now: int
     ) -> int:
-        parts = info.split("\t")
-        if len(parts) != 6:  # no hold info (settled meanwhile, or written by an old version)
+        held = HoldInfo.decode(info)
+        if held is None:  # no hold info (settled meanwhile, or written by an old version)
             if await self.ledger.release(account_id, request_id, only_if_lease_ended_by=now):
                 log.warning("orphaned hold released", account=account_id, request_id=request_id)
             return 0
-        model, prompt, input_price, output_price, key_id, stream = parts
-        cost = call_cost(int(prompt), tokens, int(input_price), int(output_price))
-        record = {
-            "request_id": request_id,
-            "time": now,
-            "kind": "inference",
-            "model": model,
-            "prompt_tokens": int(prompt),
-            "completion_tokens": tokens,
-            "cost": cost,
-            "usage_source": "gateway",
-            "status": "orphaned",
-            "stream": stream,
-            "gateway_prompt_tokens": int(prompt),
-            "gateway_completion_tokens": tokens,
-            "key_id": key_id,
-        }
+        # Billed as the gateway would have billed it: its prompt and the checkpointed output,
+        # as uncached input and plain output, at the prices it was admitted under.
+        prices = Prices.plain(held.price_version, held.input_price, held.output_price)
+        cost = prices.cost(TokenUsage(held.prompt_tokens, tokens))
+        record = UsageRecord(
+            request_id=request_id,
+            time=now,
+            kind="inference",
+            model=held.model,
+            prompt_tokens=held.prompt_tokens,
+            completion_tokens=tokens,
+            cost=cost,
+            usage_source="gateway",
+            status="orphaned",
+            stream=held.stream,
+            gateway_prompt_tokens=held.prompt_tokens,
+            gateway_completion_tokens=tokens,
+            key_id=held.key_id,
+            price_version=held.price_version,
+        ).fields()
         result = await self.ledger.settle(
             account_id, request_id, cost, now, record, only_if_lease_ended=True
         )

@@ -1,0 +1,1 @@
+"""Billing a call: its life from admission to settlement, and what may cut it short."""
