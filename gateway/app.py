@@ -39,7 +39,7 @@ from gateway.keys import (
 )
 from gateway.ledger import Ledger
 from gateway.ledger.journal import SettlementJournal, store_identity
-from gateway.ledger.ledger import SCRIPT_NAMES
+from gateway.ledger.transport import SCRIPT_NAMES
 from gateway.metering.tokenizers import warm_encodings
 from gateway.observability.access import access_middleware
 from gateway.observability.logging import get_logger

@@ -8,18 +8,15 @@ not answer surfaces here as `LedgerUnavailable` (503, fail closed).
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from importlib import resources
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
+from redis.exceptions import RedisError
 
-from gateway.errors import GatewayError, LedgerScriptError, LedgerUnavailable
+from gateway.errors import GatewayError
 from gateway.ledger.keys import (
     ACCOUNT_KEY_PATTERN,
     ACCOUNTS,
@@ -35,10 +32,10 @@ from gateway.ledger.keys import (
     stream_id_after,
     valid_account_id,
 )
+from gateway.ledger.transport import ScriptRunner, guard, text
 from gateway.money import MAX_BALANCE_MICROS
 from gateway.observability.logging import get_logger
 from gateway.store.channel import ScriptChannel
-from gateway.store.client import store_refused
 
 __all__ = [
     "AccountRecord",
@@ -50,20 +47,7 @@ __all__ = [
     "TopupResult",
 ]
 
-# Drop an index entry only if nobody re-marked it since it was read (a new event re-scores it).
-_REMOVE_IF_SCORE = """
-if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1])) == tonumber(ARGV[2]) then
-  return redis.call('ZREM', KEYS[1], ARGV[1])
-end
-return 0
-"""
-# Release a lock only if this instance still holds it.
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
+log = get_logger("gateway.ledger")
 
 # How long hold-index entries wait to go out together (see Ledger._index_hold).
 INDEX_BATCH_SECONDS = 0.05
@@ -72,23 +56,6 @@ INDEX_BATCH_SECONDS = 0.05
 LIST_EXAMINE_MAX = 5000
 # Accounts per round trip of the account-index backfill.
 BACKFILL_BATCH = 1000
-
-SCRIPT_NAMES = (
-    "advance",
-    "authenticate",
-    "checkpoint",
-    "create_account",
-    "extend",
-    "release",
-    "reserve",
-    "settle",
-    "subscribe",
-    "topup",
-)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,7 +77,7 @@ class AccountRecord:
 
     @classmethod
     def from_hash(cls, data: Mapping[bytes, bytes], subs: set[bytes]) -> AccountRecord:
-        fields = {_text(k): _text(v) for k, v in data.items()}
+        fields = {text(k): text(v) for k, v in data.items()}
         return cls(
             id=fields["id"],
             name=fields.get("name", ""),
@@ -123,7 +90,7 @@ class AccountRecord:
             topped_up=int(fields.get("topped_up", 0)),
             spent=int(fields.get("spent", 0)),
             cleared_spent=int(fields.get("cleared_spent") or 0),
-            subscriptions=tuple(sorted(_text(s) for s in subs)),
+            subscriptions=tuple(sorted(text(s) for s in subs)),
         )
 
 
@@ -179,104 +146,26 @@ class TopupResult:
     events: int = 0
 
 
-log = get_logger("gateway.ledger")
-
-# The classes a store client is expected to raise; any other (redis-py's cluster code has
-# raised AttributeError and uvloop's RuntimeError on connections it closed under a command) is
-# logged once per class, then answered the same way.
-_EXPECTED_ERRORS = (RedisError, RedisClusterException, OSError)
-_unexpected_seen: set[type[BaseException]] = set()
-
-
-def _ledger_error(exc: Exception, operation: str) -> GatewayError:
-    """The one mapping of a store client's failure, at the ledger's edge: the store refusing
-    the operation (a script failed inside Redis) is `LedgerScriptError`, 500; anything else,
-    whatever its class, is the store being unavailable, `LedgerUnavailable`, 503."""
-    if isinstance(exc, GatewayError):
-        return exc
-    if store_refused(exc):
-        log.error("the ledger store refused an operation", operation=operation, error=str(exc))
-        return LedgerScriptError(f"the ledger refused the operation ({operation})")
-    kind = type(exc)
-    if not isinstance(exc, _EXPECTED_ERRORS) and kind not in _unexpected_seen:
-        _unexpected_seen.add(kind)
-        log.warning(
-            "unexpected error from the store client, answered as the store unavailable",
-            operation=operation,
-            error_class=f"{kind.__module__}.{kind.__qualname__}",
-            exc_info=exc,
-        )
-    return LedgerUnavailable(f"the ledger store is unavailable ({kind.__name__})")
-
-
-@asynccontextmanager
-async def _guard(operation: str = "store command") -> AsyncIterator[None]:
-    """Turn any store failure into LedgerUnavailable (or LedgerScriptError, see
-    `_ledger_error`)."""
-    try:
-        yield
-    except Exception as exc:
-        raise _ledger_error(exc, operation) from exc
-
-
 class Ledger:
     """Money operations on one Redis (or Redis Cluster) store."""
 
     def __init__(self, client: aioredis.Redis, channel: ScriptChannel | None = None) -> None:
         self.client = client
         self.channel = channel  # the scripts' pipelined connection (single-node stores)
-        lua = resources.files("gateway.ledger").joinpath("lua")
-        prelude = lua.joinpath("_prelude.lua").read_text()
-        self._sources = {
-            name: prelude + lua.joinpath(f"{name}.lua").read_text() for name in SCRIPT_NAMES
-        }
-        self._shas = {
-            name: hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - Redis's script id
-            for name, source in self._sources.items()
-        }
-        self._remove_if_score = client.register_script(_REMOVE_IF_SCORE)
+        self.scripts = ScriptRunner(client, channel)
         self._background: set[asyncio.Task[None]] = set()
         self._index_pending: dict[str, int] = {}  # account -> earliest lease end to index
         self._index_timer: asyncio.TimerHandle | None = None
         self._backfill: asyncio.Task[None] | None = None  # the account-index backfill running
-        # Called with (script name, seconds) after every script: the Redis latency metric.
-        self.observe: Callable[[str, float], None] | None = None
-        self._unlock = client.register_script(_UNLOCK)
-        # Where commands of the hot path go: the pipelined channel when there is one, else
-        # redis-py's execute_command (which routes each to its slot on a cluster).
-        self._send: Callable[..., Awaitable[Any]] = (
-            channel.execute if channel is not None else client.execute_command
-        )
 
-    async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA; on NOSCRIPT (the store restarted, failed over or was flushed) one EVAL of
-        the source, which runs it and caches it again in one step (a SCRIPT LOAD and a second
-        EVALSHA could be split by another flush). Sent on the pipelined channel when there is
-        one, else as a plain redis-py command (which routes it to its slot on a cluster).
+    @property
+    def observe(self) -> Callable[[str, float], None] | None:
+        """Called with (script name, seconds) after every script: the Redis latency metric."""
+        return self.scripts.observe
 
-        A script may run twice for one call: redis-py resends a command whose connection
-        dropped before its reply came (the cluster client does, up to three times), and the
-        first run may have happened. Each script answers a resend as the same call: `reserve`
-        finds its hold and answers as its first run did; `settle` finds its settled marker
-        (`duplicate`, the first cost); `topup` its idempotency key (`replay`); `checkpoint`
-        writes the same tokens and lease again; `release` finds no hold (False: nothing
-        changes); `advance` takes each step once. Two answer a resend differently but change
-        nothing more: `create_account` says the id is taken and `subscribe` says `exists`.
-        `extend` is the exception: a resend holds `extra` once more (it charges nothing, and
-        settlement releases the whole hold; the account's other calls see that much less
-        available meanwhile)."""
-        send = self._send
-        started = time.perf_counter()
-        try:
-            try:
-                return await send("EVALSHA", self._shas[name], len(keys), *keys, *args)
-            except NoScriptError:
-                return await send("EVAL", self._sources[name], len(keys), *keys, *args)
-        except Exception as exc:  # every failure of the client, cluster code included
-            raise _ledger_error(exc, name) from exc
-        finally:
-            if self.observe is not None:
-                self.observe(name, time.perf_counter() - started)
+    @observe.setter
+    def observe(self, hook: Callable[[str, float], None] | None) -> None:
+        self.scripts.observe = hook
 
     # accounts ---------------------------------------------------------------------------
 
@@ -286,9 +175,9 @@ class Ledger:
         account the listing cannot find."""
         k = account_keys(account_id)
         member = account_index_member(account_id, now_ms)
-        async with _guard("index accounts"):
+        async with guard("index accounts"):
             await self.client.zadd(ACCOUNTS, {member: 0})
-        if await self._run("create_account", [k.account], [account_id, name, now_ms]):
+        if await self.scripts.run("create_account", [k.account], [account_id, name, now_ms]):
             return True
         await self._tidy_account_member(account_id, member)
         return False
@@ -299,11 +188,11 @@ class Ledger:
         that holds the id has its member (one made before the index existed may not yet).
         Tidying only: the listing skips such a member anyway, so a store error is logged."""
         try:
-            async with _guard("index accounts"):
+            async with guard("index accounts"):
                 created: Any = await self.client.hget(
                     account_keys(account_id).account, "created_at"
                 )
-                if created is None or not _text(created).isdigit():
+                if created is None or not text(created).isdigit():
                     return
                 own = account_index_member(account_id, int(created))
                 if own != member:
@@ -327,11 +216,11 @@ class Ledger:
         while True:
             want = limit - len(found)
             chunk = min(max(want, 100) if state else want, LIST_EXAMINE_MAX - examined)
-            async with _guard():
+            async with guard():
                 raw: Any = await self.client.zrangebylex(
                     ACCOUNTS, f"({cursor}" if cursor else "-", "+", start=0, num=chunk
                 )
-            members = [_text(m) for m in raw]
+            members = [text(m) for m in raw]
             records = await self._indexed_accounts(members)
             taken = 0
             for member, record in zip(members, records, strict=True):
@@ -346,7 +235,7 @@ class Ledger:
             if len(found) == limit or examined >= LIST_EXAMINE_MAX:
                 if taken < len(members):
                     return found, cursor
-                async with _guard():
+                async with guard():
                     more: Any = await self.client.zrangebylex(
                         ACCOUNTS, f"({cursor}", "+", start=0, num=1
                     )
@@ -359,7 +248,7 @@ class Ledger:
         wanted = [account_id for account_id in ids if valid_account_id(account_id)]
         replies: list[Any] = []
         if wanted:
-            async with _guard(), self.client.pipeline(transaction=False) as pipe:
+            async with guard(), self.client.pipeline(transaction=False) as pipe:
                 for account_id in wanted:
                     k = account_keys(account_id)
                     pipe.hgetall(k.account)
@@ -382,7 +271,7 @@ class Ledger:
         """Run the account-index backfill unless a run has finished (ACCOUNTS_BACKFILLED is
         set). One run per instance at a time, shielded: a listing that gives up waiting does
         not stop it."""
-        async with _guard():
+        async with guard():
             if await self.client.exists(ACCOUNTS_BACKFILLED):
                 return
         if self._backfill is None or self._backfill.done():
@@ -394,7 +283,7 @@ class Ledger:
     async def _run_backfill(self) -> None:
         started = time.perf_counter()
         added = await self.backfill_accounts_index()
-        async with _guard():
+        async with guard():
             await self.client.set(ACCOUNTS_BACKFILLED, int(time.time() * 1000))
         log.info(
             "account index backfilled",
@@ -408,11 +297,11 @@ class Ledger:
         created (their members go in before them)."""
         added = 0
         batch: list[str] = []
-        async with _guard("backfill the account index"):
+        async with guard("backfill the account index"):
             async for key in self.client.scan_iter(match=ACCOUNT_KEY_PATTERN, count=1000):
-                account_id = account_id_of(_text(key))
+                account_id = account_id_of(text(key))
                 # The pattern's `*` matches more than an id: keep only an account's own hash.
-                if valid_account_id(account_id) and account_keys(account_id).account == _text(key):
+                if valid_account_id(account_id) and account_keys(account_id).account == text(key):
                     batch.append(account_id)
                 if len(batch) >= BACKFILL_BATCH:
                     added += await self._index_accounts(batch)
@@ -427,9 +316,9 @@ class Ledger:
                 pipe.hget(account_keys(account_id).account, "created_at")
             times: list[Any] = await pipe.execute()
         members = {
-            account_index_member(account_id, int(_text(created))): 0
+            account_index_member(account_id, int(text(created))): 0
             for account_id, created in zip(ids, times, strict=True)
-            if created is not None and _text(created).isdigit()
+            if created is not None and text(created).isdigit()
         }
         if not members:
             return 0
@@ -439,7 +328,7 @@ class Ledger:
     async def get_account(self, account_id: str) -> AccountRecord | None:
         k = account_keys(account_id)
         # Two plain reads (a cluster client runs no MULTI): a view, not a money decision.
-        async with _guard():
+        async with guard():
             reads: Any = await asyncio.gather(
                 self.client.hgetall(k.account),
                 self.client.smembers(k.subscriptions),
@@ -474,7 +363,7 @@ class Ledger:
             account_id,
             MAX_BALANCE_MICROS,
         ]
-        out = [_text(x) for x in await self._run("topup", keys, args)]
+        out = [text(x) for x in await self.scripts.run("topup", keys, args)]
         if out[0] not in ("ok", "replay"):
             return TopupResult(out[0])
         result = TopupResult(out[0], out[1], int(out[2]), int(out[3]), int(out[4]), int(out[5]))
@@ -487,32 +376,32 @@ class Ledger:
     async def subscribe(self, account_id: str, model: str) -> str:
         """`created`, `exists`, `account_in_arrears` or `account_not_found`."""
         k = account_keys(account_id)
-        return _text(await self._run("subscribe", [k.account, k.subscriptions], [model]))
+        return text(await self.scripts.run("subscribe", [k.account, k.subscriptions], [model]))
 
     async def unsubscribe(self, account_id: str, model: str) -> bool:
         k = account_keys(account_id)
-        async with _guard():
+        async with guard():
             return bool(await self.client.srem(k.subscriptions, model))
 
     # API keys ---------------------------------------------------------------------------
 
     async def add_api_key(self, account_id: str, key_id: str, key_hash: str, meta: bytes) -> None:
         k = account_keys(account_id)
-        async with _guard():  # metadata first: a key works only once both are written
+        async with guard():  # metadata first: a key works only once both are written
             await self.client.hset(k.api_key_meta, key_id, meta)
             await self.client.hset(k.api_keys, key_id, key_hash)
 
     async def list_api_keys(self, account_id: str) -> dict[str, str]:
         """Key id -> its metadata JSON."""
         k = account_keys(account_id)
-        async with _guard():
+        async with guard():
             raw = await self.client.hgetall(k.api_key_meta)
-        return {_text(key): _text(value) for key, value in raw.items()}
+        return {text(key): text(value) for key, value in raw.items()}
 
     async def revoke_api_key(self, account_id: str, key_id: str, meta: bytes) -> None:
         """The key stops working at once, on every instance: its hash is gone."""
         k = account_keys(account_id)
-        async with _guard():  # the hash first: the key stops working before anything else
+        async with guard():  # the hash first: the key stops working before anything else
             await self.client.hdel(k.api_keys, key_id)
             await self.client.hset(k.api_key_meta, key_id, meta)
 
@@ -522,7 +411,7 @@ class Ledger:
         """(state, subscriptions) of the key's account, or None for a bad key."""
         k = account_keys(account_id)
         keys = [k.account, k.api_keys, k.subscriptions]
-        out = [_text(x) for x in await self._run("authenticate", keys, [key_id, key_hash])]
+        out = [text(x) for x in await self.scripts.run("authenticate", keys, [key_id, key_hash])]
         if out[0] != "ok":
             return None
         return out[1], tuple(out[2:])
@@ -533,7 +422,7 @@ class Ledger:
         """The account's own limits ("" falls back to the configured defaults), as written
         and as the admission script reads them (`specs`, see ratelimit.rule_spec)."""
         k = account_keys(account_id)
-        async with _guard():
+        async with guard():
             await self.client.hset(
                 k.account,
                 mapping={
@@ -546,9 +435,9 @@ class Ledger:
 
     async def get_rate_limits(self, account_id: str) -> tuple[str, str]:
         k = account_keys(account_id)
-        async with _guard():
+        async with guard():
             values: Any = await self.client.hmget(k.account, ["rl_requests", "rl_tokens"])
-        return _text(values[0] or b""), _text(values[1] or b"")
+        return text(values[0] or b""), text(values[1] or b"")
 
     # notifications ----------------------------------------------------------------------
 
@@ -558,7 +447,7 @@ class Ledger:
         """Store the account's channels; a new threshold starts a fresh low-balance crossing."""
         k = account_keys(account_id)
         threshold = "" if low_threshold is None else str(low_threshold)
-        async with _guard():
+        async with guard():
             await self.client.set(k.notifications, preferences_json)
             await self.client.hset(
                 k.account, mapping={"low_threshold": threshold, "low_notified": ""}
@@ -567,10 +456,10 @@ class Ledger:
     async def dead_letters(self, account_id: str, limit: int) -> list[tuple[str, dict[str, str]]]:
         """The account's deliveries that kept failing, oldest first."""
         k = account_keys(account_id)
-        async with _guard():
+        async with guard():
             entries: Any = await self.client.xrange(k.dead_letters, count=limit)
         return [
-            (_text(entry_id), {_text(f): _text(v) for f, v in fields.items()})
+            (text(entry_id), {text(f): text(v) for f, v in fields.items()})
             for entry_id, fields in entries
         ]
 
@@ -621,7 +510,7 @@ class Ledger:
             *rules,
         ]
         await self._index_before(account_id, lease_until_ms)
-        out = [_text(x) for x in await self._run("reserve", keys, args)]
+        out = [text(x) for x in await self.scripts.run("reserve", keys, args)]
         code = out[0]
         if code == "ok":
             charge = TokenCharge(model, tokens, (out[2], out[3]))
@@ -672,7 +561,7 @@ class Ledger:
         ]
         for field, value in record.items():
             args.extend((field, value))
-        out = [_text(x) for x in await self._run("settle", keys, args)]
+        out = [text(x) for x in await self.scripts.run("settle", keys, args)]
         if out[0] == "duplicate":
             return SettleResult("duplicate", int(out[1]))
         if out[0] != "ok":
@@ -691,7 +580,7 @@ class Ledger:
         k = account_keys(account_id)
         keys = [k.account, k.holds, k.hold_leases, k.hold_info, k.checkpoints]
         cutoff = "" if only_if_lease_ended_by is None else str(only_if_lease_ended_by)
-        return int(await self._run("release", keys, [request_id, cutoff])) == 1
+        return int(await self.scripts.run("release", keys, [request_id, cutoff])) == 1
 
     async def checkpoint(
         self, account_id: str, request_id: str, completion_tokens: int, lease_until_ms: int
@@ -700,7 +589,7 @@ class Ledger:
         k = account_keys(account_id)
         keys = [k.holds, k.hold_leases, k.checkpoints]
         args = [request_id, completion_tokens, lease_until_ms]
-        done = bool(await self._run("checkpoint", keys, args))
+        done = bool(await self.scripts.run("checkpoint", keys, args))
         if done:
             self._index_hold(account_id, lease_until_ms)
         return done
@@ -708,7 +597,7 @@ class Ledger:
     async def extend(self, account_id: str, request_id: str, extra: int) -> bool:
         """Grow a live call's hold by `extra` if the available balance covers it."""
         k = account_keys(account_id)
-        return int(await self._run("extend", [k.account, k.holds], [request_id, extra])) == 1
+        return int(await self.scripts.run("extend", [k.account, k.holds], [request_id, extra])) == 1
 
     async def _index_before(self, account_id: str, lease_until_ms: int) -> None:
         """Put the account in the hold index before the script that may place its hold, so a
@@ -720,8 +609,8 @@ class Ledger:
         command = ("ZADD", HOLDS_DUE, "LT", lease_until_ms, account_id)
         if self.channel is not None and self.channel.send_nowait(*command) is not None:
             return
-        async with _guard("index holds"):
-            await self._send(*command)
+        async with guard("index holds"):
+            await self.scripts.send(*command)
 
     def _index_hold(self, account_id: str, lease_until_ms: int) -> None:
         """Note (without waiting) when a renewed lease ends. Batched: every account noted
@@ -754,7 +643,7 @@ class Ledger:
     ) -> list[tuple[str, str, int]]:
         """(request id, hold info, checkpointed completion tokens) of holds whose lease ended."""
         k = account_keys(account_id)
-        async with _guard():
+        async with guard():
             ids: Any = await self.client.zrangebyscore(
                 k.hold_leases, "-inf", now_ms, start=0, num=limit
             )
@@ -765,7 +654,7 @@ class Ledger:
                 pipe.hmget(k.checkpoints, ids)
                 infos, cps = await pipe.execute()
         return [
-            (_text(rid), _text(info or b""), int(cp or 0))
+            (text(rid), text(info or b""), int(cp or 0))
             for rid, info, cp in zip(ids, infos, cps, strict=True)
         ]
 
@@ -775,7 +664,7 @@ class Ledger:
         left undone. The hold sweeper asks before it drops an account's hold-index entry (which
         every admission writes first), so no full scan is needed to find such an account."""
         k = account_keys(account_id)
-        async with _guard():
+        async with guard():
             found: Any = await asyncio.gather(
                 self.client.hget(k.account, "state"), self.client.xlen(k.outbox)
             )
@@ -788,7 +677,7 @@ class Ledger:
     async def next_lease_end(self, account_id: str) -> int | None:
         """When the account's earliest open hold's lease ends (ms), or None without holds."""
         k = account_keys(account_id)
-        async with _guard():
+        async with guard():
             first: Any = await self.client.zrange(k.hold_leases, 0, 0, withscores=True)
         return int(first[0][1]) if first else None
 
@@ -803,10 +692,10 @@ class Ledger:
         start = stream_id_after(after) if after else "-"
         if start is None:
             return [], None
-        async with _guard():
+        async with guard():
             entries: Any = await self.client.xrange(k.usage, min=start, max="+", count=limit + 1)
         records = [
-            (_text(entry_id), {_text(f): _text(v) for f, v in fields.items()})
+            (text(entry_id), {text(f): text(v) for f, v in fields.items()})
             for entry_id, fields in entries[:limit]
         ]
         cursor = records[-1][0] if len(entries) > limit else None
@@ -821,7 +710,7 @@ class Ledger:
         k = account_keys(account_id)
         keys = [k.account, k.subscriptions, k.usage, k.outbox]
         args = [now_ms, grace_ms, retention_ms, account_id]
-        out = [_text(x) for x in await self._run("advance", keys, args)]
+        out = [text(x) for x in await self.scripts.run("advance", keys, args)]
         result = AdvanceResult(out[0], out[1], int(out[2]), int(out[3]))
         if result.events:
             await self.mark_due(OUTBOX_DUE, account_id, now_ms)
@@ -831,28 +720,28 @@ class Ledger:
 
     async def mark_due(self, index: str, account_id: str, at_ms: int) -> None:
         """Put the account in `index` (lifecycle or outbox), due at `at_ms`."""
-        async with _guard():
+        async with guard():
             await self.client.zadd(index, {account_id: at_ms})
 
     async def due(self, index: str, now_ms: int, limit: int) -> list[tuple[str, float]]:
         """Accounts of `index` due by `now_ms`, with the score they were read at."""
-        async with _guard():
+        async with guard():
             rows: Any = await self.client.zrangebyscore(
                 index, "-inf", now_ms, start=0, num=limit, withscores=True
             )
-        return [(_text(member), float(score)) for member, score in rows]
+        return [(text(member), float(score)) for member, score in rows]
 
     async def unmark(self, index: str, account_id: str, score: float) -> None:
         """Remove the account from `index` unless it was re-marked since `score` was read."""
-        async with _guard():
-            await self._remove_if_score(keys=[index], args=[account_id, repr(score)])
+        async with guard():
+            await self.scripts.run_upkeep("remove_if_score", [index], [account_id, repr(score)])
 
     # locks ------------------------------------------------------------------------------
 
     async def lock(self, key: str, owner: str, ttl_ms: int) -> bool:
-        async with _guard():
+        async with guard():
             return bool(await self.client.set(key, owner, nx=True, px=ttl_ms))
 
     async def unlock(self, key: str, owner: str) -> None:
-        async with _guard():
-            await self._unlock(keys=[key], args=[owner])
+        async with guard():
+            await self.scripts.run_upkeep("unlock", [key], [owner])
