@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -32,20 +31,20 @@ from gateway.ledger.keys import (
     stream_id_after,
     valid_account_id,
 )
+from gateway.ledger.records import (
+    AccountRecord,
+    Admission,
+    AdvanceResult,
+    SettleResult,
+    TokenCharge,
+    TopupResult,
+)
 from gateway.ledger.transport import ScriptRunner, guard, text
 from gateway.money import MAX_BALANCE_MICROS
 from gateway.observability.logging import get_logger
 from gateway.store.channel import ScriptChannel
 
-__all__ = [
-    "AccountRecord",
-    "Admission",
-    "AdvanceResult",
-    "Ledger",
-    "SettleResult",
-    "TokenCharge",
-    "TopupResult",
-]
+__all__ = ["Ledger"]
 
 log = get_logger("gateway.ledger")
 
@@ -56,94 +55,6 @@ INDEX_BATCH_SECONDS = 0.05
 LIST_EXAMINE_MAX = 5000
 # Accounts per round trip of the account-index backfill.
 BACKFILL_BATCH = 1000
-
-
-@dataclass(frozen=True, slots=True)
-class AccountRecord:
-    """An account as stored: amounts in micro-units, times in ms since the epoch."""
-
-    id: str
-    name: str
-    balance: int
-    held: int
-    state: str
-    period: str
-    arrears_since: int | None
-    created_at: int
-    topped_up: int
-    spent: int
-    cleared_spent: int  # costs of the usage records deleted when the account was cleared
-    subscriptions: tuple[str, ...]
-
-    @classmethod
-    def from_hash(cls, data: Mapping[bytes, bytes], subs: set[bytes]) -> AccountRecord:
-        fields = {text(k): text(v) for k, v in data.items()}
-        return cls(
-            id=fields["id"],
-            name=fields.get("name", ""),
-            balance=int(fields["balance"]),
-            held=int(fields["held"]),
-            state=fields["state"],
-            period=fields.get("period", ""),
-            arrears_since=int(fields["arrears_since"]) if fields.get("arrears_since") else None,
-            created_at=int(fields["created_at"]),
-            topped_up=int(fields.get("topped_up", 0)),
-            spent=int(fields.get("spent", 0)),
-            cleared_spent=int(fields.get("cleared_spent") or 0),
-            subscriptions=tuple(sorted(text(s) for s in subs)),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class TokenCharge:
-    """What admission charged to the token limits, for settlement to correct."""
-
-    model: str
-    tokens: int
-    # Where the charge landed in the account's and the account+model's token counters, as the
-    # reserve script answered it (opaque here, see rl_landed in _prelude.lua; '' = no rule).
-    windows: tuple[str, str] = ("", "")
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """The reserve script's answer: `ok` with the amount held, or the refusal's code."""
-
-    code: str
-    held: int = 0
-    available: int | None = None
-    charge: TokenCharge | None = None
-    rate: tuple[str, ...] = ()  # the x-ratelimit-* values (see ratelimit.headers_of)
-    retry_after_ms: int = 0  # rate_limited: when the call would fit
-    refused: str = ""  # rate_limited: the rules that refused it
-
-
-@dataclass(frozen=True, slots=True)
-class SettleResult:
-    code: str  # ok | duplicate | account_not_found
-    cost: int
-    balance: int | None = None
-    state: str | None = None
-    frozen_now: bool = False
-    events: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class AdvanceResult:
-    code: str  # idle | frozen | cleared
-    period: str
-    next_due_ms: int
-    events: int
-
-
-@dataclass(frozen=True, slots=True)
-class TopupResult:
-    code: str  # ok | replay | idempotency_conflict | account_not_found
-    id: str = ""
-    amount: int = 0
-    balance: int = 0
-    created_at: int = 0
-    events: int = 0
 
 
 class Ledger:
