@@ -25,6 +25,7 @@ from gateway.ledger.keys import (
     LIFECYCLE_DUE,
     OUTBOX_DUE,
     SETTLED_TTL_SECONDS,
+    AccountField,
     account_id_of,
     account_index_member,
     account_keys,
@@ -101,7 +102,7 @@ class Ledger:
         try:
             async with guard("index accounts"):
                 created: Any = await self.client.hget(
-                    account_keys(account_id).account, "created_at"
+                    account_keys(account_id).account, AccountField.CREATED_AT
                 )
                 if created is None or not text(created).isdigit():
                     return
@@ -224,7 +225,7 @@ class Ledger:
     async def _index_accounts(self, ids: Sequence[str]) -> int:
         async with self.client.pipeline(transaction=False) as pipe:
             for account_id in ids:
-                pipe.hget(account_keys(account_id).account, "created_at")
+                pipe.hget(account_keys(account_id).account, AccountField.CREATED_AT)
             times: list[Any] = await pipe.execute()
         members = {
             account_index_member(account_id, int(text(created))): 0
@@ -337,17 +338,19 @@ class Ledger:
             await self.client.hset(
                 k.account,
                 mapping={
-                    "rl_requests": requests,
-                    "rl_tokens": tokens,
-                    "rl_requests_spec": specs[0],
-                    "rl_tokens_spec": specs[1],
+                    AccountField.RL_REQUESTS: requests,
+                    AccountField.RL_TOKENS: tokens,
+                    AccountField.RL_REQUESTS_SPEC: specs[0],
+                    AccountField.RL_TOKENS_SPEC: specs[1],
                 },
             )
 
     async def get_rate_limits(self, account_id: str) -> tuple[str, str]:
         k = account_keys(account_id)
         async with guard():
-            values: Any = await self.client.hmget(k.account, ["rl_requests", "rl_tokens"])
+            values: Any = await self.client.hmget(
+                k.account, [AccountField.RL_REQUESTS, AccountField.RL_TOKENS]
+            )
         return text(values[0] or b""), text(values[1] or b"")
 
     # notifications ----------------------------------------------------------------------
@@ -361,7 +364,8 @@ class Ledger:
         async with guard():
             await self.client.set(k.notifications, preferences_json)
             await self.client.hset(
-                k.account, mapping={"low_threshold": threshold, "low_notified": ""}
+                k.account,
+                mapping={AccountField.LOW_THRESHOLD: threshold, AccountField.LOW_NOTIFIED: ""},
             )
 
     async def dead_letters(self, account_id: str, limit: int) -> list[tuple[str, dict[str, str]]]:
@@ -577,7 +581,7 @@ class Ledger:
         k = account_keys(account_id)
         async with guard():
             found: Any = await asyncio.gather(
-                self.client.hget(k.account, "state"), self.client.xlen(k.outbox)
+                self.client.hget(k.account, AccountField.STATE), self.client.xlen(k.outbox)
             )
         state, waiting = found
         if state == b"frozen":
