@@ -1,7 +1,7 @@
 """The ledger: every money rule as one atomic Lua script per operation, on Redis.
 
-`ledger` has the operations, `records` what they take and answer, `transport` how scripts
-run and store errors map, `keys` every name.
+`ledger` has the operations, `records` what they take and answer, `indexes` the store-wide
+indexes and locks, `transport` how scripts run and store errors map, `keys` every name.
 """
 
 from gateway.ledger.ledger import Ledger
