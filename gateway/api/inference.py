@@ -43,7 +43,7 @@ from gateway.keys import (
     SETTLEMENTS,
     STOPPING,
 )
-from gateway.ledger import Admission, Ledger, TokenCharge
+from gateway.ledger import Admission, Ledger, Reservation, TokenCharge
 from gateway.ledger.journal import Entry, SettlementJournal
 from gateway.metering.completion import CompletionMeter
 from gateway.metering.enforcement import StrictGuard, strict_charge
@@ -356,7 +356,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         stream,
     )
     try:
-        admission = await ledger.reserve(
+        reservation = Reservation(
             key.account_id,
             key.key_id,
             key.key_hash,
@@ -370,6 +370,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
             call.prompt_tokens + output_tokens,
             rate_rules(settings.rate_limits, model),
         )
+        admission = await ledger.reserve(reservation)
     except (asyncio.CancelledError, LedgerUnavailable):
         # The client left while the store was deciding, or the store's answer was lost (a
         # timeout, a dropped connection): the script may have run all the same. A release

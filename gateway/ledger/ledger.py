@@ -10,7 +10,7 @@ locks are `indexes.Indexes`, which the Ledger owns and hands on to its callers.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -29,6 +29,7 @@ from gateway.ledger.records import (
     AccountRecord,
     Admission,
     AdvanceResult,
+    Reservation,
     SettleResult,
     TokenCharge,
     TopupResult,
@@ -217,25 +218,11 @@ class Ledger:
 
     # calls ------------------------------------------------------------------------------
 
-    async def reserve(
-        self,
-        account_id: str,
-        key_id: str,
-        key_hash: str,
-        model: str,
-        hold: int,
-        request_id: str,
-        lease_until_ms: int,
-        dedicated: bool,
-        hold_info: str,
-        now_ms: int,
-        tokens: int,
-        rules: Sequence[str],
-    ) -> Admission:
+    async def reserve(self, reservation: Reservation) -> Admission:
         """Authenticate, check and charge the rate limits (every rule of each), and hold, in
-        one round trip. `rules`: the four limit specs of ratelimit.RateRules; `tokens`: the
-        token limits' charge (the hold's estimate)."""
-        k = account_keys(account_id)
+        one round trip (see Reservation)."""
+        r = reservation
+        k = account_keys(r.account_id)
         keys = [
             k.account,
             k.api_keys,
@@ -245,27 +232,27 @@ class Ledger:
             k.hold_info,
             k.rate("requests"),
             k.rate("tokens"),
-            k.rate("requests", model),
-            k.rate("tokens", model),
+            k.rate("requests", r.model),
+            k.rate("tokens", r.model),
         ]
         args = [
-            key_id,
-            key_hash,
-            model,
-            hold,
-            request_id,
-            lease_until_ms,
-            "1" if dedicated else "0",
-            hold_info,
-            now_ms,
-            tokens,
-            *rules,
+            r.key_id,
+            r.key_hash,
+            r.model,
+            r.hold,
+            r.request_id,
+            r.lease_until_ms,
+            "1" if r.dedicated else "0",
+            r.hold_info,
+            r.now_ms,
+            r.tokens,
+            *r.rules,
         ]
-        await self.indexes.index_before(account_id, lease_until_ms)
+        await self.indexes.index_before(r.account_id, r.lease_until_ms)
         out = [text(x) for x in await self.scripts.run("reserve", keys, args)]
         code = out[0]
         if code == "ok":
-            charge = TokenCharge(model, tokens, (out[2], out[3]))
+            charge = TokenCharge(r.model, r.tokens, (out[2], out[3]))
             return Admission("ok", held=int(out[1]), charge=charge, rate=tuple(out[4:10]))
         if code == "rate_limited":
             return Admission(code, retry_after_ms=int(out[1]), refused=out[2], rate=tuple(out[3:9]))
