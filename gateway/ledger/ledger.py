@@ -10,7 +10,7 @@ locks are `indexes.Indexes`, which the Ledger owns and hands on to its callers.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
@@ -42,6 +42,14 @@ from gateway.store.channel import ScriptChannel
 __all__ = ["Ledger"]
 
 log = get_logger("gateway.ledger")
+
+
+def _stream_entries(entries: Sequence[Any]) -> list[tuple[str, dict[str, str]]]:
+    """XRANGE's reply as (entry id, fields), all text."""
+    return [
+        (text(entry_id), {text(f): text(v) for f, v in fields.items()})
+        for entry_id, fields in entries
+    ]
 
 
 class Ledger:
@@ -206,15 +214,61 @@ class Ledger:
                 mapping={AccountField.LOW_THRESHOLD: threshold, AccountField.LOW_NOTIFIED: ""},
             )
 
+    async def get_notifications(self, account_id: str) -> bytes | None:
+        """The JSON `set_notifications` stored for the account, or None when it has set none."""
+        async with guard():
+            raw: Any = await self.client.get(account_keys(account_id).notifications)
+        return None if raw is None else bytes(raw)
+
+    # the outbox (what the notifier delivers) --------------------------------------------
+
+    async def outbox(self, account_id: str, limit: int) -> list[tuple[str, dict[str, str]]]:
+        """Up to `limit` of the account's events waiting for delivery, oldest first."""
+        async with guard():
+            entries: Any = await self.client.xrange(account_keys(account_id).outbox, count=limit)
+        return _stream_entries(entries)
+
+    async def outbox_waiting(self, account_id: str) -> int:
+        """How many of the account's events wait for delivery."""
+        async with guard():
+            waiting: Any = await self.client.xlen(account_keys(account_id).outbox)
+        return int(waiting)
+
+    async def delivery_state(self, account_id: str, field: str) -> str | None:
+        """Where one delivery stands (`field`: `<event id>|<channel id>`, see
+        keys.AccountKeys.deliveries): `done`, `dead`, `<attempts>:<next try ms>`, or None
+        before its first try."""
+        async with guard():
+            state: Any = await self.client.hget(account_keys(account_id).deliveries, field)
+        return None if state is None else text(state)
+
+    async def set_delivery_state(self, account_id: str, field: str, state: str) -> None:
+        async with guard():
+            await self.client.hset(account_keys(account_id).deliveries, field, state)
+
+    async def drop_event(self, account_id: str, event_id: str, fields: Sequence[str]) -> None:
+        """An event that every channel has had leaves the outbox, then its deliveries' states
+        (`fields`) go: a crash in between leaves states that no event refers to."""
+        k = account_keys(account_id)
+        async with guard():
+            await self.client.xdel(k.outbox, event_id)
+            if fields:
+                await self.client.hdel(k.deliveries, *fields)
+
+    async def add_dead_letter(
+        self, account_id: str, entry: Mapping[str, bytes | str | int]
+    ) -> None:
+        """Keep a delivery that kept failing, for the admin API (`dead_letters`)."""
+        fields: dict[Any, Any] = dict(entry)
+        async with guard():
+            await self.client.xadd(account_keys(account_id).dead_letters, fields)
+
     async def dead_letters(self, account_id: str, limit: int) -> list[tuple[str, dict[str, str]]]:
         """The account's deliveries that kept failing, oldest first."""
         k = account_keys(account_id)
         async with guard():
             entries: Any = await self.client.xrange(k.dead_letters, count=limit)
-        return [
-            (text(entry_id), {text(f): text(v) for f, v in fields.items()})
-            for entry_id, fields in entries
-        ]
+        return _stream_entries(entries)
 
     # calls ------------------------------------------------------------------------------
 
@@ -394,10 +448,7 @@ class Ledger:
             return [], None
         async with guard():
             entries: Any = await self.client.xrange(k.usage, min=start, max="+", count=limit + 1)
-        records = [
-            (text(entry_id), {text(f): text(v) for f, v in fields.items()})
-            for entry_id, fields in entries[:limit]
-        ]
+        records = _stream_entries(entries[:limit])
         cursor = records[-1][0] if len(entries) > limit else None
         return records, cursor
 
