@@ -15,9 +15,9 @@ from aiohttp import web
 from redis.exceptions import RedisError
 
 from gateway.accounts.channels import ChannelKind
-from gateway.accounts.orphans import OrphanSweeper
 from gateway.accounts.lifecycle import LifecycleSweeper
 from gateway.accounts.notifier import Notifier
+from gateway.accounts.orphans import OrphanSweeper
 from gateway.admin import create_admin_app
 from gateway.api import inference, models, ops
 from gateway.api.middleware import attach_request_id, errors_middleware
@@ -39,7 +39,7 @@ from gateway.keys import (
 )
 from gateway.ledger import Ledger
 from gateway.ledger.journal import SettlementJournal, store_identity
-from gateway.ledger.ledger import SCRIPT_NAMES
+from gateway.ledger.transport import SCRIPT_NAMES
 from gateway.metering.tokenizers import warm_encodings
 from gateway.observability.access import access_middleware
 from gateway.observability.logging import get_logger

@@ -14,7 +14,13 @@ from typing import Any
 
 import redis.asyncio as aioredis
 
-from gateway.ledger.keys import ACCOUNT_KEY_PATTERN, account_id_of, account_keys, stream_id_after
+from gateway.ledger.keys import (
+    ACCOUNT_KEY_PATTERN,
+    AccountField,
+    account_id_of,
+    account_keys,
+    stream_id_after,
+)
 from gateway.money import format_micros
 from gateway.timefmt import now_ms
 from gateway.usage_record import UsageRecord
@@ -91,24 +97,24 @@ async def audit_account(client: aioredis.Redis, account_id: str, report: AuditRe
         return
     report.accounts += 1
     problems: list[str] = []
-    balance = int(acct["balance"])
+    balance = int(acct[AccountField.BALANCE])
     topups, _ = await _sum_stream(client, k.topups, "amount")
     spent_records, records = await _sum_stream(client, k.usage, "cost")
-    cleared = int(acct.get("cleared_spent") or 0)
+    cleared = int(acct.get(AccountField.CLEARED_SPENT) or 0)
     expected = topups - spent_records - cleared
     if balance != expected:
         problems.append(
             f"balance {format_micros(balance)} != top-ups {format_micros(topups)} - usage "
             f"{format_micros(spent_records + cleared)} = {format_micros(expected)}"
         )
-    if int(acct.get("topped_up") or 0) != topups:
+    if int(acct.get(AccountField.TOPPED_UP) or 0) != topups:
         problems.append("topped_up total disagrees with the top-ups stream")
-    if int(acct.get("spent") or 0) != spent_records + cleared:
+    if int(acct.get(AccountField.SPENT) or 0) != spent_records + cleared:
         problems.append("spent total disagrees with the usage records")
     holds: Any = await client.hgetall(k.holds)
     held = sum(int(v) for v in holds.values())
-    if int(acct.get("held") or 0) != held:
-        problems.append(f"held {acct.get('held')} != open holds {held}")
+    if int(acct.get(AccountField.HELD) or 0) != held:
+        problems.append(f"held {acct.get(AccountField.HELD)} != open holds {held}")
     stale: Any = await client.zrangebyscore(k.hold_leases, "-inf", now_ms() - LEASE_SLACK_MS)
     if stale:
         problems.append(

@@ -18,7 +18,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from gateway.accounts.apikeys import parse_api_key
 from gateway.errors import LedgerScriptError, LedgerUnavailable
-from gateway.ledger import Admission, Ledger
+from gateway.ledger import Admission, Ledger, Reservation
 from gateway.ledger.keys import account_keys
 from gateway.store.channel import ScriptChannel, channel_for
 from gateway.store.embedded import EmbeddedStore
@@ -160,18 +160,20 @@ async def test_a_resent_reserve_answers_as_its_first_run(
 
     async def reserve() -> Admission:
         return await ledger.reserve(
-            account_id,
-            key.key_id,
-            key.key_hash,
-            "mock-model",
-            1_000_000,  # the whole balance
-            request_id,
-            now + 60_000,
-            False,
-            "",
-            now,
-            40,
-            ("1:60000", "1000:60000", "", ""),  # 1 request, 1000 tokens a minute
+            Reservation(
+                account_id,
+                key.key_id,
+                key.key_hash,
+                "mock-model",
+                1_000_000,  # the whole balance
+                request_id,
+                now + 60_000,
+                False,
+                "",
+                now,
+                40,
+                ("1:60000", "1000:60000", "", ""),  # 1 request, 1000 tokens a minute
+            )
         )
 
     first = await reserve()

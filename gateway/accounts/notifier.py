@@ -15,7 +15,6 @@ from typing import Any
 
 import aiohttp
 import orjson
-from redis.exceptions import RedisError
 
 from gateway.accounts.channels import Channel, DeliveryError
 from gateway.accounts.preferences import NotificationPreferences
@@ -40,10 +39,6 @@ LOCK_TTL_MS = 120_000
 _MONEY_FIELDS = ("balance", "amount", "threshold")
 
 
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
 def event_payload(event_id: str, fields: dict[str, str]) -> dict[str, Any]:
     """The JSON every destination receives for one outbox entry."""
     data: dict[str, Any] = {}
@@ -62,10 +57,7 @@ def event_payload(event_id: str, fields: dict[str, str]) -> dict[str, Any]:
 
 async def load_preferences(ledger: Ledger, account_id: str) -> NotificationPreferences | None:
     """The account's own channels, or None when it has set none."""
-    try:
-        raw = await ledger.client.get(account_keys(account_id).notifications)
-    except (RedisError, OSError) as exc:
-        raise LedgerUnavailable(str(exc)) from exc
+    raw = await ledger.get_notifications(account_id)
     if raw is None:
         return None
     return NotificationPreferences.model_validate_json(raw)
@@ -131,14 +123,14 @@ class Notifier:
                 try:
                     retry_at: int | None = await self._deliver_account(account_id)
                 except LedgerUnavailable:
-                    raise
+                    raise  # the store's fault, not the account's: the pass stops, it stays due
                 except Exception:
                     # One account's fault must not hold back everyone else's events.
                     log.exception("notification delivery failed for an account", account=account_id)
                     retry_at = now_ms() + 30_000
                 if retry_at is not None:
                     await self.ledger.mark_due(OUTBOX_DUE, account_id, retry_at)
-                elif await self.ledger.client.xlen(keys.outbox):
+                elif await self.ledger.outbox_waiting(account_id):
                     await self.ledger.mark_due(OUTBOX_DUE, account_id, now_ms())
                 else:
                     await self.ledger.unmark(OUTBOX_DUE, account_id, score)
@@ -149,25 +141,20 @@ class Notifier:
 
     async def _deliver_account(self, account_id: str) -> int | None:
         """Work the account's outbox in order; the time of the next retry if one is pending."""
-        client = self.ledger.client
-        keys = account_keys(account_id)
         settings = self.config.snapshot.settings
-        entries: Any = await client.xrange(keys.outbox, count=EVENTS_PER_PASS)
+        entries = await self.ledger.outbox(account_id, EVENTS_PER_PASS)
         if not entries:
             return None
         prefs = await load_preferences(self.ledger, account_id)
         operator = _operator_channels(settings.notifications)
-        for raw_id, raw_fields in entries:
-            event_id = _text(raw_id)
-            fields = {_text(k): _text(v) for k, v in raw_fields.items()}
+        for event_id, fields in entries:
             event = event_payload(event_id, fields)
             channels = operator + _account_channels(prefs, event["type"])
             retry_at = await self._deliver_event(account_id, event_id, event, channels, settings)
             if retry_at is not None:
                 return retry_at  # later events wait: each account's events arrive in order
-            await client.xdel(keys.outbox, event_id)
-            if channels:
-                await client.hdel(keys.deliveries, *[f"{event_id}|{c.id}" for c in channels])
+            done = [f"{event_id}|{c.id}" for c in channels]
+            await self.ledger.drop_event(account_id, event_id, done)
         return None
 
     async def _deliver_event(
@@ -178,8 +165,6 @@ class Notifier:
         channels: list[Channel],
         settings: Settings,
     ) -> int | None:
-        client = self.ledger.client
-        keys = account_keys(account_id)
         config = settings.notifications
         sms_token = None
         if config.sms is not None and config.sms.token_env:
@@ -187,12 +172,12 @@ class Notifier:
         retry_at: int | None = None
         for channel in channels:
             field = f"{event_id}|{channel.id}"
-            state: Any = await client.hget(keys.deliveries, field)
-            if state in (b"done", b"dead"):
+            state = await self.ledger.delivery_state(account_id, field)
+            if state in ("done", "dead"):
                 continue
             attempts, next_try = (0, 0)
             if state:
-                attempts, next_try = (int(x) for x in state.split(b":"))
+                attempts, next_try = (int(x) for x in state.split(":"))
             if next_try > now_ms():
                 retry_at = next_try if retry_at is None else min(retry_at, next_try)
                 continue
@@ -204,11 +189,11 @@ class Notifier:
                 if attempts >= config.max_attempts:
                     self._count(channel, "dead_lettered")
                     await self._dead_letter(account_id, event, channel, str(exc), attempts)
-                    await client.hset(keys.deliveries, field, "dead")
+                    await self.ledger.set_delivery_state(account_id, field, "dead")
                     continue
                 delay = min(config.retry_base * 2 ** (attempts - 1), config.retry_max)
                 next_try = now_ms() + int(delay * 1000)
-                await client.hset(keys.deliveries, field, f"{attempts}:{next_try}")
+                await self.ledger.set_delivery_state(account_id, field, f"{attempts}:{next_try}")
                 log.info(
                     "notification delivery failed; will retry",
                     account=account_id,
@@ -222,7 +207,7 @@ class Notifier:
             self._count(channel, "delivered")
             if channel.billed:
                 await self._charge(account_id, event_id, event, channel, nbytes, config)
-            await client.hset(keys.deliveries, field, "done")
+            await self.ledger.set_delivery_state(account_id, field, "done")
         return retry_at
 
     def _count(self, channel: Channel, result: str) -> None:
@@ -256,9 +241,8 @@ class Notifier:
     async def _dead_letter(
         self, account_id: str, event: dict[str, Any], channel: Channel, error: str, attempts: int
     ) -> None:
-        keys = account_keys(account_id)
-        await self.ledger.client.xadd(
-            keys.dead_letters,
+        await self.ledger.add_dead_letter(
+            account_id,
             {
                 "event": orjson.dumps(event),
                 "channel": channel.kind,

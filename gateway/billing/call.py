@@ -42,7 +42,7 @@ from gateway.money import format_micros, parse_amount
 from gateway.observability.access import CallLog
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
-from gateway.pricing import Prices, TokenUsage, prices_at
+from gateway.pricing import Prices, prices_at
 from gateway.ratelimit import rate_rules
 from gateway.usage_record import UsageRecord
 
@@ -421,4 +421,3 @@ class MeteredCall:
         """A whole answer the client's connection did not take was never seen: the call is
         billed for its prompt only."""
         self.meter = CompletionMeter()
-

@@ -1,12 +1,25 @@
-"""The ledger: every money rule as one atomic Lua script per operation, on Redis."""
+"""The ledger: every money rule as one atomic Lua script per operation, on Redis.
 
-from gateway.ledger.ledger import (
+`ledger` has the operations, `records` what they take and answer, `indexes` the store-wide
+indexes and locks, `transport` how scripts run and store errors map, `keys` every name.
+"""
+
+from gateway.ledger.ledger import Ledger
+from gateway.ledger.records import (
     AccountRecord,
     Admission,
-    Ledger,
+    Reservation,
     SettleResult,
     TokenCharge,
     TopupResult,
 )
 
-__all__ = ["AccountRecord", "Admission", "Ledger", "SettleResult", "TokenCharge", "TopupResult"]
+__all__ = [
+    "AccountRecord",
+    "Admission",
+    "Ledger",
+    "Reservation",
+    "SettleResult",
+    "TokenCharge",
+    "TopupResult",
+]

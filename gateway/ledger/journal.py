@@ -38,7 +38,8 @@ import orjson
 
 from gateway.errors import GatewayError, LedgerUnavailable
 from gateway.ledger.keys import SETTLED_TTL_SECONDS
-from gateway.ledger.ledger import Ledger, TokenCharge
+from gateway.ledger.ledger import Ledger
+from gateway.ledger.records import TokenCharge
 from gateway.observability.logging import get_logger
 from gateway.store.client import without_credentials
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import TypeGuard
+from typing import Final, TypeGuard
 
 __all__ = [
     "ACCOUNTS",
@@ -20,6 +20,7 @@ __all__ = [
     "ID_RULE",
     "LIFECYCLE_DUE",
     "OUTBOX_DUE",
+    "AccountField",
     "AccountKeys",
     "account_id_of",
     "account_index_member",
@@ -115,7 +116,8 @@ class AccountKeys:
 
     @property
     def account(self) -> str:
-        """Hash: id, name, balance, held, state, period, arrears_since, totals."""
+        """Hash: id, name, balance, held, state, period, arrears_since, totals (the fields
+        of AccountField)."""
         return f"{PREFIX}:{self.tag}:account"
 
     @property
@@ -205,6 +207,35 @@ class AccountKeys:
     def idempotency(self, key: str) -> str:
         """Hash: what a top-up under this Idempotency-Key answered."""
         return f"{PREFIX}:{self.tag}:idem:{key}"
+
+
+class AccountField:
+    """The field names of an account's hash (`AccountKeys.account`). The Lua scripts spell
+    the same names: a field renamed here must be renamed in every script of `lua/` too."""
+
+    ID: Final = "id"
+    NAME: Final = "name"
+    # Money, in micro-units: what is left, what open holds keep back, the running totals.
+    BALANCE: Final = "balance"
+    HELD: Final = "held"
+    TOPPED_UP: Final = "topped_up"
+    SPENT: Final = "spent"
+    CLEARED_SPENT: Final = "cleared_spent"  # usage costs whose records clearing deleted
+    # The arrears lifecycle: active | frozen | cleared, its period (grace | retention | '')
+    # and times in ms.
+    STATE: Final = "state"
+    PERIOD: Final = "period"
+    ARREARS_SINCE: Final = "arrears_since"
+    CREATED_AT: Final = "created_at"
+    CLEARED_AT: Final = "cleared_at"
+    # The account's own rate limits, as written and as the admission script reads them.
+    RL_REQUESTS: Final = "rl_requests"
+    RL_TOKENS: Final = "rl_tokens"
+    RL_REQUESTS_SPEC: Final = "rl_requests_spec"
+    RL_TOKENS_SPEC: Final = "rl_tokens_spec"
+    # The low-balance notification: its threshold, and whether this crossing has fired.
+    LOW_THRESHOLD: Final = "low_threshold"
+    LOW_NOTIFIED: Final = "low_notified"
 
 
 def account_keys(account_id: str) -> AccountKeys:

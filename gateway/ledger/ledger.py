@@ -1,222 +1,55 @@
-"""The Ledger: typed Python calls onto the Lua scripts, and Redis errors made one error.
+"""The Ledger: the money operations, typed Python calls onto the Lua scripts.
 
-Each operation is one script (called by SHA; after a `NOSCRIPT` one EVAL runs and caches it
-again), so each money change is atomic. Handlers never import redis: a store that does
-not answer surfaces here as `LedgerUnavailable` (503, fail closed).
+Each operation is one script (run by `transport.ScriptRunner`), so each money change is
+atomic; the plain reads and writes around them (accounts, API keys, usage, holds, the outbox)
+go through the same error mapping (`transport.guard`). Handlers never import redis: a store
+that does not answer surfaces here as `LedgerUnavailable` (503, fail closed). The indexes and
+locks are `indexes.Indexes`, which the Ledger owns and hands on to its callers.
 """
 
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping, Sequence
-from contextlib import asynccontextmanager
-from dataclasses import dataclass
-from importlib import resources
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import redis.asyncio as aioredis
-from redis.exceptions import NoScriptError, RedisClusterException, RedisError
 
-from gateway.errors import GatewayError, LedgerScriptError, LedgerUnavailable
+from gateway.ledger.indexes import Indexes
 from gateway.ledger.keys import (
-    ACCOUNT_KEY_PATTERN,
-    ACCOUNTS,
-    ACCOUNTS_BACKFILLED,
-    HOLDS_DUE,
     IDEMPOTENCY_TTL_SECONDS,
     LIFECYCLE_DUE,
     OUTBOX_DUE,
     SETTLED_TTL_SECONDS,
-    account_id_of,
-    account_index_member,
+    AccountField,
     account_keys,
     stream_id_after,
-    valid_account_id,
 )
+from gateway.ledger.records import (
+    AccountRecord,
+    Admission,
+    AdvanceResult,
+    Reservation,
+    SettleResult,
+    TokenCharge,
+    TopupResult,
+)
+from gateway.ledger.transport import ScriptRunner, guard, text
 from gateway.money import MAX_BALANCE_MICROS
 from gateway.observability.logging import get_logger
 from gateway.store.channel import ScriptChannel
-from gateway.store.client import store_refused
 
-__all__ = [
-    "AccountRecord",
-    "Admission",
-    "AdvanceResult",
-    "Ledger",
-    "SettleResult",
-    "TokenCharge",
-    "TopupResult",
-]
-
-# Drop an index entry only if nobody re-marked it since it was read (a new event re-scores it).
-_REMOVE_IF_SCORE = """
-if tonumber(redis.call('ZSCORE', KEYS[1], ARGV[1])) == tonumber(ARGV[2]) then
-  return redis.call('ZREM', KEYS[1], ARGV[1])
-end
-return 0
-"""
-# Release a lock only if this instance still holds it.
-_UNLOCK = """
-if redis.call('GET', KEYS[1]) == ARGV[1] then
-  return redis.call('DEL', KEYS[1])
-end
-return 0
-"""
-
-# How long hold-index entries wait to go out together (see Ledger._index_hold).
-INDEX_BATCH_SECONDS = 0.05
-# The most account-index members one listing page reads (Ledger.list_accounts): a page with a
-# state filter stops there, short, and its cursor goes on from where it stopped.
-LIST_EXAMINE_MAX = 5000
-# Accounts per round trip of the account-index backfill.
-BACKFILL_BATCH = 1000
-
-SCRIPT_NAMES = (
-    "advance",
-    "authenticate",
-    "checkpoint",
-    "create_account",
-    "extend",
-    "release",
-    "reserve",
-    "settle",
-    "subscribe",
-    "topup",
-)
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
-
-
-@dataclass(frozen=True, slots=True)
-class AccountRecord:
-    """An account as stored: amounts in micro-units, times in ms since the epoch."""
-
-    id: str
-    name: str
-    balance: int
-    held: int
-    state: str
-    period: str
-    arrears_since: int | None
-    created_at: int
-    topped_up: int
-    spent: int
-    cleared_spent: int  # costs of the usage records deleted when the account was cleared
-    subscriptions: tuple[str, ...]
-
-    @classmethod
-    def from_hash(cls, data: Mapping[bytes, bytes], subs: set[bytes]) -> AccountRecord:
-        fields = {_text(k): _text(v) for k, v in data.items()}
-        return cls(
-            id=fields["id"],
-            name=fields.get("name", ""),
-            balance=int(fields["balance"]),
-            held=int(fields["held"]),
-            state=fields["state"],
-            period=fields.get("period", ""),
-            arrears_since=int(fields["arrears_since"]) if fields.get("arrears_since") else None,
-            created_at=int(fields["created_at"]),
-            topped_up=int(fields.get("topped_up", 0)),
-            spent=int(fields.get("spent", 0)),
-            cleared_spent=int(fields.get("cleared_spent") or 0),
-            subscriptions=tuple(sorted(_text(s) for s in subs)),
-        )
-
-
-@dataclass(frozen=True, slots=True)
-class TokenCharge:
-    """What admission charged to the token limits, for settlement to correct."""
-
-    model: str
-    tokens: int
-    # Where the charge landed in the account's and the account+model's token counters, as the
-    # reserve script answered it (opaque here, see rl_landed in _prelude.lua; '' = no rule).
-    windows: tuple[str, str] = ("", "")
-
-
-@dataclass(frozen=True, slots=True)
-class Admission:
-    """The reserve script's answer: `ok` with the amount held, or the refusal's code."""
-
-    code: str
-    held: int = 0
-    available: int | None = None
-    charge: TokenCharge | None = None
-    rate: tuple[str, ...] = ()  # the x-ratelimit-* values (see ratelimit.headers_of)
-    retry_after_ms: int = 0  # rate_limited: when the call would fit
-    refused: str = ""  # rate_limited: the rules that refused it
-
-
-@dataclass(frozen=True, slots=True)
-class SettleResult:
-    code: str  # ok | duplicate | account_not_found
-    cost: int
-    balance: int | None = None
-    state: str | None = None
-    frozen_now: bool = False
-    events: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class AdvanceResult:
-    code: str  # idle | frozen | cleared
-    period: str
-    next_due_ms: int
-    events: int
-
-
-@dataclass(frozen=True, slots=True)
-class TopupResult:
-    code: str  # ok | replay | idempotency_conflict | account_not_found
-    id: str = ""
-    amount: int = 0
-    balance: int = 0
-    created_at: int = 0
-    events: int = 0
-
+__all__ = ["Ledger"]
 
 log = get_logger("gateway.ledger")
 
-# The classes a store client is expected to raise; any other (redis-py's cluster code has
-# raised AttributeError and uvloop's RuntimeError on connections it closed under a command) is
-# logged once per class, then answered the same way.
-_EXPECTED_ERRORS = (RedisError, RedisClusterException, OSError)
-_unexpected_seen: set[type[BaseException]] = set()
 
-
-def _ledger_error(exc: Exception, operation: str) -> GatewayError:
-    """The one mapping of a store client's failure, at the ledger's edge: the store refusing
-    the operation (a script failed inside Redis) is `LedgerScriptError`, 500; anything else,
-    whatever its class, is the store being unavailable, `LedgerUnavailable`, 503."""
-    if isinstance(exc, GatewayError):
-        return exc
-    if store_refused(exc):
-        log.error("the ledger store refused an operation", operation=operation, error=str(exc))
-        return LedgerScriptError(f"the ledger refused the operation ({operation})")
-    kind = type(exc)
-    if not isinstance(exc, _EXPECTED_ERRORS) and kind not in _unexpected_seen:
-        _unexpected_seen.add(kind)
-        log.warning(
-            "unexpected error from the store client, answered as the store unavailable",
-            operation=operation,
-            error_class=f"{kind.__module__}.{kind.__qualname__}",
-            exc_info=exc,
-        )
-    return LedgerUnavailable(f"the ledger store is unavailable ({kind.__name__})")
-
-
-@asynccontextmanager
-async def _guard(operation: str = "store command") -> AsyncIterator[None]:
-    """Turn any store failure into LedgerUnavailable (or LedgerScriptError, see
-    `_ledger_error`)."""
-    try:
-        yield
-    except Exception as exc:
-        raise _ledger_error(exc, operation) from exc
+def _stream_entries(entries: Sequence[Any]) -> list[tuple[str, dict[str, str]]]:
+    """XRANGE's reply as (entry id, fields), all text."""
+    return [
+        (text(entry_id), {text(f): text(v) for f, v in fields.items()})
+        for entry_id, fields in entries
+    ]
 
 
 class Ledger:
@@ -225,58 +58,17 @@ class Ledger:
     def __init__(self, client: aioredis.Redis, channel: ScriptChannel | None = None) -> None:
         self.client = client
         self.channel = channel  # the scripts' pipelined connection (single-node stores)
-        lua = resources.files("gateway.ledger").joinpath("lua")
-        prelude = lua.joinpath("_prelude.lua").read_text()
-        self._sources = {
-            name: prelude + lua.joinpath(f"{name}.lua").read_text() for name in SCRIPT_NAMES
-        }
-        self._shas = {
-            name: hashlib.sha1(source.encode()).hexdigest()  # noqa: S324 - Redis's script id
-            for name, source in self._sources.items()
-        }
-        self._remove_if_score = client.register_script(_REMOVE_IF_SCORE)
-        self._background: set[asyncio.Task[None]] = set()
-        self._index_pending: dict[str, int] = {}  # account -> earliest lease end to index
-        self._index_timer: asyncio.TimerHandle | None = None
-        self._backfill: asyncio.Task[None] | None = None  # the account-index backfill running
-        # Called with (script name, seconds) after every script: the Redis latency metric.
-        self.observe: Callable[[str, float], None] | None = None
-        self._unlock = client.register_script(_UNLOCK)
-        # Where commands of the hot path go: the pipelined channel when there is one, else
-        # redis-py's execute_command (which routes each to its slot on a cluster).
-        self._send: Callable[..., Awaitable[Any]] = (
-            channel.execute if channel is not None else client.execute_command
-        )
+        self.scripts = ScriptRunner(client, channel)
+        self.indexes = Indexes(self.scripts)
 
-    async def _run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        """EVALSHA; on NOSCRIPT (the store restarted, failed over or was flushed) one EVAL of
-        the source, which runs it and caches it again in one step (a SCRIPT LOAD and a second
-        EVALSHA could be split by another flush). Sent on the pipelined channel when there is
-        one, else as a plain redis-py command (which routes it to its slot on a cluster).
+    @property
+    def observe(self) -> Callable[[str, float], None] | None:
+        """Called with (script name, seconds) after every script: the Redis latency metric."""
+        return self.scripts.observe
 
-        A script may run twice for one call: redis-py resends a command whose connection
-        dropped before its reply came (the cluster client does, up to three times), and the
-        first run may have happened. Each script answers a resend as the same call: `reserve`
-        finds its hold and answers as its first run did; `settle` finds its settled marker
-        (`duplicate`, the first cost); `topup` its idempotency key (`replay`); `checkpoint`
-        writes the same tokens and lease again; `release` finds no hold (False: nothing
-        changes); `advance` takes each step once. Two answer a resend differently but change
-        nothing more: `create_account` says the id is taken and `subscribe` says `exists`.
-        `extend` is the exception: a resend holds `extra` once more (it charges nothing, and
-        settlement releases the whole hold; the account's other calls see that much less
-        available meanwhile)."""
-        send = self._send
-        started = time.perf_counter()
-        try:
-            try:
-                return await send("EVALSHA", self._shas[name], len(keys), *keys, *args)
-            except NoScriptError:
-                return await send("EVAL", self._sources[name], len(keys), *keys, *args)
-        except Exception as exc:  # every failure of the client, cluster code included
-            raise _ledger_error(exc, name) from exc
-        finally:
-            if self.observe is not None:
-                self.observe(name, time.perf_counter() - started)
+    @observe.setter
+    def observe(self, hook: Callable[[str, float], None] | None) -> None:
+        self.scripts.observe = hook
 
     # accounts ---------------------------------------------------------------------------
 
@@ -285,161 +77,16 @@ class Ledger:
         (keys.ACCOUNTS): a crash before the script leaves a member the listing skips, never an
         account the listing cannot find."""
         k = account_keys(account_id)
-        member = account_index_member(account_id, now_ms)
-        async with _guard("index accounts"):
-            await self.client.zadd(ACCOUNTS, {member: 0})
-        if await self._run("create_account", [k.account], [account_id, name, now_ms]):
+        member = await self.indexes.add_account(account_id, now_ms)
+        if await self.scripts.run("create_account", [k.account], [account_id, name, now_ms]):
             return True
-        await self._tidy_account_member(account_id, member)
+        await self.indexes.tidy_account(account_id, member)
         return False
-
-    async def _tidy_account_member(self, account_id: str, member: str) -> None:
-        """After a refused creation: drop the member it wrote unless it is the account's own
-        (a resent script refuses the creation its first run made), and make sure the account
-        that holds the id has its member (one made before the index existed may not yet).
-        Tidying only: the listing skips such a member anyway, so a store error is logged."""
-        try:
-            async with _guard("index accounts"):
-                created: Any = await self.client.hget(
-                    account_keys(account_id).account, "created_at"
-                )
-                if created is None or not _text(created).isdigit():
-                    return
-                own = account_index_member(account_id, int(created))
-                if own != member:
-                    await self.client.zadd(ACCOUNTS, {own: 0})
-                    await self.client.zrem(ACCOUNTS, member)
-        except GatewayError as exc:
-            log.warning("account index not tidied", account=account_id, error=str(exc))
-
-    async def list_accounts(
-        self, limit: int, after: str | None, state: str | None = None
-    ) -> tuple[list[AccountRecord], str | None]:
-        """Up to `limit` accounts after cursor `after` (an account-index member) in creation
-        order, then id order, only those in `state` when it is given, and the cursor of the
-        next page (None when there is no more). A walk that follows the cursors sees every
-        account that existed when it started exactly once, whatever is created meanwhile. A
-        page reads at most LIST_EXAMINE_MAX index members: with a state filter it may hold
-        fewer than `limit` accounts, none even, and still have a next page."""
-        await self.ensure_accounts_backfilled()
-        found: list[AccountRecord] = []
-        cursor, examined = after, 0
-        while True:
-            want = limit - len(found)
-            chunk = min(max(want, 100) if state else want, LIST_EXAMINE_MAX - examined)
-            async with _guard():
-                raw: Any = await self.client.zrangebylex(
-                    ACCOUNTS, f"({cursor}" if cursor else "-", "+", start=0, num=chunk
-                )
-            members = [_text(m) for m in raw]
-            records = await self._indexed_accounts(members)
-            taken = 0
-            for member, record in zip(members, records, strict=True):
-                taken, cursor = taken + 1, member
-                if record is not None and (state is None or record.state == state):
-                    found.append(record)
-                    if len(found) == limit:
-                        break
-            examined += taken
-            if taken == len(members) and len(members) < chunk:
-                return found, None  # the index has no more
-            if len(found) == limit or examined >= LIST_EXAMINE_MAX:
-                if taken < len(members):
-                    return found, cursor
-                async with _guard():
-                    more: Any = await self.client.zrangebylex(
-                        ACCOUNTS, f"({cursor}", "+", start=0, num=1
-                    )
-                return found, cursor if more else None
-
-    async def _indexed_accounts(self, members: Sequence[str]) -> list[AccountRecord | None]:
-        """The account behind each index member; None for a member no account stands behind
-        (its creation never ran, or another creation of the id won: created_at differs)."""
-        ids = [member.partition(":")[2] for member in members]
-        wanted = [account_id for account_id in ids if valid_account_id(account_id)]
-        replies: list[Any] = []
-        if wanted:
-            async with _guard(), self.client.pipeline(transaction=False) as pipe:
-                for account_id in wanted:
-                    k = account_keys(account_id)
-                    pipe.hgetall(k.account)
-                    pipe.smembers(k.subscriptions)
-                replies = await pipe.execute()
-        found = {
-            account_id: AccountRecord.from_hash(data, subs)
-            for account_id, data, subs in zip(wanted, replies[::2], replies[1::2], strict=True)
-            if data
-        }
-        out: list[AccountRecord | None] = []
-        for member, account_id in zip(members, ids, strict=True):
-            record = found.get(account_id)
-            if record is not None and account_index_member(record.id, record.created_at) != member:
-                record = None
-            out.append(record)
-        return out
-
-    async def ensure_accounts_backfilled(self) -> None:
-        """Run the account-index backfill unless a run has finished (ACCOUNTS_BACKFILLED is
-        set). One run per instance at a time, shielded: a listing that gives up waiting does
-        not stop it."""
-        async with _guard():
-            if await self.client.exists(ACCOUNTS_BACKFILLED):
-                return
-        if self._backfill is None or self._backfill.done():
-            self._backfill = asyncio.ensure_future(self._run_backfill())
-            # Its failure reaches the listings waiting; if none still is, it is dropped here.
-            self._backfill.add_done_callback(lambda task: task.cancelled() or task.exception())
-        await asyncio.shield(self._backfill)
-
-    async def _run_backfill(self) -> None:
-        started = time.perf_counter()
-        added = await self.backfill_accounts_index()
-        async with _guard():
-            await self.client.set(ACCOUNTS_BACKFILLED, int(time.time() * 1000))
-        log.info(
-            "account index backfilled",
-            added=added,
-            seconds=round(time.perf_counter() - started, 3),
-        )
-
-    async def backfill_accounts_index(self) -> int:
-        """Put every account of the store in the account index (a SCAN of every primary on a
-        cluster); the number of members it added. Idempotent, and safe while accounts are
-        created (their members go in before them)."""
-        added = 0
-        batch: list[str] = []
-        async with _guard("backfill the account index"):
-            async for key in self.client.scan_iter(match=ACCOUNT_KEY_PATTERN, count=1000):
-                account_id = account_id_of(_text(key))
-                # The pattern's `*` matches more than an id: keep only an account's own hash.
-                if valid_account_id(account_id) and account_keys(account_id).account == _text(key):
-                    batch.append(account_id)
-                if len(batch) >= BACKFILL_BATCH:
-                    added += await self._index_accounts(batch)
-                    batch = []
-            if batch:
-                added += await self._index_accounts(batch)
-        return added
-
-    async def _index_accounts(self, ids: Sequence[str]) -> int:
-        async with self.client.pipeline(transaction=False) as pipe:
-            for account_id in ids:
-                pipe.hget(account_keys(account_id).account, "created_at")
-            times: list[Any] = await pipe.execute()
-        members = {
-            account_index_member(account_id, int(_text(created))): 0
-            for account_id, created in zip(ids, times, strict=True)
-            if created is not None and _text(created).isdigit()
-        }
-        if not members:
-            return 0
-        added: Any = await self.client.zadd(ACCOUNTS, members)
-        return int(added)
 
     async def get_account(self, account_id: str) -> AccountRecord | None:
         k = account_keys(account_id)
         # Two plain reads (a cluster client runs no MULTI): a view, not a money decision.
-        async with _guard():
+        async with guard():
             reads: Any = await asyncio.gather(
                 self.client.hgetall(k.account),
                 self.client.smembers(k.subscriptions),
@@ -474,12 +121,12 @@ class Ledger:
             account_id,
             MAX_BALANCE_MICROS,
         ]
-        out = [_text(x) for x in await self._run("topup", keys, args)]
+        out = [text(x) for x in await self.scripts.run("topup", keys, args)]
         if out[0] not in ("ok", "replay"):
             return TopupResult(out[0])
         result = TopupResult(out[0], out[1], int(out[2]), int(out[3]), int(out[4]), int(out[5]))
         if result.events:
-            await self.mark_due(OUTBOX_DUE, account_id, now_ms)
+            await self.indexes.mark_due(OUTBOX_DUE, account_id, now_ms)
         return result
 
     # subscriptions ----------------------------------------------------------------------
@@ -487,32 +134,32 @@ class Ledger:
     async def subscribe(self, account_id: str, model: str) -> str:
         """`created`, `exists`, `account_in_arrears` or `account_not_found`."""
         k = account_keys(account_id)
-        return _text(await self._run("subscribe", [k.account, k.subscriptions], [model]))
+        return text(await self.scripts.run("subscribe", [k.account, k.subscriptions], [model]))
 
     async def unsubscribe(self, account_id: str, model: str) -> bool:
         k = account_keys(account_id)
-        async with _guard():
+        async with guard():
             return bool(await self.client.srem(k.subscriptions, model))
 
     # API keys ---------------------------------------------------------------------------
 
     async def add_api_key(self, account_id: str, key_id: str, key_hash: str, meta: bytes) -> None:
         k = account_keys(account_id)
-        async with _guard():  # metadata first: a key works only once both are written
+        async with guard():  # metadata first: a key works only once both are written
             await self.client.hset(k.api_key_meta, key_id, meta)
             await self.client.hset(k.api_keys, key_id, key_hash)
 
     async def list_api_keys(self, account_id: str) -> dict[str, str]:
         """Key id -> its metadata JSON."""
         k = account_keys(account_id)
-        async with _guard():
+        async with guard():
             raw = await self.client.hgetall(k.api_key_meta)
-        return {_text(key): _text(value) for key, value in raw.items()}
+        return {text(key): text(value) for key, value in raw.items()}
 
     async def revoke_api_key(self, account_id: str, key_id: str, meta: bytes) -> None:
         """The key stops working at once, on every instance: its hash is gone."""
         k = account_keys(account_id)
-        async with _guard():  # the hash first: the key stops working before anything else
+        async with guard():  # the hash first: the key stops working before anything else
             await self.client.hdel(k.api_keys, key_id)
             await self.client.hset(k.api_key_meta, key_id, meta)
 
@@ -522,7 +169,7 @@ class Ledger:
         """(state, subscriptions) of the key's account, or None for a bad key."""
         k = account_keys(account_id)
         keys = [k.account, k.api_keys, k.subscriptions]
-        out = [_text(x) for x in await self._run("authenticate", keys, [key_id, key_hash])]
+        out = [text(x) for x in await self.scripts.run("authenticate", keys, [key_id, key_hash])]
         if out[0] != "ok":
             return None
         return out[1], tuple(out[2:])
@@ -533,22 +180,24 @@ class Ledger:
         """The account's own limits ("" falls back to the configured defaults), as written
         and as the admission script reads them (`specs`, see ratelimit.rule_spec)."""
         k = account_keys(account_id)
-        async with _guard():
+        async with guard():
             await self.client.hset(
                 k.account,
                 mapping={
-                    "rl_requests": requests,
-                    "rl_tokens": tokens,
-                    "rl_requests_spec": specs[0],
-                    "rl_tokens_spec": specs[1],
+                    AccountField.RL_REQUESTS: requests,
+                    AccountField.RL_TOKENS: tokens,
+                    AccountField.RL_REQUESTS_SPEC: specs[0],
+                    AccountField.RL_TOKENS_SPEC: specs[1],
                 },
             )
 
     async def get_rate_limits(self, account_id: str) -> tuple[str, str]:
         k = account_keys(account_id)
-        async with _guard():
-            values: Any = await self.client.hmget(k.account, ["rl_requests", "rl_tokens"])
-        return _text(values[0] or b""), _text(values[1] or b"")
+        async with guard():
+            values: Any = await self.client.hmget(
+                k.account, [AccountField.RL_REQUESTS, AccountField.RL_TOKENS]
+            )
+        return text(values[0] or b""), text(values[1] or b"")
 
     # notifications ----------------------------------------------------------------------
 
@@ -558,43 +207,76 @@ class Ledger:
         """Store the account's channels; a new threshold starts a fresh low-balance crossing."""
         k = account_keys(account_id)
         threshold = "" if low_threshold is None else str(low_threshold)
-        async with _guard():
+        async with guard():
             await self.client.set(k.notifications, preferences_json)
             await self.client.hset(
-                k.account, mapping={"low_threshold": threshold, "low_notified": ""}
+                k.account,
+                mapping={AccountField.LOW_THRESHOLD: threshold, AccountField.LOW_NOTIFIED: ""},
             )
+
+    async def get_notifications(self, account_id: str) -> bytes | None:
+        """The JSON `set_notifications` stored for the account, or None when it has set none."""
+        async with guard():
+            raw: Any = await self.client.get(account_keys(account_id).notifications)
+        return None if raw is None else bytes(raw)
+
+    # the outbox (what the notifier delivers) --------------------------------------------
+
+    async def outbox(self, account_id: str, limit: int) -> list[tuple[str, dict[str, str]]]:
+        """Up to `limit` of the account's events waiting for delivery, oldest first."""
+        async with guard():
+            entries: Any = await self.client.xrange(account_keys(account_id).outbox, count=limit)
+        return _stream_entries(entries)
+
+    async def outbox_waiting(self, account_id: str) -> int:
+        """How many of the account's events wait for delivery."""
+        async with guard():
+            waiting: Any = await self.client.xlen(account_keys(account_id).outbox)
+        return int(waiting)
+
+    async def delivery_state(self, account_id: str, field: str) -> str | None:
+        """Where one delivery stands (`field`: `<event id>|<channel id>`, see
+        keys.AccountKeys.deliveries): `done`, `dead`, `<attempts>:<next try ms>`, or None
+        before its first try."""
+        async with guard():
+            state: Any = await self.client.hget(account_keys(account_id).deliveries, field)
+        return None if state is None else text(state)
+
+    async def set_delivery_state(self, account_id: str, field: str, state: str) -> None:
+        async with guard():
+            await self.client.hset(account_keys(account_id).deliveries, field, state)
+
+    async def drop_event(self, account_id: str, event_id: str, fields: Sequence[str]) -> None:
+        """An event that every channel has had leaves the outbox, then its deliveries' states
+        (`fields`) go: a crash in between leaves states that no event refers to."""
+        k = account_keys(account_id)
+        async with guard():
+            await self.client.xdel(k.outbox, event_id)
+            if fields:
+                await self.client.hdel(k.deliveries, *fields)
+
+    async def add_dead_letter(
+        self, account_id: str, entry: Mapping[str, bytes | str | int]
+    ) -> None:
+        """Keep a delivery that kept failing, for the admin API (`dead_letters`)."""
+        fields: dict[Any, Any] = dict(entry)
+        async with guard():
+            await self.client.xadd(account_keys(account_id).dead_letters, fields)
 
     async def dead_letters(self, account_id: str, limit: int) -> list[tuple[str, dict[str, str]]]:
         """The account's deliveries that kept failing, oldest first."""
         k = account_keys(account_id)
-        async with _guard():
+        async with guard():
             entries: Any = await self.client.xrange(k.dead_letters, count=limit)
-        return [
-            (_text(entry_id), {_text(f): _text(v) for f, v in fields.items()})
-            for entry_id, fields in entries
-        ]
+        return _stream_entries(entries)
 
     # calls ------------------------------------------------------------------------------
 
-    async def reserve(
-        self,
-        account_id: str,
-        key_id: str,
-        key_hash: str,
-        model: str,
-        hold: int,
-        request_id: str,
-        lease_until_ms: int,
-        dedicated: bool,
-        hold_info: str,
-        now_ms: int,
-        tokens: int,
-        rules: Sequence[str],
-    ) -> Admission:
+    async def reserve(self, reservation: Reservation) -> Admission:
         """Authenticate, check and charge the rate limits (every rule of each), and hold, in
-        one round trip. `rules`: the four limit specs of ratelimit.RateRules; `tokens`: the
-        token limits' charge (the hold's estimate)."""
-        k = account_keys(account_id)
+        one round trip (see Reservation)."""
+        r = reservation
+        k = account_keys(r.account_id)
         keys = [
             k.account,
             k.api_keys,
@@ -604,28 +286,31 @@ class Ledger:
             k.hold_info,
             k.rate("requests"),
             k.rate("tokens"),
-            k.rate("requests", model),
-            k.rate("tokens", model),
+            k.rate("requests", r.model),
+            k.rate("tokens", r.model),
         ]
         args = [
-            key_id,
-            key_hash,
-            model,
-            hold,
-            request_id,
-            lease_until_ms,
-            "1" if dedicated else "0",
-            hold_info,
-            now_ms,
-            tokens,
-            *rules,
+            r.key_id,
+            r.key_hash,
+            r.model,
+            r.hold,
+            r.request_id,
+            r.lease_until_ms,
+            "1" if r.dedicated else "0",
+            r.hold_info,
+            r.now_ms,
+            r.tokens,
+            *r.rules,
         ]
-        await self._index_before(account_id, lease_until_ms)
-        out = [_text(x) for x in await self._run("reserve", keys, args)]
+        await self.indexes.index_before(r.account_id, r.lease_until_ms)
+        out = [text(x) for x in await self.scripts.run("reserve", keys, args)]
         code = out[0]
         if code == "ok":
-            charge = TokenCharge(model, tokens, (out[2], out[3]))
-            return Admission("ok", held=int(out[1]), charge=charge, rate=tuple(out[4:10]))
+            charge = TokenCharge(r.model, r.tokens, (out[2], out[3]))
+            available = int(out[10]) if len(out) > 10 else None  # after the hold is placed
+            return Admission(
+                "ok", held=int(out[1]), available=available, charge=charge, rate=tuple(out[4:10])
+            )
         if code == "rate_limited":
             return Admission(code, retry_after_ms=int(out[1]), refused=out[2], rate=tuple(out[3:9]))
         if code == "insufficient_balance":
@@ -672,16 +357,16 @@ class Ledger:
         ]
         for field, value in record.items():
             args.extend((field, value))
-        out = [_text(x) for x in await self._run("settle", keys, args)]
+        out = [text(x) for x in await self.scripts.run("settle", keys, args)]
         if out[0] == "duplicate":
             return SettleResult("duplicate", int(out[1]))
         if out[0] != "ok":
             return SettleResult(out[0], cost)
         result = SettleResult("ok", cost, int(out[1]), out[2], out[3] == "1", int(out[4]))
         if result.frozen_now:
-            await self.mark_due(LIFECYCLE_DUE, account_id, now_ms)
+            await self.indexes.mark_due(LIFECYCLE_DUE, account_id, now_ms)
         if result.events:
-            await self.mark_due(OUTBOX_DUE, account_id, now_ms)
+            await self.indexes.mark_due(OUTBOX_DUE, account_id, now_ms)
         return result
 
     async def release(
@@ -691,7 +376,7 @@ class Ledger:
         k = account_keys(account_id)
         keys = [k.account, k.holds, k.hold_leases, k.hold_info, k.checkpoints]
         cutoff = "" if only_if_lease_ended_by is None else str(only_if_lease_ended_by)
-        return int(await self._run("release", keys, [request_id, cutoff])) == 1
+        return int(await self.scripts.run("release", keys, [request_id, cutoff])) == 1
 
     async def checkpoint(
         self, account_id: str, request_id: str, completion_tokens: int, lease_until_ms: int
@@ -700,61 +385,22 @@ class Ledger:
         k = account_keys(account_id)
         keys = [k.holds, k.hold_leases, k.checkpoints]
         args = [request_id, completion_tokens, lease_until_ms]
-        done = bool(await self._run("checkpoint", keys, args))
+        done = bool(await self.scripts.run("checkpoint", keys, args))
         if done:
-            self._index_hold(account_id, lease_until_ms)
+            self.indexes.index_hold(account_id, lease_until_ms)
         return done
 
     async def extend(self, account_id: str, request_id: str, extra: int) -> bool:
         """Grow a live call's hold by `extra` if the available balance covers it."""
         k = account_keys(account_id)
-        return int(await self._run("extend", [k.account, k.holds], [request_id, extra])) == 1
-
-    async def _index_before(self, account_id: str, lease_until_ms: int) -> None:
-        """Put the account in the hold index before the script that may place its hold, so a
-        gateway that dies in between leaves an index entry (harmless: a sweeper finds no
-        expired hold and drops it), never a hold nobody will look for. On the channel the ZADD
-        is queued without a wait and leaves in the same write as the script (Redis runs one
-        connection's pipelined commands in order, and no other client's between them: no
-        extra round trip); on a cluster it is its own command to the index's node, first."""
-        command = ("ZADD", HOLDS_DUE, "LT", lease_until_ms, account_id)
-        if self.channel is not None and self.channel.send_nowait(*command) is not None:
-            return
-        async with _guard("index holds"):
-            await self._send(*command)
-
-    def _index_hold(self, account_id: str, lease_until_ms: int) -> None:
-        """Note (without waiting) when a renewed lease ends. Batched: every account noted
-        within INDEX_BATCH_SECONDS goes out in one ZADD. A crash before a batch lands loses
-        nothing: the entry written at admission is still there, and the sweeper that visits it
-        finds the hold's renewed lease and re-marks it."""
-        pending = self._index_pending
-        earlier = pending.get(account_id)
-        if earlier is None or lease_until_ms < earlier:
-            pending[account_id] = lease_until_ms
-        if self._index_timer is None:
-            loop = asyncio.get_running_loop()
-            self._index_timer = loop.call_later(INDEX_BATCH_SECONDS, self._flush_index)
-
-    def _flush_index(self) -> None:
-        self._index_timer = None
-        batch, self._index_pending = self._index_pending, {}
-        task = asyncio.ensure_future(self._mark_earliest(HOLDS_DUE, batch))
-        self._background.add(task)
-        task.add_done_callback(self._background.discard)
-
-    async def _mark_earliest(self, index: str, scores: Mapping[str, int]) -> None:
-        try:
-            await self.client.zadd(index, dict(scores), lt=True)
-        except (RedisError, OSError):
-            return  # the periodic scan re-indexes them
+        return int(await self.scripts.run("extend", [k.account, k.holds], [request_id, extra])) == 1
 
     async def expired_holds(
         self, account_id: str, now_ms: int, limit: int = 100
     ) -> list[tuple[str, str, int]]:
         """(request id, hold info, checkpointed completion tokens) of holds whose lease ended."""
         k = account_keys(account_id)
-        async with _guard():
+        async with guard():
             ids: Any = await self.client.zrangebyscore(
                 k.hold_leases, "-inf", now_ms, start=0, num=limit
             )
@@ -765,7 +411,7 @@ class Ledger:
                 pipe.hmget(k.checkpoints, ids)
                 infos, cps = await pipe.execute()
         return [
-            (_text(rid), _text(info or b""), int(cp or 0))
+            (text(rid), text(info or b""), int(cp or 0))
             for rid, info, cp in zip(ids, infos, cps, strict=True)
         ]
 
@@ -775,20 +421,20 @@ class Ledger:
         left undone. The hold sweeper asks before it drops an account's hold-index entry (which
         every admission writes first), so no full scan is needed to find such an account."""
         k = account_keys(account_id)
-        async with _guard():
+        async with guard():
             found: Any = await asyncio.gather(
-                self.client.hget(k.account, "state"), self.client.xlen(k.outbox)
+                self.client.hget(k.account, AccountField.STATE), self.client.xlen(k.outbox)
             )
         state, waiting = found
         if state == b"frozen":
-            await self.mark_due(LIFECYCLE_DUE, account_id, now_ms)
+            await self.indexes.mark_due(LIFECYCLE_DUE, account_id, now_ms)
         if waiting:
-            await self.mark_due(OUTBOX_DUE, account_id, now_ms)
+            await self.indexes.mark_due(OUTBOX_DUE, account_id, now_ms)
 
     async def next_lease_end(self, account_id: str) -> int | None:
         """When the account's earliest open hold's lease ends (ms), or None without holds."""
         k = account_keys(account_id)
-        async with _guard():
+        async with guard():
             first: Any = await self.client.zrange(k.hold_leases, 0, 0, withscores=True)
         return int(first[0][1]) if first else None
 
@@ -803,12 +449,9 @@ class Ledger:
         start = stream_id_after(after) if after else "-"
         if start is None:
             return [], None
-        async with _guard():
+        async with guard():
             entries: Any = await self.client.xrange(k.usage, min=start, max="+", count=limit + 1)
-        records = [
-            (_text(entry_id), {_text(f): _text(v) for f, v in fields.items()})
-            for entry_id, fields in entries[:limit]
-        ]
+        records = _stream_entries(entries[:limit])
         cursor = records[-1][0] if len(entries) > limit else None
         return records, cursor
 
@@ -821,38 +464,36 @@ class Ledger:
         k = account_keys(account_id)
         keys = [k.account, k.subscriptions, k.usage, k.outbox]
         args = [now_ms, grace_ms, retention_ms, account_id]
-        out = [_text(x) for x in await self._run("advance", keys, args)]
+        out = [text(x) for x in await self.scripts.run("advance", keys, args)]
         result = AdvanceResult(out[0], out[1], int(out[2]), int(out[3]))
         if result.events:
-            await self.mark_due(OUTBOX_DUE, account_id, now_ms)
+            await self.indexes.mark_due(OUTBOX_DUE, account_id, now_ms)
         return result
 
-    # global indexes ---------------------------------------------------------------------
+    # indexes and locks: done by Indexes, offered here to the ledger's callers -----------
+
+    async def list_accounts(
+        self, limit: int, after: str | None, state: str | None = None
+    ) -> tuple[list[AccountRecord], str | None]:
+        return await self.indexes.list_accounts(limit, after, state)
+
+    async def ensure_accounts_backfilled(self) -> None:
+        await self.indexes.ensure_accounts_backfilled()
+
+    async def backfill_accounts_index(self) -> int:
+        return await self.indexes.backfill_accounts_index()
 
     async def mark_due(self, index: str, account_id: str, at_ms: int) -> None:
-        """Put the account in `index` (lifecycle or outbox), due at `at_ms`."""
-        async with _guard():
-            await self.client.zadd(index, {account_id: at_ms})
+        await self.indexes.mark_due(index, account_id, at_ms)
 
     async def due(self, index: str, now_ms: int, limit: int) -> list[tuple[str, float]]:
-        """Accounts of `index` due by `now_ms`, with the score they were read at."""
-        async with _guard():
-            rows: Any = await self.client.zrangebyscore(
-                index, "-inf", now_ms, start=0, num=limit, withscores=True
-            )
-        return [(_text(member), float(score)) for member, score in rows]
+        return await self.indexes.due(index, now_ms, limit)
 
     async def unmark(self, index: str, account_id: str, score: float) -> None:
-        """Remove the account from `index` unless it was re-marked since `score` was read."""
-        async with _guard():
-            await self._remove_if_score(keys=[index], args=[account_id, repr(score)])
-
-    # locks ------------------------------------------------------------------------------
+        await self.indexes.unmark(index, account_id, score)
 
     async def lock(self, key: str, owner: str, ttl_ms: int) -> bool:
-        async with _guard():
-            return bool(await self.client.set(key, owner, nx=True, px=ttl_ms))
+        return await self.indexes.lock(key, owner, ttl_ms)
 
     async def unlock(self, key: str, owner: str) -> None:
-        async with _guard():
-            await self._unlock(keys=[key], args=[owner])
+        await self.indexes.unlock(key, owner)

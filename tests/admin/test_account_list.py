@@ -18,7 +18,7 @@ import redis
 import redis.asyncio as aioredis
 
 from gateway.ledger import Ledger
-from gateway.ledger import ledger as ledger_module
+from gateway.ledger import indexes as indexes_module
 from gateway.ledger.keys import (
     ACCOUNTS,
     ACCOUNTS_BACKFILLED,
@@ -299,7 +299,7 @@ async def test_a_rare_state_pages_on_through_short_pages(
     """A page reads a bounded number of index members (LIST_EXAMINE_MAX): with a filter that
     few accounts match, a page may come back short, or empty, with a `next` to go on from; the
     walk still lists each match exactly once and ends on `next: None`."""
-    monkeypatch.setattr(ledger_module, "LIST_EXAMINE_MAX", 7)
+    monkeypatch.setattr(indexes_module, "LIST_EXAMINE_MAX", 7)
     ids = [f"acct-{i:03d}" for i in range(40)]
     for i, account_id in enumerate(ids):
         assert await ledger.create_account(account_id, "", 1_000 + i)

@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from gateway.config import ConfigError, parse_settings
 from gateway.config.types import LimitRule, check_rate_limit, parse_rate_limit
-from gateway.ledger import Admission, Ledger, TokenCharge
+from gateway.ledger import Admission, Ledger, Reservation, TokenCharge
 from gateway.ledger.keys import account_keys
 from gateway.ratelimit import rule_spec
 from gateway.store.embedded import EmbeddedStore
@@ -136,8 +136,10 @@ class Caller:
         request_id = request_id or "req_" + uuid.uuid4().hex
         lease = int(time.time() * 1000) + 600_000
         admission = await self.ledger.reserve(
-            self.account_id, "k1", "h1", MODEL, 0, request_id, lease, False, "", at_ms, tokens,
-            rules,
+            Reservation(
+                self.account_id, "k1", "h1", MODEL, 0, request_id, lease, False, "", at_ms, tokens,
+                tuple(rules),
+            )
         )  # fmt: skip
         if admission.code == "ok":
             self.admitted.append(request_id)

@@ -17,7 +17,7 @@ import redis
 import redis.asyncio as aioredis
 
 from gateway.accounts.apikeys import parse_api_key
-from gateway.ledger import Ledger
+from gateway.ledger import Ledger, Reservation
 from gateway.ledger.keys import HOLDS_DUE
 from gateway.store.channel import channel_for
 from gateway.store.embedded import EmbeddedStore
@@ -220,18 +220,20 @@ async def test_admission_indexes_the_hold_before_its_script(
     try:
         lease = int(time.time() * 1000) + 60_000
         admission = await ledger.reserve(
-            account_id,
-            parsed.key_id,
-            parsed.key_hash,
-            "mock-model",
-            100,
-            "req_index_first",
-            lease,
-            False,
-            "",
-            int(time.time() * 1000),
-            10,
-            ("", "", "", ""),
+            Reservation(
+                account_id,
+                parsed.key_id,
+                parsed.key_hash,
+                "mock-model",
+                100,
+                "req_index_first",
+                lease,
+                False,
+                "",
+                int(time.time() * 1000),
+                10,
+                ("", "", "", ""),
+            )
         )
         assert admission.code == "ok", admission
         assert redis_client.zscore(HOLDS_DUE, account_id) == lease

@@ -1,0 +1,139 @@
+"""The ledger's plain records: what its operations take and answer, no store in sight.
+
+Frozen values, so the ledger's callers (handlers, sweepers, the journal) can hold and pass
+them on without importing anything that talks to the store.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+
+from gateway.ledger.keys import AccountField
+from gateway.ledger.transport import text
+
+__all__ = [
+    "AccountRecord",
+    "Admission",
+    "AdvanceResult",
+    "Reservation",
+    "SettleResult",
+    "TokenCharge",
+    "TopupResult",
+]
+
+
+@dataclass(frozen=True, slots=True)
+class AccountRecord:
+    """An account as stored: amounts in micro-units, times in ms since the epoch."""
+
+    id: str
+    name: str
+    balance: int
+    held: int
+    state: str
+    period: str
+    arrears_since: int | None
+    created_at: int
+    topped_up: int
+    spent: int
+    cleared_spent: int  # costs of the usage records deleted when the account was cleared
+    subscriptions: tuple[str, ...]
+
+    @classmethod
+    def from_hash(cls, data: Mapping[bytes, bytes], subs: set[bytes]) -> AccountRecord:
+        """The record of an account hash's fields (HGETALL) and its subscriptions set."""
+        f = AccountField
+        fields = {text(k): text(v) for k, v in data.items()}
+        since = fields.get(f.ARREARS_SINCE)
+        return cls(
+            id=fields[f.ID],
+            name=fields.get(f.NAME, ""),
+            balance=int(fields[f.BALANCE]),
+            held=int(fields[f.HELD]),
+            state=fields[f.STATE],
+            period=fields.get(f.PERIOD, ""),
+            arrears_since=int(since) if since else None,
+            created_at=int(fields[f.CREATED_AT]),
+            topped_up=int(fields.get(f.TOPPED_UP, 0)),
+            spent=int(fields.get(f.SPENT, 0)),
+            cleared_spent=int(fields.get(f.CLEARED_SPENT) or 0),
+            subscriptions=tuple(sorted(text(s) for s in subs)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class TokenCharge:
+    """What admission charged to the token limits, for settlement to correct."""
+
+    model: str
+    tokens: int
+    # Where the charge landed in the account's and the account+model's token counters, as the
+    # reserve script answered it (opaque here, see rl_landed in _prelude.lua; '' = no rule).
+    windows: tuple[str, str] = ("", "")
+
+
+@dataclass(frozen=True, slots=True)
+class Admission:
+    """The reserve script's answer: `ok` with the amount held, or the refusal's code."""
+
+    code: str
+    held: int = 0
+    # The balance less every open hold: once this call's is placed (`ok`), or what did not
+    # cover it (`insufficient_balance`).
+    available: int | None = None
+    charge: TokenCharge | None = None
+    rate: tuple[str, ...] = ()  # the x-ratelimit-* values (see ratelimit.headers_of)
+    retry_after_ms: int = 0  # rate_limited: when the call would fit
+    refused: str = ""  # rate_limited: the rules that refused it
+
+
+@dataclass(frozen=True, slots=True)
+class SettleResult:
+    code: str  # ok | duplicate | account_not_found
+    cost: int
+    balance: int | None = None
+    state: str | None = None
+    frozen_now: bool = False
+    events: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class AdvanceResult:
+    code: str  # idle | frozen | cleared
+    period: str
+    next_due_ms: int
+    events: int
+
+
+@dataclass(frozen=True, slots=True)
+class TopupResult:
+    code: str  # ok | replay | idempotency_conflict | account_not_found
+    id: str = ""
+    amount: int = 0
+    balance: int = 0
+    created_at: int = 0
+    events: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """One call's admission, as `Ledger.reserve` takes it: authenticate key `key_id` (whose
+    hash is `key_hash`) of the account, check and charge its rate limits (`rules`: the four
+    limit specs of ratelimit.RateRules; `tokens`: the token limits' charge, the hold's
+    estimate), and hold `hold` micro-units for `request_id` until `lease_until_ms`.
+    `dedicated`: a dedicated-capacity model; `hold_info`: what settling the call without its
+    gateway needs (see keys.AccountKeys.hold_info)."""
+
+    account_id: str
+    key_id: str
+    key_hash: str
+    model: str
+    hold: int
+    request_id: str
+    lease_until_ms: int
+    dedicated: bool
+    hold_info: str
+    now_ms: int
+    tokens: int
+    rules: Sequence[str]  # a tuple: the record stays frozen
