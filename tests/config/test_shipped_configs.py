@@ -217,8 +217,12 @@ def _schema_paths(model: type[BaseModel], prefix: str = "") -> set[str]:
             continue
         path = f"{prefix}.{name}" if prefix else name
         paths.add(path)
-        for inner, listed in _models_in(field.annotation):
-            paths |= _schema_paths(inner, path + ("[]" if listed else ""))
+        forms = _models_in(field.annotation)
+        for inner, listed in forms:
+            # A field that takes one model or a list of them (`pricing`: a sheet or a
+            # schedule) has the same keys either way: the example shows them once, listed.
+            both = (inner, not listed) in forms
+            paths |= _schema_paths(inner, path + ("[]" if listed or both else ""))
     return paths
 
 
