@@ -1,5 +1,5 @@
-"""A chat image's prompt tokens by OpenAI's published vision formula, its size read from the
-header of a base64 data: URL.
+"""A chat prompt's images and audio are held for: images by OpenAI's published vision formula
+when their size is known, else by the configured estimates.
 
 The oracle is the table below: the worked examples of OpenAI's vision guide ("Images and vision",
 "Calculating costs", gpt-4o-class models). The images are built here, byte by byte: PNG and GIF
@@ -14,11 +14,18 @@ import binascii
 import functools
 import struct
 import zlib
+from typing import Any
 
 import pytest
 
+from gateway.config import parse_settings
+from gateway.config.schema import BillingConfig
 from gateway.metering import images
 from gateway.metering.images import data_url_size, image_tokens, tile_tokens
+from gateway.metering.prompt import OFFLOAD_BYTES, MediaEstimates, count_prompt, count_prompt_sync
+from gateway.metering.tokenizers import get_encoding
+
+ENCODING = get_encoding("o200k_base")
 
 # (width, height, detail, the tokens the guide gives)
 PUBLISHED: list[tuple[int, int, str, int]] = [
@@ -128,6 +135,24 @@ def data_url(kind: str, width: int, height: int) -> str:
     return f"data:{media_type};base64,{encoded}"
 
 
+def _chat(*parts: Any) -> dict[str, Any]:
+    return {"messages": [{"role": "user", "content": [{"type": "text", "text": "What?"}, *parts]}]}
+
+
+def added(*parts: Any, media: MediaEstimates | None = None) -> int:
+    """The tokens `parts` add to a one-message prompt."""
+    base = count_prompt_sync("chat", _chat(), ENCODING, media=media)
+    return count_prompt_sync("chat", _chat(*parts), ENCODING, media=media) - base
+
+
+def image(url: Any, detail: str | None = None) -> dict[str, Any]:
+    inner = {"url": url} if detail is None else {"url": url, "detail": detail}
+    return {"type": "image_url", "image_url": inner}
+
+
+AUDIO = {"type": "input_audio", "input_audio": {"data": "UklGRg==", "format": "wav"}}
+
+
 # --- the published figures ------------------------------------------------------------------
 
 
@@ -137,6 +162,23 @@ def test_published_examples(width: int, height: int, detail: str, figure: int) -
     if detail == "high":
         assert tile_tokens(width, height) == figure
     assert image_tokens(data_url("png", width, height), detail, unknown=0) == figure
+
+
+@pytest.mark.parametrize("kind", sorted(BUILDERS))
+@pytest.mark.parametrize(("width", "height", "detail", "figure"), PUBLISHED)
+def test_published_examples_as_data_urls(
+    kind: str, width: int, height: int, detail: str, figure: int
+) -> None:
+    """An image of each format, sent as a base64 data: URL in a chat message, adds the guide's
+    figure to the prompt count: its size read from its header."""
+    assert data_url_size(data_url(kind, width, height)) == (width, height)
+    assert added(image(data_url(kind, width, height), detail)) == figure
+
+
+def test_auto_and_absent_detail_are_held_as_high() -> None:
+    url = data_url("png", 1024, 1024)
+    assert added(image(url, "auto")) == added(image(url)) == added(image(url, "high")) == 765
+    assert added({"type": "image_url", "image_url": url}) == 765  # image_url as a plain URL
 
 
 @pytest.mark.parametrize(
@@ -199,3 +241,111 @@ def test_only_the_header_is_decoded(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 # --- estimates ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://example.com/cat.png",
+        "http://example.com/cat.jpg",
+        "data:image/bmp;base64," + base64.b64encode(b"BM" + bytes(60)).decode(),
+        "data:image/svg+xml,<svg width='10' height='10'/>",  # not base64
+        "data:image/png," + "iVBORw0KGgo" * 4,  # base64, but not said to be
+        "data:image/png;x=" + "y" * 2000 + ";base64," + data_url("png", 9, 9)[22:],  # too far
+        "ftp://example.com/a.png",
+        "",
+    ],
+)
+def test_unknown_size_is_the_estimate(url: str) -> None:
+    """An image whose size is not in a readable header is held at billing.image_tokens, at
+    high, auto or no detail; at low detail, 85 whatever it is."""
+    assert added(image(url)) == added(image(url, "auto")) == added(image(url, "high")) == 1105
+    assert added(image(url, "low")) == 85
+
+
+@pytest.mark.parametrize(
+    "part",
+    [
+        {"type": "image_url", "image_url": 42},
+        {"type": "image_url", "image_url": None},
+        {"type": "image_url", "image_url": ["https://example.com/a.png"]},
+        {"type": "image_url"},
+        {"type": "image_url", "image_url": {}},
+        {"type": "image_url", "image_url": {"detail": "high"}},
+        {"type": "image_url", "image_url": {"url": 7}},
+        image("data:image/png;base64,!!!!not base64!!!!"),
+        image("data:image/png;base64,iVBORw0KGgo"),  # the PNG signature, cut short
+        image("data:image/png;base64,iVBORw0KGgoAAAANSUhEUgAAAAEAAAA"),  # cut inside IHDR
+        image(data_url("png", 4, 4)[:30] + " " + data_url("png", 4, 4)[30:]),  # a space
+        image("data:image/gif;base64," + base64.b64encode(gif(3, 2)[:10]).decode()[:13]),  # 4n+1
+        image(data_url("png", 1, 1).replace(",iVBOR", ",AAAAiVBOR")),  # shifted: not a PNG
+        image("data:image/jpeg;base64," + base64.b64encode(b"\xff\xd8\xff\xda\x00\x02").decode()),
+        image("data:image/jpeg;base64," + base64.b64encode(b"\xff\xd8\xff\xe0\x00\x01").decode()),
+        image("data:image/jpeg;base64," + base64.b64encode(b"\xff\xd8" + b"\xff" * 600).decode()),
+        image("data:image/jpeg;base64," + base64.b64encode(b"\xff\xd8\xff\x00").decode()),
+        image("data:image/jpeg;base64,"),  # no bytes
+        image("data:image/gif;base64," + base64.b64encode(b"GIF89a\x00\x00\x05\x00").decode()),
+        image("data:image/webp;base64," + base64.b64encode(b"RIFF\x00\x00\x00\x00WEBP").decode()),
+        image("data:image/webp;base64," + base64.b64encode(webp_lossy(4, 4)[:25]).decode()),
+    ],
+)
+def test_malformed_parts_are_the_estimate(part: dict[str, Any]) -> None:
+    """A part that is not a well-formed image of a readable size never raises: it is held at
+    the estimate, as an image of unknown size."""
+    assert added(part) == 1105
+    assert added(part, media=MediaEstimates(image_tokens=3, audio_tokens=0)) == 3
+
+
+def test_a_zero_sized_header_is_unknown() -> None:
+    assert data_url_size(data_url("png", 0, 5)) is None
+    assert data_url_size(data_url("jpeg", 5, 0)) is None  # height defined later (DNL): unknown
+    assert added(image(data_url("gif", 0, 0))) == 1105
+
+
+def test_audio_is_the_estimate() -> None:
+    assert added(AUDIO) == 600
+    assert added(AUDIO, AUDIO) == 1200
+    assert added({"type": "input_audio"}) == 600  # malformed: still audio, still held
+    assert added(AUDIO, media=MediaEstimates(image_tokens=0, audio_tokens=45)) == 45
+
+
+def test_the_configured_estimates_change_the_count() -> None:
+    """billing.image_tokens and billing.audio_tokens, through MediaEstimates.of, are what an
+    image of unknown size and an audio part count; an image of known size keeps its figure."""
+    billing = parse_settings({"billing": {"image_tokens": 2000, "audio_tokens": 50}}).billing
+    media = MediaEstimates.of(billing)
+    assert media == MediaEstimates(image_tokens=2000, audio_tokens=50)
+    unknown = image("https://example.com/a.png")
+    known = image(data_url("webp-vp8", 2048, 4096))
+    assert added(unknown, AUDIO, known, media=media) == 2000 + 50 + 1105
+    assert added(unknown, AUDIO, known, media=MediaEstimates(0, 0)) == 1105
+
+
+def test_the_defaults_are_the_configs() -> None:
+    """No `media` counts with the config's defaults."""
+    assert MediaEstimates() == MediaEstimates.of(BillingConfig())
+    assert MediaEstimates() == MediaEstimates.of(parse_settings(None).billing)
+    call = _chat(image("https://example.com/a.png"), AUDIO)
+    assert count_prompt_sync("chat", call, ENCODING) == count_prompt_sync(
+        "chat", call, ENCODING, media=MediaEstimates.of(BillingConfig())
+    )
+
+
+def test_text_around_media_is_still_counted() -> None:
+    """Text parts count their text as before; other part types add nothing."""
+    text = {"type": "text", "text": "Describe both pictures in French, please."}
+    tokens = len(ENCODING.encode_ordinary(text["text"]))
+    url = data_url("jpeg", 1024, 1024)
+    assert added(text, image(url), text, {"type": "file", "file": {"file_id": "f"}}) == (
+        2 * tokens + 765
+    )
+
+
+async def test_the_estimates_reach_the_worker_thread() -> None:
+    """A big body is counted off the loop with the same estimates."""
+    media = MediaEstimates(image_tokens=77, audio_tokens=11)
+    call = _chat(image("https://example.com/a.png"), AUDIO, image(data_url("png", 1024, 1024)))
+    expected = count_prompt_sync("chat", call, ENCODING, media=media)
+    assert await count_prompt("chat", call, ENCODING, OFFLOAD_BYTES + 1, media=media) == expected
+    assert await count_prompt("chat", call, ENCODING, 10, media=media) == expected
+    assert expected == count_prompt_sync("chat", _chat(), ENCODING) + 77 + 11 + 765
