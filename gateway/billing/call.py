@@ -28,7 +28,7 @@ from gateway.ledger.journal import Entry, SettlementJournal
 from gateway.metering.completion import CompletionMeter
 from gateway.metering.estimate import OUTPUT_LIMIT_FIELDS, check_prompt_size, output_allowance
 from gateway.metering.lease import LeaseKeeper
-from gateway.metering.prompt import CallKind, count_prompt
+from gateway.metering.prompt import CallKind, MediaEstimates, count_prompt
 from gateway.metering.tokenizers import get_encoding
 from gateway.metering.usage import (
     CallStatus,
@@ -147,7 +147,10 @@ class MeteredCall:
         """Count the prompt and size the hold; 400 for limits the gateway cannot hold for,
         402 `cost_cap_exceeded` for a prompt that alone may cost more than the cap."""
         kind, payload, billing = self.kind, self.payload, self.settings.billing
-        self.prompt_tokens = await count_prompt(kind, payload, self.encoding, body_size)
+        media = MediaEstimates.of(billing)
+        self.prompt_tokens = await count_prompt(
+            kind, payload, self.encoding, body_size, media=media
+        )
         most = billing.max_tokens_per_call
         self.output_tokens = output_allowance(kind, payload, self.default_output, most)
         check_prompt_size(kind, self.prompt_tokens, most)

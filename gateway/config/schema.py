@@ -290,6 +290,15 @@ class BillingConfig(_Frozen):
     # A stream checkpoints its completion tokens at least this often (in tokens), which bounds
     # the billing lost when a gateway is killed mid-stream.
     checkpoint_tokens: int = Field(default=100, ge=1)
+    # The prompt tokens held for a chat image whose size the gateway cannot read (an http(s)
+    # URL, a malformed data: URL) at high or auto detail: 1445, the most OpenAI's published
+    # formula gives a gpt-4o-class image (8 tiles, a long narrow one; a 2048x4096 image is 1105),
+    # so the hold never under-covers one. 0 holds nothing for them; the upstream's usage is
+    # billed either way.
+    image_tokens: int = Field(default=1445, ge=0, le=MAX_TOKENS_PER_CALL)
+    # The prompt tokens held for each input_audio part (the gateway does not decode audio):
+    # OpenAI counts user audio at 1 token per 100 ms, so 600 is a one-minute clip.
+    audio_tokens: int = Field(default=600, ge=0, le=MAX_TOKENS_PER_CALL)
 
     @model_validator(mode="after")
     def _hold_within_bound(self) -> BillingConfig:

@@ -2,9 +2,19 @@
 
 Chat messages follow the cookbook "How to count tokens with tiktoken" (openai-cookbook,
 examples/How_to_count_tokens_with_tiktoken.ipynb): each message costs 3 tokens plus its string
-values (+1 for a `name`); a list `content` counts the text of its text parts; the reply is
-primed with 3 more. Exact for the cookbook's messages example (129 on cl100k_base, 124 on
-o200k_base, as the API reported).
+values (+1 for a `name`); a list `content` counts the text of its text parts (and its images
+and audio, below); the reply is primed with 3 more. Exact for the cookbook's messages example
+(129 on cl100k_base, 124 on o200k_base, as the API reported).
+
+Images (`image_url` parts) follow OpenAI's vision guide for gpt-4o-class models (see
+gateway/metering/images.py): 85 tokens at `detail: "low"`, else 170 per 512px tile of the
+scaled image + 85, exact for the guide's examples (1024x1024 high: 765; 2048x4096 high: 1105;
+4096x8192 low: 85). `auto` or no detail is held as high. The size is read from the header of a
+base64 `data:` URL (PNG, JPEG, GIF, WebP); an image whose size is not known there (an http(s)
+URL, another format, a malformed part) is an estimate, `MediaEstimates.image_tokens`
+(`billing.image_tokens`). Other models bill images by other published rules (gpt-4o-mini:
+2833 + 5667 per tile; gpt-4.1-mini: 32px patches): for them this is an estimate too, and the
+upstream's usage is what is billed.
 
 Tools follow the same notebook's `num_tokens_for_tools`, with its constants per encoding
 (o200k_base: gpt-4o, gpt-4o-mini; cl100k_base: gpt-4, gpt-3.5-turbo). For each function:
@@ -31,19 +41,28 @@ wins whenever it reports one:
   OpenAI publishes no rule; these are the deltas measured against the API on cl100k_base
   models by pamelafox/openai-messages-token-helper (tool_choice) and hmarr/openai-chat-tokens
   (function_call), used for both encodings;
-- non-string message values (such as `tool_calls`) count as their compact JSON.
+- non-string message values (such as `tool_calls`) count as their compact JSON;
+- an `input_audio` part counts `MediaEstimates.audio_tokens` (`billing.audio_tokens`), whatever
+  its length: the gateway does not decode audio;
+- other parts of a list `content` (neither text, image nor audio) add nothing.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 import tiktoken
 
-__all__ = ["OFFLOAD_BYTES", "CallKind", "count_prompt", "count_prompt_sync"]
+from gateway.metering.images import image_tokens
+
+if TYPE_CHECKING:
+    from gateway.config.schema import BillingConfig
+
+__all__ = ["OFFLOAD_BYTES", "CallKind", "MediaEstimates", "count_prompt", "count_prompt_sync"]
 
 CallKind = Literal["chat", "completions", "embeddings"]
 
@@ -75,6 +94,22 @@ TOOL_COSTS: dict[str, ToolCosts] = {
 CHOICE_NONE = 1
 TOOL_CHOICE_NAMED = 7
 FUNCTION_CALL_NAMED = 4
+
+
+@dataclass(frozen=True, slots=True)
+class MediaEstimates:
+    """What a chat prompt's image of unknown size, and each of its audio parts, is counted as:
+    `billing.image_tokens` and `billing.audio_tokens`. The defaults are the config's."""
+
+    image_tokens: int = 1445
+    audio_tokens: int = 600
+
+    @classmethod
+    def of(cls, billing: BillingConfig) -> MediaEstimates:
+        return cls(image_tokens=billing.image_tokens, audio_tokens=billing.audio_tokens)
+
+
+DEFAULT_MEDIA = MediaEstimates()
 
 
 # Short strings (roles, names, a system prompt's short lines) recur in nearly every call: their
@@ -193,7 +228,36 @@ def _tools(encoding: tiktoken.Encoding, payload: dict[str, Any]) -> int:
     return total
 
 
-def _chat(encoding: tiktoken.Encoding, payload: dict[str, Any]) -> int:
+def _image(image_url: Any, media: MediaEstimates) -> int:
+    """An `image_url` part: its `image_url` an object with a `url` (and a `detail`) or a URL."""
+    if isinstance(image_url, dict):
+        url, detail = image_url.get("url"), image_url.get("detail")
+    else:
+        url, detail = image_url, None
+    if not isinstance(url, str):
+        return media.image_tokens
+    return image_tokens(url, detail, media.image_tokens)
+
+
+def _parts(encoding: tiktoken.Encoding, parts: list[Any], media: MediaEstimates) -> int:
+    """A list `content`: its text parts' text, its images and its audio."""
+    total = 0
+    for part in parts:
+        if not isinstance(part, dict):
+            continue
+        kind = part.get("type")
+        if kind == "text":
+            text = part.get("text")
+            if isinstance(text, str):
+                total += _count(encoding, text)
+        elif kind == "image_url":
+            total += _image(part.get("image_url"), media)
+        elif kind == "input_audio":
+            total += media.audio_tokens
+    return total
+
+
+def _chat(encoding: tiktoken.Encoding, payload: dict[str, Any], media: MediaEstimates) -> int:
     messages = payload.get("messages")
     if not isinstance(messages, list):
         return 0
@@ -208,11 +272,7 @@ def _chat(encoding: tiktoken.Encoding, payload: dict[str, Any]) -> int:
                 if key == "name":
                     total += TOKENS_PER_NAME
             elif key == "content" and isinstance(value, list):
-                for part in value:
-                    if isinstance(part, dict) and part.get("type") == "text":
-                        text = part.get("text")
-                        if isinstance(text, str):
-                            total += _count(encoding, text)
+                total += _parts(encoding, value, media)
             elif value is not None:
                 total += _count(encoding, _json(value))
     if "tools" in payload or "functions" in payload:
@@ -237,20 +297,33 @@ def _inputs(encoding: tiktoken.Encoding, value: Any) -> int:
     return total
 
 
-def count_prompt_sync(kind: CallKind, payload: dict[str, Any], encoding: tiktoken.Encoding) -> int:
-    """Prompt tokens of one call body."""
+def count_prompt_sync(
+    kind: CallKind,
+    payload: dict[str, Any],
+    encoding: tiktoken.Encoding,
+    *,
+    media: MediaEstimates | None = None,
+) -> int:
+    """Prompt tokens of one call body; `media` (None: the config's defaults) sizes what a chat
+    prompt carries besides text when the formula cannot."""
     if kind == "chat":
-        return _chat(encoding, payload)
+        return _chat(encoding, payload, DEFAULT_MEDIA if media is None else media)
     if kind == "completions":
         return _inputs(encoding, payload.get("prompt"))
     return _inputs(encoding, payload.get("input"))
 
 
 async def count_prompt(
-    kind: CallKind, payload: dict[str, Any], encoding: tiktoken.Encoding, body_size: int
+    kind: CallKind,
+    payload: dict[str, Any],
+    encoding: tiktoken.Encoding,
+    body_size: int,
+    *,
+    media: MediaEstimates | None = None,
 ) -> int:
     """`count_prompt_sync`, moved to a worker thread for bodies over OFFLOAD_BYTES."""
     if body_size <= OFFLOAD_BYTES:
-        return count_prompt_sync(kind, payload, encoding)
+        return count_prompt_sync(kind, payload, encoding, media=media)
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(None, count_prompt_sync, kind, payload, encoding)
+    count = functools.partial(count_prompt_sync, kind, payload, encoding, media=media)
+    return await loop.run_in_executor(None, count)

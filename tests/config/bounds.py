@@ -46,6 +46,8 @@ INTS = (
     Bound("billing.hold_output_tokens", 1, MAX_TOKENS_PER_CALL),
     Bound("billing.max_tokens_per_call", 1, MAX_TOKENS_PER_CALL),
     Bound("billing.checkpoint_tokens", 1, None),
+    Bound("billing.image_tokens", 0, MAX_TOKENS_PER_CALL),
+    Bound("billing.audio_tokens", 0, MAX_TOKENS_PER_CALL),
     Bound("notifications.max_attempts", 1, 100),
     Bound("notifications.smtp.port", 1, 65535),
     Bound("models[0].hold_output_tokens", 1, MAX_TOKENS_PER_CALL),
