@@ -49,8 +49,9 @@ MAX_PRICE_PER_MILLION_MICROS = 10**12
 # `billing.max_tokens_per_call`, at most: ten times the longest context windows of today.
 MAX_TOKENS_PER_CALL = 10**8
 
-# ASCII digits only, matched whole: no sign, no spaces, no exponent, no trailing newline.
-_AMOUNT = re.compile(r"([0-9]{1,10})(?:\.([0-9]{1,6}))?")
+# ASCII digits only, matched whole: no sign, no spaces, no exponent, no trailing newline; at
+# most 30 before the point (far past any maximum, short enough to parse at once).
+_AMOUNT = re.compile(r"([0-9]{1,30})(?:\.([0-9]{1,6}))?")
 
 
 def parse_micros(text: object, *, minimum: int = 0, maximum: int = MAX_AMOUNT_MICROS) -> int:

@@ -50,8 +50,9 @@ def parse_duration(value: Any) -> float:
 def parse_micros(value: Any) -> int:
     """A decimal string with at most six decimals (`"0.15"`) -> integer micro-units, zero
     allowed (a free model, a free channel): money.parse_micros, the one parser of written
-    money, so the config file and the API read amounts by the same rule."""
-    return money.parse_micros(value)
+    money, so the config file and the API read amounts by the same rule. Its bound is the
+    field's own (a price's, schema._price_at_most_max)."""
+    return money.parse_micros(value, maximum=10**36)
 
 
 # The bounds of every rule of a rate-limit string. An amount is at least 1 (a limit of 0 would

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import aiohttp
 import orjson
 import pytest
@@ -50,12 +52,18 @@ def _direct_headers() -> dict[str, str]:
 async def test_bytes_equal_direct_upstream(
     gateway: Proc, mock_a: Proc, auth: dict[str, str], path: str, payload: dict[str, object]
 ) -> None:
-    """Status, content type and body bytes through the gateway equal a direct upstream call."""
+    """Status, content type and body bytes through the gateway equal a direct upstream call,
+    but for the call's cost, added as the last member of a stream's usage object when the
+    client asked for usage (README: "What each call cost, on the answer")."""
     body = orjson.dumps(payload)
     direct = await _post(mock_a.url + path, body, _direct_headers())
     via = await _post(gateway.url + path, body, {"Content-Type": "application/json", **auth})
     assert direct[0] == 200
-    assert via == direct
+    costs = re.findall(rb',"cost":"[0-9]+\.[0-9]{6}"}', via[2])
+    options = payload.get("stream_options")
+    assert len(costs) == (1 if isinstance(options, dict) and options["include_usage"] else 0)
+    without = via[2].replace(costs[0], b"}", 1) if costs else via[2]
+    assert (via[0], via[1], without) == direct
     if payload.get("stream"):
         assert via[2].endswith(b"data: [DONE]\n\n")
 
