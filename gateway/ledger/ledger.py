@@ -36,12 +36,9 @@ from gateway.ledger.records import (
 )
 from gateway.ledger.transport import ScriptRunner, guard, text
 from gateway.money import MAX_BALANCE_MICROS
-from gateway.observability.logging import get_logger
 from gateway.store.channel import ScriptChannel
 
 __all__ = ["Ledger"]
-
-log = get_logger("gateway.ledger")
 
 
 def _stream_entries(entries: Sequence[Any]) -> list[tuple[str, dict[str, str]]]:

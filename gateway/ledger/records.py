@@ -1,7 +1,8 @@
-"""The ledger's plain records: what its operations take and answer, no store in sight.
+"""The ledger's plain records: what its operations take and answer.
 
-Frozen values, so the ledger's callers (handlers, sweepers, the journal) can hold and pass
-them on without importing anything that talks to the store.
+Frozen values that do no I/O, kept apart from the operations so that what a call carries
+(an admission's twelve terms, a script's answer) reads as one type, and the ledger's callers
+(handlers, sweepers, the journal) can hold and pass them on.
 """
 
 from __future__ import annotations
