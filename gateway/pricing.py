@@ -183,8 +183,8 @@ def history_violations(old: Settings, new: Settings, now_ms: int) -> list[str]:
         where = f"models[{index}].pricing"
         for start in sorted(set(past_old) | set(past_new), key=lambda t: -1 if t is None else t):
             was, now = past_old.get(start), past_new.get(start)
-            if was == now or (start is None and (was is None or now is None)):
-                continue
+            if was == now or (start is None and was is None):
+                continue  # a base added under started sheets re-prices nothing billed
             sheet = (
                 "the base sheet" if start is None else f"the sheet effective from {iso_ms(start)}"
             )

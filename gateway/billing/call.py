@@ -14,9 +14,11 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any
+
+from multidict import CIMultiDictProxy
 
 from gateway.accounts.apikeys import ParsedKey
 from gateway.accounts.orphans import HoldInfo
@@ -35,6 +37,7 @@ from gateway.metering.usage import (
     Counted,
     UsageBound,
     anomaly_reporter,
+    choices_of,
     count_call,
     read_usage,
 )
@@ -62,12 +65,17 @@ AVAILABLE_HEADER = "x-gateway-balance-available"
 MAX_COST_HEADER = "x-gateway-max-cost"
 
 
-def cost_cap(headers: Mapping[str, str]) -> int | None:
+def cost_cap(headers: CIMultiDictProxy[str]) -> int | None:
     """The client's cap on what the call may cost (micro-units), if it set one; a value that
     is not a positive decimal string is 400."""
-    text = headers.get(MAX_COST_HEADER)
-    if text is None:
+    values = headers.getall(MAX_COST_HEADER, [])
+    if not values:
         return None
+    if len(values) > 1:
+        raise InvalidRequest(
+            f"header {MAX_COST_HEADER} is given more than once", param=MAX_COST_HEADER
+        )
+    text = values[0]
     try:
         return parse_amount(text)
     except ValueError as exc:
@@ -183,12 +191,21 @@ class MeteredCall:
         self.hold = min(self.hold, cap)
         if self.stream or self.kind == "embeddings":
             return
+        # Each choice has its own limit: n of them share what the cap covers.
+        choices = choices_of(self.payload)
+        each = room // choices
+        if each < 1:
+            raise CostCapExceeded(
+                f"{choices} choices of one token each may cost more than the "
+                f"{format_micros(cap)} that {MAX_COST_HEADER} allows",
+                param=MAX_COST_HEADER,
+            )
         named = [field for field in OUTPUT_LIMIT_FIELDS if self.payload.get(field) is not None]
         for field in named:
-            if self.payload[field] > room:
-                self.body_limits[field] = room
+            if self.payload[field] > each:
+                self.body_limits[field] = each
         if not named:
-            self.body_limits["max_tokens"] = min(self.body_limits.get("max_tokens", room), room)
+            self.body_limits["max_tokens"] = min(self.body_limits.get("max_tokens", each), each)
 
     async def admit(self) -> Admission:
         """The admission script's answer (the caller refuses what is not `ok`). A client

@@ -114,13 +114,16 @@ class OutputGate:
         completion_tokens = self.meter.local_tokens(self.encoding)
         last: dict[str, Any] = self.meter.last or {}
         chat = last.get("object") == "chat.completion.chunk"
-        choice: dict[str, Any] = {"index": 0, "logprobs": None, "finish_reason": "length"}
-        if chat:
-            choice["delta"] = {}
-        else:
-            choice["text"] = ""
+        choices = []
+        for index in sorted(self.meter.choice_texts()) or [0]:  # every choice ends
+            choice: dict[str, Any] = {"index": index, "logprobs": None, "finish_reason": "length"}
+            if chat:
+                choice["delta"] = {}
+            else:
+                choice["text"] = ""
+            choices.append(choice)
         head = {k: last[k] for k in ("id", "object", "created", "model") if k in last}
-        out = b"data: " + orjson.dumps({**head, "choices": [choice]}) + b"\n\n"
+        out = b"data: " + orjson.dumps({**head, "choices": choices}) + b"\n\n"
         if self.send_usage:
             usage: dict[str, Any] = {
                 "prompt_tokens": self.prompt_tokens,

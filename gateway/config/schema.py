@@ -446,20 +446,26 @@ Pricing = Annotated[
 ]
 
 
+def _sheet_order(sheet: PricingConfig) -> tuple[bool, int]:
+    """The base sheet first, then by start (a start at or before the epoch included)."""
+    start = sheet.effective_from_ms
+    return (start is not None, start or 0)
+
+
 def _check_schedule(sheets: tuple[PricingConfig, ...]) -> None:
     """A schedule has at most one base sheet and one sheet per start time, and a sheet in
     force now: a call is always billed under exactly one."""
     if not sheets:
-        raise ValueError("pricing: expected a price sheet, or a list of at least one")
+        raise ValueError("expected a price sheet, or a list of at least one")
     starts = [sheet.effective_from_ms for sheet in sheets]
     if starts.count(None) > 1:
-        raise ValueError("pricing: at most one sheet may leave out effective_from (the base)")
+        raise ValueError("at most one sheet may leave out effective_from (the base)")
     dated = [start for start in starts if start is not None]
     if len(set(dated)) != len(dated):
-        raise ValueError("pricing: two sheets have the same effective_from")
+        raise ValueError("two sheets have the same effective_from")
     if None not in starts and min(dated) > int(time.time() * 1000):
         raise ValueError(
-            "pricing: no sheet is in force now (every one starts later): add one without "
+            "no sheet is in force now (every one starts later): add one without "
             "effective_from, or dated in the past"
         )
 
@@ -520,9 +526,18 @@ class ModelConfig(_Frozen):
     def _priced_if_billed(self) -> ModelConfig:
         if self.billing == "tokens" and self.pricing is None:
             raise ValueError("a model with billing 'tokens' needs pricing")
-        if self.pricing is not None:
-            _check_schedule(self.price_sheets)
         return self
+
+    @field_validator("pricing")
+    @classmethod
+    def _one_sheet_at_a_time(
+        cls, value: PricingConfig | tuple[PricingConfig, ...] | None
+    ) -> PricingConfig | tuple[PricingConfig, ...] | None:
+        if isinstance(value, tuple):
+            _check_schedule(value)
+        elif value is not None:
+            _check_schedule((value,))
+        return value
 
     @property
     def price_sheets(self) -> tuple[PricingConfig, ...]:
@@ -532,7 +547,7 @@ class ModelConfig(_Frozen):
             return ()
         if isinstance(pricing, PricingConfig):
             return (pricing,)
-        return tuple(sorted(pricing, key=lambda sheet: sheet.effective_from_ms or -1))
+        return tuple(sorted(pricing, key=_sheet_order))
 
     def upstream_model(self, upstream: UpstreamConfig) -> str:
         """The name the upstream knows this model by."""

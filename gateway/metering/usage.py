@@ -14,7 +14,8 @@ How `usage` names the classes (chat and legacy completions, as OpenAI, vLLM and 
 proxy send them): `prompt_tokens` is every input token; of those,
 `prompt_tokens_details.cached_tokens` were read from a prompt cache (LiteLLM also sends
 Anthropic's `cache_read_input_tokens`, the same tokens) and `cache_creation_input_tokens` (or
-`prompt_tokens_details.cache_creation_tokens`) were written to one; of `completion_tokens`,
+`prompt_tokens_details.cache_write_tokens`, as OpenAI's SDK names it, or `.cache_creation_tokens`)
+were written to one; of `completion_tokens`,
 `completion_tokens_details.reasoning_tokens` were reasoning. Audio tokens are input or output
 tokens like any other and are billed at those prices.
 """
@@ -38,6 +39,7 @@ __all__ = [
     "Counted",
     "UsageBound",
     "anomaly_reporter",
+    "choices_of",
     "count_call",
     "read_usage",
 ]
@@ -52,7 +54,7 @@ AnomalyHook = Callable[[UsageField, int, int], None]
 log = get_logger("gateway.billing")
 
 
-def _choices(payload: dict[str, Any]) -> int:
+def choices_of(payload: dict[str, Any]) -> int:
     """How many completions the request asks for (`n`, `best_of`): each has its own limit."""
     most = 1
     for field in ("n", "best_of"):
@@ -83,7 +85,7 @@ class UsageBound:
             return cls(maximum, 0, report)
         # Upstreams differ in which field they read: the call may produce up to the larger.
         limits = requested_output(kind, payload, maximum)
-        completion = min(maximum, max(limits) * _choices(payload)) if limits else maximum
+        completion = min(maximum, max(limits) * choices_of(payload)) if limits else maximum
         return cls(maximum, completion, report)
 
 
@@ -114,8 +116,9 @@ def read_usage(usage: dict[str, Any] | None) -> TokenUsage | None:
     if cached is None:
         cached = _count(usage.get("cache_read_input_tokens"))
     written = _count(usage.get("cache_creation_input_tokens"))
-    if written is None:
-        written = _detail(usage, "prompt_tokens_details", "cache_creation_tokens")
+    for name in ("cache_write_tokens", "cache_creation_tokens"):
+        if written is None:
+            written = _detail(usage, "prompt_tokens_details", name)
     reasoning = _detail(usage, "completion_tokens_details", "reasoning_tokens")
     return TokenUsage(prompt, completion, cached or 0, written or 0, reasoning or 0)
 
