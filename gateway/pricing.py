@@ -28,16 +28,19 @@ __all__ = [
     "billed",
     "delivery_price",
     "history_violations",
+    "in_force",
     "prices_at",
+    "schedule_of",
     "sheet_prices",
 ]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class TokenUsage:
     """A call's tokens as OpenAI reports them: `prompt_tokens` counts every input token (the
     cached and cache-write ones among them) and `completion_tokens` every output token (the
-    reasoning ones among them)."""
+    reasoning ones among them). A value: never changed once made (not frozen only because a
+    frozen dataclass is slower to make, and a call makes several)."""
 
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -153,19 +156,30 @@ def billed(model: ModelConfig) -> bool:
     return model.billing == "tokens" and model.pricing is not None
 
 
-def prices_at(model: ModelConfig, at_ms: int) -> Prices | None:
-    """The sheet in force at `at_ms`: the latest dated sheet started by then, else the base
-    sheet; None for a model that is not billed (or, before its first sheet, not priced)."""
+def schedule_of(model: ModelConfig) -> tuple[Prices, ...]:
+    """The model's sheets, resolved, the base first, then by start; () when not billed.
+    Built once per config snapshot (state.Snapshot), not per call."""
     if not billed(model):
-        return None
-    found: PricingConfig | None = None
-    for sheet in model.price_sheets:  # the base first, then by start
-        start = sheet.effective_from_ms
+        return ()
+    return tuple(sheet_prices(sheet) for sheet in model.price_sheets)
+
+
+def in_force(schedule: tuple[Prices, ...], at_ms: int) -> Prices | None:
+    """The sheet of `schedule` in force at `at_ms`: the latest dated sheet started by then,
+    else the base sheet; None for an empty schedule (or, before its first sheet, none)."""
+    found = None
+    for prices in schedule:
+        start = prices.effective_from_ms
         if start is None or start <= at_ms:
-            found = sheet
+            found = prices
         else:
             break
-    return sheet_prices(found) if found is not None else None
+    return found
+
+
+def prices_at(model: ModelConfig, at_ms: int) -> Prices | None:
+    """The model's sheet in force at `at_ms` (None for a model that is not billed)."""
+    return in_force(schedule_of(model), at_ms)
 
 
 def history_violations(old: Settings, new: Settings, now_ms: int) -> list[str]:

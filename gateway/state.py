@@ -10,6 +10,8 @@ import time
 from dataclasses import dataclass, field
 
 from gateway.config.schema import Settings
+from gateway.metering.prompt import MediaEstimates
+from gateway.pricing import Prices, schedule_of
 from gateway.proxy.routing import RoutingTable
 
 __all__ = ["ConfigHolder", "Snapshot"]
@@ -17,15 +19,23 @@ __all__ = ["ConfigHolder", "Snapshot"]
 
 @dataclass(frozen=True, slots=True)
 class Snapshot:
-    """One validated config and its routing table, used together by a call."""
+    """One validated config and what a call needs of it, built once: its routing table, each
+    billed model's price sheets (by model name), the media estimates of its holds."""
 
     settings: Settings
     routing: RoutingTable
+    schedules: dict[str, tuple[Prices, ...]] = field(default_factory=dict)
+    media: MediaEstimates = field(default_factory=MediaEstimates)
     loaded_at: int = field(default_factory=lambda: int(time.time()))
 
     @classmethod
     def build(cls, settings: Settings) -> Snapshot:
-        return cls(settings=settings, routing=RoutingTable(settings))
+        return cls(
+            settings=settings,
+            routing=RoutingTable(settings),
+            schedules={model.name: schedule_of(model) for model in settings.models},
+            media=MediaEstimates.of(settings.billing),
+        )
 
 
 class ConfigHolder:

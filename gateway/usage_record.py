@@ -57,7 +57,7 @@ def _int(fields: Mapping[str, str], name: str) -> int | None:
     return int(value)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: slower to make, and one is made per call
 class UsageRecord:
     """One record; amounts in micro-units, time in ms since the epoch."""
 

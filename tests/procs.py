@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -213,3 +214,13 @@ def start_gateway(
             proc.stop(signal.SIGKILL)
             raise RuntimeError(f"{exc}\n--- gateway log ---\n{proc.log()}") from None
     return proc
+
+
+def rewrite_config(proc: Proc, change: Callable[[dict[str, Any]], None]) -> None:
+    """Edit the config file a gateway was started from, as editors do: a rename over it."""
+    assert proc.config_path is not None
+    config = yaml.safe_load(proc.config_path.read_text())
+    change(config)
+    tmp = proc.config_path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(config))
+    tmp.replace(proc.config_path)

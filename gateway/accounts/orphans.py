@@ -39,7 +39,7 @@ BATCH = 200
 ORPHAN_GRACE_S = 3.0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: slower to make, and one is made per call
 class HoldInfo:
     """What the sweeper needs to bill a call without its gateway, kept beside its hold."""
 

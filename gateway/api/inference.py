@@ -206,7 +206,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         )
         call = MeteredCall(
             services,
-            settings,
+            snapshot,
             route.config,
             key,
             request[REQUEST_ID],

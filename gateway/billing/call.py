@@ -23,14 +23,14 @@ from multidict import CIMultiDictProxy
 from gateway.accounts.apikeys import ParsedKey
 from gateway.accounts.orphans import HoldInfo
 from gateway.billing.gate import OutputGate, limited_charge
-from gateway.config.schema import ModelConfig, Settings
+from gateway.config.schema import ModelConfig
 from gateway.errors import CostCapExceeded, InvalidRequest, LedgerUnavailable
 from gateway.ledger import Admission, Ledger, Reservation
 from gateway.ledger.journal import Entry, SettlementJournal
 from gateway.metering.completion import CompletionMeter
 from gateway.metering.estimate import OUTPUT_LIMIT_FIELDS, check_prompt_size, output_allowance
 from gateway.metering.lease import LeaseKeeper
-from gateway.metering.prompt import CallKind, MediaEstimates, count_prompt
+from gateway.metering.prompt import CallKind, count_prompt
 from gateway.metering.tokenizers import get_encoding
 from gateway.metering.usage import (
     CallStatus,
@@ -45,8 +45,9 @@ from gateway.money import format_micros, parse_amount
 from gateway.observability.access import CallLog
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
-from gateway.pricing import Prices, prices_at
+from gateway.pricing import Prices, in_force
 from gateway.ratelimit import rate_rules
+from gateway.state import Snapshot
 from gateway.usage_record import UsageRecord
 
 __all__ = [
@@ -93,7 +94,7 @@ class CallServices:
     track: Callable[[Coroutine[Any, Any, None]], asyncio.Future[None]]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class _Bill:
     charged: int  # what the account is charged
     record: UsageRecord
@@ -106,7 +107,7 @@ class MeteredCall:
     def __init__(
         self,
         services: CallServices,
-        settings: Settings,
+        snapshot: Snapshot,
         model: ModelConfig,
         key: ParsedKey,
         request_id: str,
@@ -116,7 +117,8 @@ class MeteredCall:
         entry: CallLog,
     ) -> None:
         self.services = services
-        self.settings = settings
+        self.snapshot = snapshot
+        self.settings = settings = snapshot.settings
         self.model = model
         self.key = key
         self.request_id = request_id
@@ -131,7 +133,9 @@ class MeteredCall:
         self.encoding = get_encoding(model.tokenizer)
         self.admitted_ms = int(time.time() * 1000)
         # The sheet in force at admission bills the call, whatever a reload does meanwhile.
-        self.prices: Prices | None = prices_at(model, self.admitted_ms)
+        self.prices: Prices | None = in_force(
+            snapshot.schedules.get(model.name, ()), self.admitted_ms
+        )
         billing = settings.billing
         self.report_cost = billing.report_cost
         self.strict = billing.enforcement == "strict" and self.prices is not None
@@ -155,9 +159,8 @@ class MeteredCall:
         """Count the prompt and size the hold; 400 for limits the gateway cannot hold for,
         402 `cost_cap_exceeded` for a prompt that alone may cost more than the cap."""
         kind, payload, billing = self.kind, self.payload, self.settings.billing
-        media = MediaEstimates.of(billing)
         self.prompt_tokens = await count_prompt(
-            kind, payload, self.encoding, body_size, media=media
+            kind, payload, self.encoding, body_size, media=self.snapshot.media
         )
         most = billing.max_tokens_per_call
         self.output_tokens = output_allowance(kind, payload, self.default_output, most)

@@ -117,7 +117,7 @@ class TopupResult:
     events: int = 0
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: slower to make, and one is made per call
 class Reservation:
     """One call's admission, as `Ledger.reserve` takes it: authenticate key `key_id` (whose
     hash is `key_hash`) of the account, check and charge its rate limits (`rules`: the four

@@ -123,7 +123,7 @@ def read_usage(usage: dict[str, Any] | None) -> TokenUsage | None:
     return TokenUsage(prompt, completion, cached or 0, written or 0, reasoning or 0)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: slower to make, and one is made per call
 class Counted:
     """The tokens a call is billed for, and the gateway's own counts beside them."""
 

@@ -35,7 +35,7 @@ from tests.billing.checks import (
     wait_no_holds,
 )
 from tests.conftest import model_entry
-from tests.procs import Proc
+from tests.procs import Proc, rewrite_config
 
 TOPUP = "20.00"
 BASE = {"input_per_million": "0.333333", "output_per_million": "1.777777"}
@@ -118,16 +118,6 @@ async def _call(
 
 def _versions(sheets: list[dict[str, Any]]) -> list[str]:
     return [sheet["version"] for sheet in sheets]
-
-
-def _rewrite(gw: Proc, change: Callable[[dict[str, Any]], None]) -> None:
-    """Edit the config file the gateway was started from (as tests/ops/test_reload.py does)."""
-    assert gw.config_path is not None
-    config = yaml.safe_load(gw.config_path.read_text())
-    change(config)
-    tmp = gw.config_path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(config))
-    tmp.replace(gw.config_path)
 
 
 async def test_the_sheet_in_force_at_admission_bills_the_call(
@@ -218,7 +208,7 @@ async def test_a_reload_cannot_remove_a_base_sheet_that_billed_calls(
     def drop_base(config: dict[str, Any]) -> None:
         del config["models"][0]["pricing"][0]
 
-    _rewrite(gw, drop_base)
+    rewrite_config(gw, drop_base)
     await _refused(admin)
     assert model_prices(admin, "m") == listing
     record = records_by_request(admin, account_id, [early_id])[early_id]
@@ -294,7 +284,7 @@ async def test_a_reload_cannot_change_a_started_sheet(
     ids = [first_id]
     for edit in (change_dated, remove_dated, change_base, add_past):
         gw.config_path.write_text(original)
-        _rewrite(gw, edit)
+        rewrite_config(gw, edit)
         message = await _refused(admin)
         assert "immutable" in message, (edit.__name__, message)
         request_id, tokens = await _call(gw, key)
@@ -323,7 +313,7 @@ async def test_a_reload_may_schedule_a_future_sheet(
     account_id, key = admin.funded(["m"], amount=TOPUP)
     listing = model_prices(admin, "m")
     future = math.floor(time.time()) + 3600
-    _rewrite(
+    rewrite_config(
         gw,
         lambda config: config["models"][0]["pricing"].append(
             {"effective_from": _iso(future), "input_per_million": "7", "output_per_million": "8"}
@@ -371,7 +361,7 @@ async def test_a_base_change_before_any_dated_sheet_is_a_price_change_from_now_o
         else:
             config["models"][0]["pricing"][0] = dict(new_base)
 
-    _rewrite(gw, change)
+    rewrite_config(gw, change)
     reply = admin.call("POST", "/admin/reload")
     assert reply.status == 200, reply.body
     assert reply.json()["reloaded"] is True

@@ -28,22 +28,13 @@ from tests.config.bounds import (
     with_values,
 )
 from tests.conftest import model_entry
-from tests.procs import Proc
+from tests.procs import Proc, rewrite_config
 
 
 def _priced(name: str, url: str, price: str) -> dict[str, Any]:
     entry = model_entry(name, url, upstream_model="mock-model")
     entry["pricing"] = {"input_per_million": price, "output_per_million": price}
     return entry
-
-
-def _rewrite(gw: Proc, change: Callable[[dict[str, Any]], None]) -> None:
-    assert gw.config_path is not None
-    config = yaml.safe_load(gw.config_path.read_text())
-    change(config)
-    tmp = gw.config_path.with_suffix(".tmp")
-    tmp.write_text(yaml.safe_dump(config))
-    tmp.replace(gw.config_path)  # as editors do: a rename over the file
 
 
 async def _status(session: aiohttp.ClientSession, gw: Proc, model: str) -> int:
@@ -83,7 +74,7 @@ async def test_new_model_answers_while_old_stream_keeps_its_price(
             config["models"].append(_priced("fresh", mock_a.url, "1"))
 
         edited = time.monotonic()
-        _rewrite(gw, add_model)
+        rewrite_config(gw, add_model)
         while await _status(session, gw, "fresh") == 404:
             assert time.monotonic() - edited < 2.0, "the new model did not answer within 2 s"
             await asyncio.sleep(0.05)
@@ -119,7 +110,7 @@ async def test_invalid_edit_keeps_the_old_config(
         config["models"][0]["pricing"]["input_per_million"] = 0.5  # a float: refused
         config["models"].append(_priced("fresh", mock_a.url, "1"))
 
-    _rewrite(gw, break_it)
+    rewrite_config(gw, break_it)
     deadline = time.monotonic() + 5
     while "config reload refused" not in gw.log():
         assert time.monotonic() < deadline, gw.log()
@@ -141,7 +132,7 @@ async def test_sighup_and_admin_reload(make_gateway: Callable[..., Proc], mock_a
     gw = make_gateway([_priced("m", mock_a.url, "1")], server={"watch_config": False})
     admin = Admin(gw.url)
     _, key = admin.funded(["m"])
-    _rewrite(gw, lambda c: c["models"].append(_priced("one", mock_a.url, "1")))
+    rewrite_config(gw, lambda c: c["models"].append(_priced("one", mock_a.url, "1")))
     async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
         await asyncio.sleep(0.5)
         assert await _status(session, gw, "one") == 404  # not watched: not applied yet
@@ -150,7 +141,7 @@ async def test_sighup_and_admin_reload(make_gateway: Callable[..., Proc], mock_a
         while await _status(session, gw, "one") == 404:
             assert time.monotonic() < deadline
             await asyncio.sleep(0.05)
-        _rewrite(gw, lambda c: c["models"].append(_priced("two", mock_a.url, "1")))
+        rewrite_config(gw, lambda c: c["models"].append(_priced("two", mock_a.url, "1")))
         assert await _status(session, gw, "two") == 404
         reply = admin.call("POST", "/admin/reload")
         assert reply.status == 200, reply.body

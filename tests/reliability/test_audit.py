@@ -31,8 +31,9 @@ def _audit(config: Path, store_url: str | None = None) -> subprocess.CompletedPr
 async def test_audit_passes_then_catches_a_tampered_balance(
     tmp_path: Path, make_gateway: Callable[..., Proc], mock_a: Proc, valkey: EmbeddedStore
 ) -> None:
-    """After real traffic the audit exits 0 and reports per-model drift; a balance changed
-    behind the ledger's back makes it exit 1 naming that account."""
+    """After real traffic the audit exits 0 and reports per-model drift, with the token
+    classes the upstream reported; a balance changed behind the ledger's back makes it exit 1
+    naming that account."""
     isolated = EmbeddedStore(tmp_path / "store")
     isolated.start()
     try:
@@ -44,7 +45,13 @@ async def test_audit_passes_then_catches_a_tampered_balance(
         good, key = admin.funded(["m"], amount="5.00")
         bad, _ = admin.funded(["m"], amount="5.00")
         body = {"model": "m", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 7}
-        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session:
+        classes = {
+            "x-mock-usage-cached-tokens": "2",
+            "x-mock-usage-cache-write-tokens": "1",
+            "x-mock-usage-reasoning-tokens": "3",
+        }
+        headers = {"Authorization": f"Bearer {key}", **classes}
+        async with aiohttp.ClientSession(headers=headers) as session:
             for _ in range(3):
                 async with session.post(
                     gw.url + "/v1/chat/completions", data=orjson.dumps(body)
@@ -57,7 +64,9 @@ async def test_audit_passes_then_catches_a_tampered_balance(
         result = _audit(config)
         assert result.returncode == 0, result.stdout + result.stderr
         assert "audited 2 accounts: 0 failing" in result.stdout
-        assert "m | " in result.stdout  # the drift line of model m
+        assert "| cached | cache write | reasoning" in result.stdout
+        (line,) = [row for row in result.stdout.splitlines() if row.startswith("m | ")]
+        assert line.endswith("| 6 | 3 | 9"), line  # three calls' classes, summed
         client.hincrby(account_keys(bad).account, "balance", 1)
         result = _audit(config)
         assert result.returncode == 1
