@@ -229,13 +229,6 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
     transform, gate, keeper = call.relay_hooks()
     meter_flush = call.meter.flush
 
-    answered: list[Any] = []  # the whole answer's bill, made before it is sent
-
-    async def answer_headers(body: bytes) -> dict[str, str]:
-        call.meter.observe_body(body)
-        answered.append(await call.bill("ok"))
-        return call.cost_headers(answered[0])
-
     metrics = app[METRICS]
     try:
         timeouts = settings.proxy.timeouts
@@ -272,7 +265,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
             extra_headers=limit_headers,
             send_whole=True,
             passed_headers=settings.proxy.response_headers,
-            answer_headers=answer_headers,
+            answer_headers=call.quote,
         )
         status = _status_of(outcome)
         if outcome.body is not None and status != "ok":
@@ -284,7 +277,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         call.status = status
         # The answer is out: the settlement script runs as a task of its own (tracked, so a
         # shutdown waits for it), and this connection is free for the client's next call.
-        bill = answered[0] if answered and status == "ok" else await call.bill(status)
+        bill = call.quoted if call.quoted and status == "ok" else await call.bill(status)
         _track(request, call.settlement(bill))
         return response
     except (UpstreamUnavailable, UpstreamTimeout) as exc:

@@ -149,6 +149,7 @@ class MeteredCall:
         self.admission: Admission | None = None
         self.meter = CompletionMeter()
         self.gate: OutputGate | None = None
+        self.quoted: _Bill | None = None  # a whole answer's bill, made before it was sent
         self.upstream_label = ""
         self.finished = False
         self.status: CallStatus | None = None  # how the call ended, once that is known
@@ -384,15 +385,31 @@ class MeteredCall:
             )
         return _Bill(charged, record, usage.total_tokens)
 
-    def cost_headers(self, bill: _Bill) -> dict[str, str]:
-        """`x-gateway-cost` and `x-gateway-balance-available` of a whole answer: what the
-        call was charged, and the available balance once it is settled (as the ledger stood
-        at admission: other calls of the account settled meanwhile are not in it)."""
+    async def quote(self, body: bytes) -> dict[str, str]:
+        """Read a whole answer before it is sent; its cost headers (`x-gateway-cost`,
+        `x-gateway-balance-available`). The cost of an answer that reports its usage needs no
+        count of its text, so the answer is not held up for one: `bill` counts it after it
+        is sent and comes to the same cost. One that reports none is billed here (its cost is
+        the gateway's count), and `quoted` keeps that bill."""
+        self.meter.observe_body(body)
         if not self.report_cost or self.admission is None:
             return {}
-        headers = {COST_HEADER: format_micros(bill.charged)}
-        if self.admission.available is not None:
-            available = self.admission.available + self.admission.held - bill.charged
+        reported = self.meter.reported_usage()
+        if reported is None:
+            self.quoted = await self.bill("ok")
+            return self._cost_headers(self.quoted.charged)
+        quiet = dataclasses.replace(self.bound, report=None)  # the bill reports anomalies
+        charged = self._price(count_call(reported, self.prompt_tokens, 0, quiet))[1]
+        return self._cost_headers(charged)
+
+    def _cost_headers(self, charged: int) -> dict[str, str]:
+        """What the call was charged, and the available balance once it is settled (as the
+        ledger stood at admission: other calls of the account settled meanwhile are not in
+        it)."""
+        admission = self.admission
+        headers = {COST_HEADER: format_micros(charged)}
+        if admission is not None and admission.available is not None:
+            available = admission.available + admission.held - charged
             headers[AVAILABLE_HEADER] = format_micros(available)
         return headers
 
