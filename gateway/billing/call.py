@@ -12,7 +12,6 @@ that ends early is billed for what was produced.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
@@ -321,19 +320,22 @@ class MeteredCall:
         charged, uncharged = (cost, 0) if most is None else limited_charge(cost, most)
         return cost, charged, uncharged
 
+    def _quiet(self) -> UsageBound:
+        """The call's bound, telling no anomaly: for a cost shown before the bill, which
+        tells them once."""
+        return UsageBound(self.bound.prompt_tokens, self.bound.completion_tokens)
+
     def _usage_cost(self, usage: dict[str, Any]) -> str | None:
         """The cost a stream's usage report gets: what this report will be billed at."""
         reported = read_usage(usage)
         if reported is None:
             return None  # billed from the gateway's count, not known yet
-        quiet = dataclasses.replace(self.bound, report=None)  # the bill reports anomalies
-        counted = count_call(reported, self.prompt_tokens, 0, quiet)
+        counted = count_call(reported, self.prompt_tokens, 0, self._quiet())
         return format_micros(self._price(counted)[1])
 
     def _local_cost(self, prompt_tokens: int, completion_tokens: int) -> str | None:
         """The cost of a stream the gate ended (billed from the gateway's own count)."""
-        quiet = dataclasses.replace(self.bound, report=None)
-        counted = count_call(None, prompt_tokens, completion_tokens, quiet)
+        counted = count_call(None, prompt_tokens, completion_tokens, self._quiet())
         return format_micros(self._price(counted)[1])
 
     # after it --------------------------------------------------------------------------
@@ -398,8 +400,7 @@ class MeteredCall:
         if reported is None:
             self.quoted = await self.bill("ok")
             return self._cost_headers(self.quoted.charged)
-        quiet = dataclasses.replace(self.bound, report=None)  # the bill reports anomalies
-        charged = self._price(count_call(reported, self.prompt_tokens, 0, quiet))[1]
+        charged = self._price(count_call(reported, self.prompt_tokens, 0, self._quiet()))[1]
         return self._cost_headers(charged)
 
     def _cost_headers(self, charged: int) -> dict[str, str]:
