@@ -13,6 +13,8 @@ __all__ = [
     "normalise",
     "normalise_json",
     "usage_events",
+    "without_cost",
+    "without_cost_json",
 ]
 
 # Fields that differ between two identical calls: the completion's id, its creation time and
@@ -70,3 +72,33 @@ def drop_zero_usage_json(chunks: list[Any]) -> list[Any]:
         else chunk
         for chunk in chunks
     ]
+
+
+# The call's cost, which the gateway adds as the last member of a stream's usage object.
+_COST = re.compile(rb',"cost":"([0-9]+\.[0-9]{6})"\}')
+
+
+def without_cost(events: list[bytes]) -> tuple[list[bytes], list[str]]:
+    """The events with the gateway's cost member taken out again, and the costs found."""
+    costs: list[str] = []
+    out = []
+    for event in events:
+        found = _COST.search(event)
+        if found:
+            costs.append(found.group(1).decode())
+            event = event[: found.start()] + b"}" + event[found.end() :]
+        out.append(event)
+    return out, costs
+
+
+def without_cost_json(chunks: list[Any]) -> tuple[list[Any], list[str]]:
+    """Parsed chunks without the `cost` of their usage, and the costs found."""
+    costs: list[str] = []
+    out = []
+    for chunk in chunks:
+        usage = chunk.get("usage") if isinstance(chunk, dict) else None
+        if isinstance(usage, dict) and "cost" in usage:
+            costs.append(usage["cost"])
+            chunk = {**chunk, "usage": {k: v for k, v in usage.items() if k != "cost"}}
+        out.append(chunk)
+    return out, costs

@@ -26,6 +26,8 @@ from tests.interop.sse import (
     events,
     normalise_json,
     usage_events,
+    without_cost,
+    without_cost_json,
 )
 from tests.procs import Proc
 
@@ -151,19 +153,24 @@ async def test_stream_equals_direct(
     expected = events(direct.body)
     if usage == "no-usage":
         expected = [drop_zero_usage(event) for event in expected]
-    assert events(via.body) == expected
+    relayed, costs = without_cost(events(via.body))
+    assert relayed == expected
     assert via.body.replace(b"\r\n", b"\n").rstrip().endswith(b"data: [DONE]")
     if usage == "usage" and upstream.stream_usage:
         assert len(usage_events(direct.body)) == 1, direct.body
+        assert len(costs) == 1, via.body  # the only change: the cost, in the usage chunk
     else:
         assert usage_events(b"\n\n".join(expected)) == []
         assert usage_events(via.body) == []
+        assert costs == []
     direct, via = await pair(
         client, node, upstream, interop_gateway, account[1], kind, payload, mode="parsed"
     )
     assert direct.parsed, direct
     expected = direct.parsed if usage == "usage" else drop_zero_usage_json(direct.parsed)
-    assert normalise_json(via.parsed) == normalise_json(expected)
+    parsed, costs = without_cost_json(via.parsed)
+    assert normalise_json(parsed) == normalise_json(expected)
+    assert len(costs) == (1 if usage == "usage" and upstream.stream_usage else 0)
 
 
 async def test_upstream_headers_stay_behind(
@@ -287,8 +294,13 @@ async def test_billed_from_upstream_usage(
     else:
         billed = _usage_of(direct, stream)
         if mode != "no-usage":
-            assert _usage_of(via, stream) == billed
+            relayed = _usage_of(via, stream)
+            if stream:  # the gateway's one addition to a stream: its cost, in the usage
+                assert relayed.pop("cost") == record["cost"], relayed
+            assert relayed == billed
         assert record["usage_source"] == "upstream", record
+    if not stream:  # the cost on a whole answer, as the client's own library read it
+        assert via.headers["x-gateway-cost"] == record["cost"]
     assert record["prompt_tokens"] == billed["prompt_tokens"], record
     assert record["completion_tokens"] == billed["completion_tokens"], record
     cost = expected_cost(billed["prompt_tokens"], billed["completion_tokens"], *upstream.prices)
