@@ -45,9 +45,6 @@ USAGE_FIELDS = (
     "event",
     "bytes",
 )
-# Token classes kept only when not zero: most calls have none of them, and every byte of a
-# record stays in the store (SPEC section 8's memory figures).
-_SPARSE = ("cached_tokens", "cache_write_tokens", "reasoning_tokens", "uncharged")
 
 
 def _int(fields: Mapping[str, str], name: str) -> int | None:
@@ -85,7 +82,9 @@ class UsageRecord:
     bytes: int | None = None
 
     def fields(self) -> dict[str, str | int]:
-        """The record as the usage stream stores it (field -> value)."""
+        """The record as the usage stream stores it (field -> value). Token classes and other
+        optional fields are kept only when set: most calls have none of them, and every byte
+        of a record stays in the store."""
         out: dict[str, str | int] = {
             "request_id": self.request_id,
             "time": self.time,
@@ -98,20 +97,28 @@ class UsageRecord:
             "status": self.status,
             "stream": "1" if self.stream else "0",
         }
-        for name in _SPARSE:
-            value = getattr(self, name)
-            if value:
-                out[name] = value
+        if self.cached_tokens:
+            out["cached_tokens"] = self.cached_tokens
+        if self.cache_write_tokens:
+            out["cache_write_tokens"] = self.cache_write_tokens
+        if self.reasoning_tokens:
+            out["reasoning_tokens"] = self.reasoning_tokens
+        if self.uncharged:
+            out["uncharged"] = self.uncharged
         if self.price_version:
             out["price_version"] = self.price_version
         if self.gateway_prompt_tokens is not None:
             out["gateway_prompt_tokens"] = self.gateway_prompt_tokens
         if self.gateway_completion_tokens is not None:
             out["gateway_completion_tokens"] = self.gateway_completion_tokens
-        for name in ("key_id", "upstream", "channel", "event"):
-            value = getattr(self, name)
-            if value:
-                out[name] = value
+        if self.key_id:
+            out["key_id"] = self.key_id
+        if self.upstream:
+            out["upstream"] = self.upstream
+        if self.channel:
+            out["channel"] = self.channel
+        if self.event:
+            out["event"] = self.event
         if self.bytes is not None:
             out["bytes"] = self.bytes
         return out

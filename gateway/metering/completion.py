@@ -267,6 +267,7 @@ class CompletionMeter:
         "_marks",
         "_pending",
         "_price",
+        "_read",
         "_strip_usage",
         "done",
         "last",
@@ -287,6 +288,7 @@ class CompletionMeter:
         self._marks: list[tuple[int, int]] = []
         self._choice = 0
         self.usage: dict[str, Any] | None = None
+        self._read: tuple[dict[str, Any] | None, TokenUsage | None] = (None, None)
         self.done = False  # the stream's `[DONE]` was seen
         self.last: dict[str, Any] | None = None  # the last chunk with choices (for its id)
 
@@ -463,5 +465,11 @@ class CompletionMeter:
         return await asyncio.to_thread(self.local_tokens, encoding)
 
     def reported_usage(self) -> TokenUsage | None:
-        """The tokens, by class, that the upstream's `usage` reported, if it did."""
-        return read_usage(self.usage)
+        """The tokens, by class, that the upstream's `usage` reported, if it did (read once
+        per usage object: a whole answer's is read for its cost header, then for its bill)."""
+        usage = self.usage
+        seen, reported = self._read
+        if usage is not seen:
+            reported = read_usage(usage)
+            self._read = (usage, reported)
+        return reported

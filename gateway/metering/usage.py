@@ -103,6 +103,17 @@ def _detail(usage: dict[str, Any], details: str, field: str) -> int | None:
     return _count(block.get(field)) if isinstance(block, dict) else None
 
 
+# Where `usage` may name a token class.
+_CLASS_FIELDS = frozenset(
+    {
+        "prompt_tokens_details",
+        "completion_tokens_details",
+        "cache_read_input_tokens",
+        "cache_creation_input_tokens",
+    }
+)
+
+
 def read_usage(usage: dict[str, Any] | None) -> TokenUsage | None:
     """The classes of an upstream's `usage` object (see the module docstring), or None when
     it reports no usable prompt and completion counts (the gateway's own count is billed)."""
@@ -112,6 +123,8 @@ def read_usage(usage: dict[str, Any] | None) -> TokenUsage | None:
     completion = _count(usage.get("completion_tokens", 0))
     if prompt is None or completion is None:
         return None
+    if _CLASS_FIELDS.isdisjoint(usage):  # no classes reported (most upstreams, most calls)
+        return TokenUsage(prompt, completion)
     cached = _detail(usage, "prompt_tokens_details", "cached_tokens")
     if cached is None:
         cached = _count(usage.get("cache_read_input_tokens"))
@@ -149,6 +162,13 @@ def count_call(
     else:
         usage = TokenUsage(gateway_prompt_tokens, local_completion)
         source = "gateway"
+    if (
+        usage.prompt_tokens <= bound.prompt_tokens
+        and usage.completion_tokens <= bound.completion_tokens
+        and usage.cached_tokens + usage.cache_write_tokens <= usage.prompt_tokens
+        and usage.reasoning_tokens <= usage.completion_tokens
+    ):  # within every bound: the usual case
+        return Counted(usage, source, gateway_prompt_tokens, local_completion)  # type: ignore[arg-type]
     report = bound.report if source == "upstream" else None
     prompt = _within(usage.prompt_tokens, bound.prompt_tokens, "prompt_tokens", report)
     completion = _within(
