@@ -9,8 +9,8 @@ Wall-clock benchmarks on a shared machine move by 20% or more between runs of th
 one gateway under cProfile (embedded store, the project's mock upstream), makes N metered
 chat calls (8 in flight), stops the gateway and reads the profile's total call count; it does
 the same with no calls, and prints the difference divided by N: the Python function calls
-(built-ins included) that one metered call costs. The count is the same from run to run
-within a fraction of a call. It does not see time spent inside C code (tiktoken, orjson, the
+(built-ins included) that one metered call costs. Run to run the count moves by a few
+calls (0.5%). It does not see time spent inside C code (tiktoken, orjson, the
 HTTP parser), which a change of Python code does not alter, so it bounds the change in CPU a
 change of gateway code makes, not the CPU itself.
 """
