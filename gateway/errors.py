@@ -18,6 +18,7 @@ __all__ = [
     "AccountInArrears",
     "AccountNotFound",
     "AdminUnauthorized",
+    "ApiNotServed",
     "CostCapExceeded",
     "GatewayError",
     "IdempotencyConflict",
@@ -180,6 +181,14 @@ class InsufficientBalance(GatewayError):
     status = 402
     type = "insufficient_quota"
     code = "insufficient_balance"
+
+
+class ApiNotServed(GatewayError):
+    """No upstream of the model speaks the API the call is for (upstreams' `apis`)."""
+
+    status = 400
+    type = "invalid_request_error"
+    code = "api_not_served"
 
 
 class CostCapExceeded(GatewayError):

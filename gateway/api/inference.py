@@ -18,9 +18,11 @@ from aiohttp import web
 from gateway.accounts.apikeys import ParsedKey, parse_api_key
 from gateway.api.body import parse_call_body, read_body
 from gateway.billing.call import CallServices, MeteredCall, cost_cap
+from gateway.config.schema import API_ROUTES
 from gateway.errors import (
     AccountCleared,
     AccountFrozen,
+    ApiNotServed,
     GatewayError,
     InsufficientBalance,
     InternalError,
@@ -48,7 +50,7 @@ from gateway.money import format_micros
 from gateway.observability.access import CALL_LOG, CallLog
 from gateway.observability.logging import get_logger
 from gateway.proxy.forward import RelayOutcome, open_upstream, relay
-from gateway.proxy.routing import Upstream
+from gateway.proxy.routing import ModelRoute, Upstream
 from gateway.ratelimit import headers_of
 from gateway.state import Snapshot
 
@@ -99,6 +101,21 @@ def _refuse(admission: Admission, model: str, hold: int) -> GatewayError:
     if error is None:
         return InternalError(f"admission failed: {admission.code}")
     return error(_MESSAGES[admission.code].format(model=model))
+
+
+def _route(snapshot: Snapshot, name: str, kind: CallKind) -> ModelRoute:
+    """The model's route for a call of `kind`: 404 for a model the config lacks, 400
+    `api_not_served` for one none of whose upstreams speaks that API."""
+    route = snapshot.routing.get(name)
+    if route is None:
+        raise ModelNotFound(f"the model '{name}' does not exist", param="model")
+    if not route.speaks(kind):
+        raise ApiNotServed(
+            f"the model '{name}' is not served on {API_ROUTES[kind]}: its upstreams speak "
+            + ", ".join(API_ROUTES[api] for api in route.apis()),
+            param="model",
+        )
+    return route
 
 
 def _upstream_body(
@@ -152,17 +169,20 @@ def _status_of(outcome: RelayOutcome) -> CallStatus:
 
 
 async def _proxy_only(
-    request: web.Request, snapshot: Snapshot, body: bytes, payload: dict[str, Any], path: str
+    request: web.Request,
+    snapshot: Snapshot,
+    body: bytes,
+    payload: dict[str, Any],
+    kind: CallKind,
+    path: str,
 ) -> web.StreamResponse:
     """`billing.metering: false`: forward and relay, nothing counted or billed."""
     name = payload["model"]
-    route = snapshot.routing.get(name)
-    if route is None:
-        raise ModelNotFound(f"the model '{name}' does not exist", param="model")
+    route = _route(snapshot, name, kind)
     timeouts = snapshot.settings.proxy.timeouts
     upstream_call = await open_upstream(
         request.app[HTTP],
-        route.candidates(),
+        route.candidates(kind),
         path,
         _upstream_body(body, payload, name, add_usage=False),
         request.headers,
@@ -186,7 +206,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         )
         payload = parse_call_body(body)
         entry.model = payload["model"]
-        return await _proxy_only(request, snapshot, body, payload, path)
+        return await _proxy_only(request, snapshot, body, payload, kind, path)
     key = require_key(request)
     entry.account, entry.key_id = key.account_id, key.key_id
     app = request.app
@@ -198,9 +218,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         payload = parse_call_body(body)
         name = payload["model"]
         entry.model = name
-        route = snapshot.routing.get(name)
-        if route is None:
-            raise ModelNotFound(f"the model '{name}' does not exist", param="model")
+        route = _route(snapshot, name, kind)
         services = CallServices(
             ledger, app[JOURNAL], app[METRICS], lambda work: _track(request, work)
         )
@@ -234,7 +252,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         timeouts = settings.proxy.timeouts
         upstream_call = await open_upstream(
             app[HTTP],
-            route.candidates(),
+            route.candidates(kind),
             path,
             _upstream_body(body, payload, name, call.add_usage, call.body_limits),
             request.headers,

@@ -470,11 +470,25 @@ def _check_schedule(sheets: tuple[PricingConfig, ...]) -> None:
         )
 
 
+# The APIs an upstream may speak (a route of the data plane each; no translation between them).
+Api = Literal["chat", "completions", "embeddings", "responses", "messages"]
+API_ROUTES: dict[str, str] = {
+    "chat": "/v1/chat/completions",
+    "completions": "/v1/completions",
+    "embeddings": "/v1/embeddings",
+    "responses": "/v1/responses",
+    "messages": "/v1/messages",
+}
+DEFAULT_APIS: tuple[Api, ...] = ("chat", "completions", "embeddings")
+
+
 class UpstreamConfig(_Frozen):
     url: str
     model: str | None = None  # the upstream's own name for the model; the public name if unset
     api_key_env: str | None = None
     weight: int = Field(default=1, ge=1, le=1000)
+    # What the upstream serves: a call for an API none of a model's upstreams speaks is refused.
+    apis: tuple[Api, ...] = DEFAULT_APIS
     # Resolved from `api_key_env` at load time; never printed (SecretStr shows stars).
     api_key: SecretStr | None = Field(default=None, exclude=True)
 
@@ -485,6 +499,15 @@ class UpstreamConfig(_Frozen):
         if parts.scheme not in ("http", "https") or not parts.netloc:
             raise ValueError("expected an http:// or https:// URL such as http://127.0.0.1:9000/v1")
         return value.rstrip("/")
+
+    @field_validator("apis")
+    @classmethod
+    def _some_apis(cls, value: tuple[Api, ...]) -> tuple[Api, ...]:
+        if not value:
+            raise ValueError(f"expected at least one of {', '.join(API_ROUTES)}")
+        if len(set(value)) != len(value):
+            raise ValueError("an API is listed twice")
+        return value
 
     @model_validator(mode="after")
     def _read_api_key(self, info: ValidationInfo) -> UpstreamConfig:

@@ -6,7 +6,7 @@ import itertools
 from dataclasses import dataclass
 from math import gcd
 
-from gateway.config.schema import ModelConfig, Settings
+from gateway.config.schema import API_ROUTES, ModelConfig, Settings
 
 __all__ = ["ModelRoute", "RoutingTable", "Upstream"]
 
@@ -40,9 +40,10 @@ def _weighted_schedule(weights: list[int]) -> list[int]:
 
 
 class ModelRoute:
-    """A model's upstreams and the position of its round-robin."""
+    """A model's upstreams and, per API, the position of its round-robin over those that
+    speak it (each upstream's `apis`)."""
 
-    __slots__ = ("_counter", "_orders", "config", "upstreams")
+    __slots__ = ("_counters", "_orders", "config", "upstreams")
 
     def __init__(self, config: ModelConfig) -> None:
         self.config = config
@@ -55,17 +56,33 @@ class ModelRoute:
             )
             for u in config.upstreams
         )
-        schedule = _weighted_schedule([u.weight for u in config.upstreams])
-        n = len(self.upstreams)
-        # For each slot: the picked upstream first, then every other one once, for failover.
-        self._orders = [
-            tuple(self.upstreams[(first + k) % n] for k in range(n)) for first in schedule
-        ]
-        self._counter = itertools.count()
+        self._orders: dict[str, list[tuple[Upstream, ...]]] = {}
+        self._counters: dict[str, itertools.count[int]] = {}
+        for api in API_ROUTES:
+            speaking = [i for i, u in enumerate(config.upstreams) if api in u.apis]
+            if not speaking:
+                continue
+            schedule = _weighted_schedule([config.upstreams[i].weight for i in speaking])
+            n = len(speaking)
+            # For each slot: the picked upstream first, then every other one once (failover).
+            self._orders[api] = [
+                tuple(self.upstreams[speaking[(first + k) % n]] for k in range(n))
+                for first in schedule
+            ]
+            self._counters[api] = itertools.count()
 
-    def candidates(self) -> tuple[Upstream, ...]:
-        """Upstreams to try for the next call, in order."""
-        return self._orders[next(self._counter) % len(self._orders)]
+    def speaks(self, api: str) -> bool:
+        """Whether some upstream of the model serves `api`."""
+        return api in self._orders
+
+    def apis(self) -> list[str]:
+        """The APIs the model's upstreams serve, in API_ROUTES order."""
+        return list(self._orders)
+
+    def candidates(self, api: str = "chat") -> tuple[Upstream, ...]:
+        """Upstreams that speak `api`, to try for the next call of it, in order."""
+        orders = self._orders[api]
+        return orders[next(self._counters[api]) % len(orders)]
 
 
 class RoutingTable:
