@@ -126,3 +126,15 @@ def test_the_default_is_the_three_openai_apis(monkeypatch: pytest.MonkeyPatch) -
     del model["upstreams"][0]["apis"]
     settings = parse_settings({"models": [model]})
     assert settings.models[0].upstreams[0].apis == ("chat", "completions", "embeddings")
+
+
+@pytest.mark.parametrize(
+    "path",
+    ["/v1/responses", "/v1/messages", "/v1/moderations", "/v1/audio/speech", "/v1/files"],
+)
+async def test_no_other_route_passes_unmetered(gateway: Proc, api_key: str, path: str) -> None:
+    """A route the gateway does not meter is not forwarded: 404 in OpenAI's error shape,
+    with or without a key (the APIs of issue 15 until they are metered)."""
+    status, reply, _ = await _post(gateway, api_key, path, CHAT)
+    assert status == 404
+    assert reply["error"]["code"] == "not_found", reply
