@@ -263,12 +263,13 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         for label in upstream_call.refused:  # failed over: the call goes on, the error counts
             metrics.upstream_errors.labels(label, "upstream_unavailable").inc()
         if upstream_call.response.status >= 400:
-            # The upstream's own error passes through as it came and costs nothing.
+            # The upstream's own error passes through as it came and costs nothing (and says
+            # so, as every whole answer says what it cost).
             response, _ = await relay(
                 request,
                 upstream_call,
                 timeouts,
-                extra_headers=limit_headers,
+                extra_headers={**limit_headers, **call.free_headers()},
                 passed_headers=settings.proxy.response_headers,
             )
             await call.release()

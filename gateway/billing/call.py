@@ -403,6 +403,12 @@ class MeteredCall:
         charged = self._price(count_call(reported, self.prompt_tokens, 0, self._quiet()))[1]
         return self._cost_headers(charged)
 
+    def free_headers(self) -> dict[str, str]:
+        """The cost headers of an answer that costs nothing (the upstream's own error)."""
+        if not self.report_cost:
+            return {}
+        return self._cost_headers(0)
+
     def _cost_headers(self, charged: int) -> dict[str, str]:
         """What the call was charged, and the available balance once it is settled (as the
         ledger stood at admission: other calls of the account settled meanwhile are not in

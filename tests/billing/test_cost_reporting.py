@@ -38,6 +38,7 @@ PRICES = {
     "reasoning_per_million": "2.999991",
 }
 TOPUP = "30.00"
+TOPUP_DECIMAL = "30.000000"  # the same, as the API writes amounts
 SIX_DECIMALS = re.compile(r"[0-9]+\.[0-9]{6}")
 COST_HEADER, AVAILABLE_HEADER = "x-gateway-cost", "x-gateway-balance-available"
 
@@ -319,3 +320,20 @@ async def test_the_openai_sdk_reads_the_cost(
     ids = [raw.headers["x-request-id"], stream.response.headers["x-request-id"]]
     records = records_by_request(admin, account_id, ids)
     assert [records[i]["cost"] for i in ids] == [header_cost, stream_cost]
+
+
+async def test_an_upstream_error_says_it_cost_nothing(gw: Proc, redis_client: redis.Redis) -> None:
+    """The upstream's own error answer passes through and costs nothing: its x-gateway-cost is
+    0.000000 and x-gateway-balance-available the whole balance (its hold released), and no
+    record is written."""
+    admin = Admin(gw.url)
+    account_id, key = admin.funded(["mock-model"], amount=TOPUP)
+    body = orjson.dumps({"model": "mock-model", **CHAT})
+    headers = {"Authorization": f"Bearer {key}", "x-mock-status": "503"}
+    status, answer, _ = await _post(gw.url + "/v1/chat/completions", body, headers)
+    assert status == 503
+    assert answer[COST_HEADER] == "0.000000"
+    assert answer[AVAILABLE_HEADER] == TOPUP_DECIMAL
+    wait_no_holds(redis_client, account_id)
+    assert admin.account(account_id)["available"] == TOPUP_DECIMAL
+    assert admin.usage(account_id) == []
