@@ -1,20 +1,40 @@
-"""A small, deterministic OpenAI-compatible model server.
+"""A small, deterministic model server speaking OpenAI's and Anthropic's APIs.
 
 It exists so the gateway can be demonstrated, tested and benchmarked against a real HTTP
 upstream without a GPU or a network: answers are cheap to produce, identical bytes for the
 same request, and their `usage` numbers are true (re-tokenizing the text gives the same
-counts). Request headers inject failures (`x-mock-status`, `x-mock-disconnect-after`),
-latency (`x-mock-ttft`, `x-mock-token-delay`) and untrue usage (`x-mock-usage-prompt-tokens`,
-`x-mock-usage-completion-tokens`: the numbers `usage` reports, the text unchanged; token
-classes `x-mock-usage-cached-tokens`, `x-mock-usage-cache-write-tokens`,
-`x-mock-usage-reasoning-tokens`, in OpenAI's details or, with `x-mock-usage-style: litellm`,
-in LiteLLM's top-level cache fields), no
-usage at all (`x-mock-omit-usage: true`, even when a stream asks for it) and several choices
-(`x-mock-allow-n: true` lets a request's `n` of 1-16 through: each choice has words of its
-own and ends with a "." token, so the choices' texts joined tokenize differently from each
-on its own, as real answers do; a stream interleaves them as OpenAI does; without the header
-`n` must be 1), and
-`GET /debug/last-request` shows what the gateway forwarded.
+counts). It serves OpenAI's `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`
+and `/v1/responses` (the Responses API), Anthropic's `POST /v1/messages` and
+`/v1/messages/count_tokens` (the key as `x-api-key` or a bearer token, `anthropic-version`
+required, errors in Anthropic's shape), `GET /v1/models`, `/v1/models/{id}`, `/healthz`, and
+`GET /debug/last-request`, which shows the last POST as the gateway forwarded it (method,
+path, query, every header as sent, e.g. `anthropic-version` / `anthropic-beta`, raw body).
+Wire details of the two newer APIs (event sequences, usage shapes) are in
+`gateway.mock_apis`.
+
+Answers are words from a fixed vocabulary, one token each, seeded by the request. Chat and
+legacy completions are as long as the request's limit (finish_reason "length"), else
+`default_max_tokens` ("stop"). A Responses or Messages answer is `default_max_tokens` long
+unless `max_output_tokens` / `max_tokens` is smaller and cuts it (status "incomplete" and a
+final `response.incomplete` event; stop_reason "max_tokens" rather than "end_turn"). Input
+is counted over the visible text: chat by OpenAI's cookbook rule, Responses over
+`instructions` and the input's texts, Messages over `system` and the messages' texts.
+
+Request headers inject failures (`x-mock-status`, an error in the route's API's shape;
+`x-mock-disconnect-after`), latency (`x-mock-ttft`, `x-mock-token-delay`) and untrue usage
+(`x-mock-usage-prompt-tokens`, `x-mock-usage-completion-tokens`: the prompt and output
+numbers usage reports, the text unchanged; token classes `x-mock-usage-cached-tokens`,
+`x-mock-usage-cache-write-tokens`, `x-mock-usage-reasoning-tokens`, in OpenAI's details or,
+with `x-mock-usage-style: litellm`, in LiteLLM's top-level cache fields; on /v1/responses in
+`input_tokens_details.cached_tokens` / `cache_write_tokens` and
+`output_tokens_details.reasoning_tokens`; on /v1/messages as `cache_read_input_tokens` /
+`cache_creation_input_tokens`, Anthropic's `input_tokens` being the prompt less both, never
+below 0), no usage at all (`x-mock-omit-usage: true`, even when a stream asks for it;
+Responses say `usage: null`, Messages drop their `usage` objects) and several choices
+(`x-mock-allow-n: true` lets a chat or completion request's `n` of 1-16 through: each choice
+has words of its own and ends with a "." token, so the choices' texts joined tokenize
+differently from each on its own, as real answers do; a stream interleaves them as OpenAI
+does; without the header `n` must be 1).
 """
 
 from __future__ import annotations
@@ -23,10 +43,11 @@ import asyncio
 import base64
 import hashlib
 import hmac
+import itertools
 import math
 import random
 import struct
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Final
 
@@ -35,6 +56,20 @@ import tiktoken
 from aiohttp import web
 
 from gateway.metering.tokenizers import get_encoding
+from gateway.mock_apis import (
+    InvalidRequest,
+    MessageAnswer,
+    ResponseAnswer,
+    anthropic_error_body,
+    message_events,
+    message_object,
+    messages_input_tokens,
+    messages_usage,
+    response_events,
+    response_object,
+    responses_input_tokens,
+    responses_usage,
+)
 
 __all__ = [
     "CREATED",
@@ -88,17 +123,30 @@ class MockOptions:
     token_delay: float = 0.0
     """Seconds between streamed token chunks."""
     default_max_tokens: int = 16
-    """Completion length when the request names no limit."""
+    """Completion length when the request names no limit; the natural length of a Responses
+    or Messages answer, which a smaller limit cuts short."""
     api_key: str | None = None
-    """If set, requests to /v1 must carry `Authorization: Bearer <api_key>`."""
+    """If set, requests to /v1 must carry `Authorization: Bearer <api_key>` (on Anthropic's
+    routes `x-api-key: <api_key>` will do too)."""
 
 
 class _Reject(Exception):
-    """Abort handling a request with a ready-made response."""
+    """Abort handling a request with an error, rendered in the route's API's own shape."""
 
-    def __init__(self, response: web.StreamResponse) -> None:
-        super().__init__(response.status)
-        self.response = response
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        err_type: str = "invalid_request_error",
+        code: str = "invalid_request",
+        param: str | None = None,
+    ) -> None:
+        super().__init__(status, message)
+        self.status = status
+        self.message = message
+        self.err_type = err_type
+        self.code = code
+        self.param = param
 
 
 def _error_body(message: str, err_type: str, code: str, param: str | None = None) -> bytes:
@@ -111,9 +159,17 @@ def _json_response(payload: bytes, status: int = 200) -> web.Response:
     return web.Response(body=payload, status=status, content_type=_JSON)
 
 
+def _openai_error(rejected: _Reject) -> web.Response:
+    body = _error_body(rejected.message, rejected.err_type, rejected.code, rejected.param)
+    return _json_response(body, rejected.status)
+
+
+def _anthropic_error(rejected: _Reject) -> web.Response:
+    return _json_response(anthropic_error_body(rejected.status, rejected.message), rejected.status)
+
+
 def _bad_request(message: str, param: str | None = None) -> _Reject:
-    body = _error_body(message, "invalid_request_error", "invalid_request", param)
-    return _Reject(_json_response(body, 400))
+    return _Reject(400, message, param=param)
 
 
 def _check_vocabulary(encoding: tiktoken.Encoding) -> None:
@@ -156,6 +212,11 @@ def _completion_text(indices: list[int], period: bool = False) -> str:
 _PERIOD_JSON: Final = orjson.dumps(".")
 
 
+def _pieces(indices: list[int]) -> Iterator[bytes]:
+    """The JSON strings of a one-choice completion's tokens, in order."""
+    return (_piece_json(indices, position, False) for position in range(len(indices)))
+
+
 def _piece_json(indices: list[int], position: int, period: bool) -> bytes:
     """The JSON string of a completion's token at `position` (see `_completion_text`)."""
     if period and position == len(indices) - 1:
@@ -189,9 +250,12 @@ def _header_int(request: web.Request, name: str) -> int | None:
     return value
 
 
-def _completion_limit(body: dict[str, Any]) -> int | None:
-    """The request's own completion limit: max_completion_tokens, else max_tokens."""
-    for key in ("max_completion_tokens", "max_tokens"):
+def _completion_limit(
+    body: dict[str, Any], keys: tuple[str, ...] = ("max_completion_tokens", "max_tokens")
+) -> int | None:
+    """The request's own completion limit: the first of `keys` it sets (for chat,
+    max_completion_tokens, else max_tokens)."""
+    for key in keys:
         value = body.get(key)
         if value is None:
             continue
@@ -238,6 +302,34 @@ def _request_digest(body: dict[str, Any]) -> bytes:
     return hashlib.sha256(encoded).digest()
 
 
+@dataclass(frozen=True)
+class _UsageHeaders:
+    """What a request's `x-mock-usage-*` headers ask the answer's usage to say."""
+
+    prompt: int | None  # the prompt (input) tokens to report instead of the true count
+    completion: int | None  # the completion (output) tokens to report instead
+    cached: int | None
+    written: int | None
+    reasoning: int | None
+
+    def reported(self, prompt_tokens: int, completion_tokens: int) -> tuple[int, int]:
+        """(prompt, completion) tokens to report for these true counts."""
+        return (
+            prompt_tokens if self.prompt is None else self.prompt,
+            completion_tokens if self.completion is None else self.completion,
+        )
+
+
+def _usage_headers(request: web.Request) -> _UsageHeaders:
+    return _UsageHeaders(
+        prompt=_header_int(request, "x-mock-usage-prompt-tokens"),
+        completion=_header_int(request, "x-mock-usage-completion-tokens"),
+        cached=_header_int(request, "x-mock-usage-cached-tokens"),
+        written=_header_int(request, "x-mock-usage-cache-write-tokens"),
+        reasoning=_header_int(request, "x-mock-usage-reasoning-tokens"),
+    )
+
+
 def _reported_usage(
     request: web.Request, prompt_tokens: int, completion_tokens: int
 ) -> dict[str, Any]:
@@ -245,15 +337,9 @@ def _reported_usage(
     token classes as the headers give them (OpenAI's details, or with
     `x-mock-usage-style: litellm` the top-level fields LiteLLM's proxy passes on from
     Anthropic: `cache_read_input_tokens`, `cache_creation_input_tokens`)."""
-    prompt = _header_int(request, "x-mock-usage-prompt-tokens")
-    completion = _header_int(request, "x-mock-usage-completion-tokens")
-    usage: dict[str, Any] = _usage(
-        prompt_tokens if prompt is None else prompt,
-        completion_tokens if completion is None else completion,
-    )
-    cached = _header_int(request, "x-mock-usage-cached-tokens")
-    written = _header_int(request, "x-mock-usage-cache-write-tokens")
-    reasoning = _header_int(request, "x-mock-usage-reasoning-tokens")
+    asked = _usage_headers(request)
+    usage: dict[str, Any] = _usage(*asked.reported(prompt_tokens, completion_tokens))
+    cached, written, reasoning = asked.cached, asked.written, asked.reasoning
     if request.headers.get("x-mock-usage-style") == "litellm":
         if cached is not None:
             usage["cache_read_input_tokens"] = cached
@@ -296,6 +382,119 @@ def _drop_connection(request: web.Request) -> web.Response:
     if transport is not None:
         transport.close()
     return web.Response(status=500)
+
+
+@dataclass(frozen=True)
+class _Pacing:
+    """When a request's answer goes out: `x-mock-ttft`, `x-mock-token-delay`,
+    `x-mock-disconnect-after` (or the options' defaults)."""
+
+    ttft: float
+    delay: float
+    disconnect_after: int | None
+
+
+async def _whole_answer_dropped(request: web.Request, pacing: _Pacing) -> bool:
+    """Wait out the first-token time of a non-streamed answer; True if it must be dropped."""
+    if pacing.ttft > 0:
+        await asyncio.sleep(pacing.ttft)
+    return pacing.disconnect_after is not None
+
+
+async def _send_stream(
+    request: web.Request,
+    pacing: _Pacing,
+    head: bytes,
+    positions: Iterable[bytes],
+    tail: bytes,
+) -> web.StreamResponse:
+    """Send an event stream: `head` after the first-token time, then the bytes of each token
+    position `pacing.delay` apart, then `tail`; with `disconnect_after` N, only N positions
+    and then the connection is dropped."""
+    if pacing.disconnect_after is not None:
+        positions = itertools.islice(positions, pacing.disconnect_after)
+    resp = web.StreamResponse(headers={"Cache-Control": "no-cache"})
+    resp.content_type = "text/event-stream"
+    if pacing.ttft > 0:
+        await asyncio.sleep(pacing.ttft)
+    try:
+        await resp.prepare(request)
+        if head:
+            await resp.write(head)
+        for position, piece in enumerate(positions):
+            if position and pacing.delay > 0:
+                await asyncio.sleep(pacing.delay)
+            await resp.write(piece)
+        if pacing.disconnect_after is not None:
+            _drop_connection(request)
+            return resp
+        await resp.write(tail)
+    except ConnectionError:
+        # The client went away; aiohttp notices the closed transport on its own.
+        return resp
+    return resp
+
+
+def _chat_stream(
+    gen: _Generation, chat: bool, usage: dict[str, Any]
+) -> tuple[bytes, Iterator[bytes], bytes]:
+    """A chat or legacy completion stream: (the opening chunks, each token position's chunks
+    (one per choice, interleaved as OpenAI does), the finish and usage chunks and [DONE])."""
+    object_name = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(choices: list[dict[str, Any]], usage: dict[str, Any] | None) -> dict[str, Any]:
+        payload: dict[str, Any] = {
+            "id": gen.response_id,
+            "object": object_name,
+            "created": CREATED,
+            "model": gen.model,
+            "system_fingerprint": SYSTEM_FINGERPRINT,
+            "choices": choices,
+        }
+        if gen.include_usage:
+            payload["usage"] = usage
+        return payload
+
+    def choice(content: str | None, finish_reason: str | None, index: int) -> dict[str, Any]:
+        if chat:
+            delta = {} if content is None else {"content": content}
+            return {
+                "index": index,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish_reason,
+            }
+        return {
+            "index": index,
+            "text": content or "",
+            "logprobs": None,
+            "finish_reason": finish_reason,
+        }
+
+    indexed = list(enumerate(gen.choices))
+    templates = [
+        _split_template(chunk([choice(_PLACEHOLDER, None, index)], None)) for index, _ in indexed
+    ]
+    head: list[bytes] = []
+    if chat:
+        for index, _ in indexed:
+            opening = choice("", None, index)
+            opening["delta"] = {"role": "assistant", "content": ""}
+            head.append(_sse(chunk([opening], None)))
+    tail = [_sse(chunk([choice(None, gen.finish_reason, index)], None)) for index, _ in indexed]
+    if gen.include_usage:
+        tail.append(_sse(chunk([], usage)))
+    tail.append(_SSE_DONE)
+
+    def positions() -> Iterator[bytes]:
+        for position in range(len(gen.choices[0])):  # every choice has as many words
+            parts: list[bytes] = []
+            for index, words in indexed:
+                prefix, suffix = templates[index]
+                parts.append(prefix + _piece_json(words, position, gen.period) + suffix)
+            yield b"".join(parts)
+
+    return b"".join(head), positions(), b"".join(tail)
 
 
 @dataclass(frozen=True)
@@ -356,14 +555,22 @@ class _MockServer:
             }
         )
 
-    def _check_access(self, request: web.Request) -> None:
-        """Enforce the API key, then honour `x-mock-status`."""
+    def _check_access(self, request: web.Request, anthropic: bool = False) -> None:
+        """Enforce the API key (for Anthropic's API as `x-api-key` or a bearer token) and
+        Anthropic's `anthropic-version` header, then honour `x-mock-status`."""
         if self._expected_auth is not None:
-            given = request.headers.get("Authorization", "").encode()
-            if not hmac.compare_digest(given, self._expected_auth):
+            offered = [request.headers.get("Authorization", "").encode()]
+            if anthropic and "x-api-key" in request.headers:
+                offered.append(f"Bearer {request.headers['x-api-key']}".encode())
+            if not any(hmac.compare_digest(key, self._expected_auth) for key in offered):
+                given = any(offered)
+                if anthropic:
+                    message = "invalid x-api-key" if given else "x-api-key header is required"
+                    raise _Reject(401, message, "authentication_error")
                 message = "Incorrect API key provided." if given else "No API key provided."
-                body = _error_body(message, "invalid_request_error", "invalid_api_key")
-                raise _Reject(_json_response(body, 401))
+                raise _Reject(401, message, code="invalid_api_key")
+        if anthropic and "anthropic-version" not in request.headers:
+            raise _bad_request("anthropic-version: header is required")
         forced = request.headers.get("x-mock-status")
         if forced is not None:
             try:
@@ -372,13 +579,12 @@ class _MockServer:
                 status = 0
             if not 400 <= status <= 599:
                 raise _bad_request("header x-mock-status must be an HTTP status in 400-599")
-            body = _error_body("mock failure", "server_error", "mock_failure")
-            raise _Reject(_json_response(body, status))
+            raise _Reject(status, "mock failure", "server_error", "mock_failure")
 
-    async def _read_body(self, request: web.Request) -> dict[str, Any]:
+    async def _read_body(self, request: web.Request, anthropic: bool = False) -> dict[str, Any]:
         raw = await request.read()
         self._record(request, raw)
-        self._check_access(request)
+        self._check_access(request, anthropic)
         try:
             body = orjson.loads(raw)
         except orjson.JSONDecodeError:
@@ -468,28 +674,30 @@ class _MockServer:
         )
 
     async def _dispatch(
-        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+        self,
+        request: web.Request,
+        handler: Callable[[web.Request], Awaitable[web.StreamResponse]],
+        render: Callable[[_Reject], web.Response] = _openai_error,
     ) -> web.StreamResponse:
         try:
             return await handler(request)
+        except InvalidRequest as invalid:
+            return render(_bad_request(invalid.message, invalid.param))
         except _Reject as rejected:
-            return rejected.response
+            return render(rejected)
 
     # -- generation ----------------------------------------------------------------------
 
     async def _answer(
         self, request: web.Request, gen: _Generation, chat: bool
     ) -> web.StreamResponse:
-        ttft = _header_float(request, "x-mock-ttft", self.options.ttft)
-        delay = _header_float(request, "x-mock-token-delay", self.options.token_delay)
-        disconnect_after = _header_int(request, "x-mock-disconnect-after")
+        pacing = self._pacing(request)
         completion_tokens = sum(len(words) for words in gen.choices)
         usage = _reported_usage(request, gen.prompt_tokens, completion_tokens)
         if gen.stream:
-            return await self._stream(request, gen, chat, ttft, delay, disconnect_after, usage)
-        if ttft > 0:
-            await asyncio.sleep(ttft)
-        if disconnect_after is not None:
+            head, positions, tail = _chat_stream(gen, chat, usage)
+            return await _send_stream(request, pacing, head, positions, tail)
+        if await _whole_answer_dropped(request, pacing):
             return _drop_connection(request)
         choices: list[dict[str, Any]] = []
         for index, words in enumerate(gen.choices):
@@ -525,85 +733,12 @@ class _MockServer:
             del payload["usage"]
         return _json_response(orjson.dumps(payload))
 
-    async def _stream(
-        self,
-        request: web.Request,
-        gen: _Generation,
-        chat: bool,
-        ttft: float,
-        delay: float,
-        disconnect_after: int | None,
-        usage: dict[str, int],
-    ) -> web.StreamResponse:
-        object_name = "chat.completion.chunk" if chat else "text_completion"
-
-        def chunk(choices: list[dict[str, Any]], usage: dict[str, int] | None) -> dict[str, Any]:
-            payload: dict[str, Any] = {
-                "id": gen.response_id,
-                "object": object_name,
-                "created": CREATED,
-                "model": gen.model,
-                "system_fingerprint": SYSTEM_FINGERPRINT,
-                "choices": choices,
-            }
-            if gen.include_usage:
-                payload["usage"] = usage
-            return payload
-
-        def choice(content: str | None, finish_reason: str | None, index: int) -> dict[str, Any]:
-            if chat:
-                delta = {} if content is None else {"content": content}
-                return {
-                    "index": index,
-                    "delta": delta,
-                    "logprobs": None,
-                    "finish_reason": finish_reason,
-                }
-            return {
-                "index": index,
-                "text": content or "",
-                "logprobs": None,
-                "finish_reason": finish_reason,
-            }
-
-        indexed = list(enumerate(gen.choices))
-        templates = [
-            _split_template(chunk([choice(_PLACEHOLDER, None, index)], None))
-            for index, _ in indexed
-        ]
-        length = len(gen.choices[0])  # every choice has as many words
-        limit = length if disconnect_after is None else min(disconnect_after, length)
-
-        resp = web.StreamResponse(headers={"Cache-Control": "no-cache"})
-        resp.content_type = "text/event-stream"
-        if ttft > 0:
-            await asyncio.sleep(ttft)
-        try:
-            await resp.prepare(request)
-            if chat:
-                for index, _ in indexed:
-                    opening = choice("", None, index)
-                    opening["delta"] = {"role": "assistant", "content": ""}
-                    await resp.write(_sse(chunk([opening], None)))
-            for position in range(limit):
-                if position and delay > 0:
-                    await asyncio.sleep(delay)
-                for index, words in indexed:
-                    token = _piece_json(words, position, gen.period)
-                    prefix, suffix = templates[index]
-                    await resp.write(prefix + token + suffix)
-            if disconnect_after is not None:
-                _drop_connection(request)
-                return resp
-            for index, _ in indexed:
-                await resp.write(_sse(chunk([choice(None, gen.finish_reason, index)], None)))
-            if gen.include_usage:
-                await resp.write(_sse(chunk([], usage)))
-            await resp.write(_SSE_DONE)
-        except ConnectionError:
-            # The client went away; aiohttp notices the closed transport on its own.
-            return resp
-        return resp
+    def _pacing(self, request: web.Request) -> _Pacing:
+        return _Pacing(
+            ttft=_header_float(request, "x-mock-ttft", self.options.ttft),
+            delay=_header_float(request, "x-mock-token-delay", self.options.token_delay),
+            disconnect_after=_header_int(request, "x-mock-disconnect-after"),
+        )
 
     # -- handlers ------------------------------------------------------------------------
 
@@ -618,6 +753,82 @@ class _MockServer:
         prompt_tokens = self._input_tokens(body.get("prompt"), "prompt")
         generation = self._generation(request, body, "cmpl-", prompt_tokens)
         return await self._answer(request, generation, False)
+
+    def _cut_answer(self, body: dict[str, Any], limit: int | None) -> tuple[str, list[int], bool]:
+        """(hex digest, words, complete) of a Responses or Messages answer: its natural length
+        is `default_max_tokens`, and a smaller limit cuts it short (incomplete)."""
+        natural = self.options.default_max_tokens
+        count = natural if limit is None else min(limit, natural)
+        digest = _request_digest(body)
+        return digest.hex(), _completion_words(digest, count), limit is None or limit >= natural
+
+    async def _responses(self, request: web.Request) -> web.StreamResponse:
+        body = await self._read_body(request)
+        prompt_tokens = responses_input_tokens(body, self._count)
+        limit = _completion_limit(body, ("max_output_tokens",))
+        pacing = self._pacing(request)
+        asked = _usage_headers(request)
+        hexdigest, words, complete = self._cut_answer(body, limit)
+        usage = None
+        if not _header_flag(request, "x-mock-omit-usage"):
+            reported = asked.reported(prompt_tokens, len(words))
+            usage = responses_usage(
+                *reported, asked.cached or 0, asked.written or 0, asked.reasoning or 0
+            )
+        answer = ResponseAnswer(
+            response_id="resp_" + hexdigest[:48],
+            item_id="msg_" + hexdigest[16:64],
+            created_at=CREATED,
+            model=body["model"],
+            body=body,
+            text=_completion_text(words),
+            complete=complete,
+            usage=usage,
+        )
+        if body.get("stream") is True:
+            head, deltas, tail = response_events(answer, _pieces(words), len(words))
+            return await _send_stream(request, pacing, head, deltas, tail)
+        if await _whole_answer_dropped(request, pacing):
+            return _drop_connection(request)
+        return _json_response(orjson.dumps(response_object(answer)))
+
+    async def _messages(self, request: web.Request) -> web.StreamResponse:
+        body = await self._read_body(request, anthropic=True)
+        prompt_tokens = messages_input_tokens(body, self._count)
+        max_tokens = body.get("max_tokens")
+        if max_tokens is None:
+            raise _bad_request("max_tokens: Field required", "max_tokens")
+        if type(max_tokens) is not int or max_tokens < 1:
+            raise _bad_request(
+                "max_tokens: Input should be an integer greater than or equal to 1", "max_tokens"
+            )
+        pacing = self._pacing(request)
+        asked = _usage_headers(request)
+        hexdigest, words, complete = self._cut_answer(body, max_tokens)
+        usage = None
+        if not _header_flag(request, "x-mock-omit-usage"):
+            reported = asked.reported(prompt_tokens, len(words))
+            usage = messages_usage(*reported, asked.cached or 0, asked.written or 0)
+        answer = MessageAnswer(
+            message_id="msg_" + hexdigest[:24],
+            model=body["model"],
+            text=_completion_text(words),
+            complete=complete,
+            usage=usage,
+        )
+        if body.get("stream") is True:
+            head, deltas, tail = message_events(answer, _pieces(words))
+            return await _send_stream(request, pacing, head, deltas, tail)
+        if await _whole_answer_dropped(request, pacing):
+            return _drop_connection(request)
+        return _json_response(orjson.dumps(message_object(answer)))
+
+    async def _count_tokens(self, request: web.Request) -> web.StreamResponse:
+        body = await self._read_body(request, anthropic=True)
+        input_tokens = messages_input_tokens(body, self._count)
+        if await _whole_answer_dropped(request, self._pacing(request)):
+            return _drop_connection(request)
+        return _json_response(orjson.dumps({"input_tokens": input_tokens}))
 
     async def _embeddings(self, request: web.Request) -> web.StreamResponse:
         body = await self._read_body(request)
@@ -651,6 +862,17 @@ class _MockServer:
         }
         return _json_response(orjson.dumps(payload))
 
+    async def _moderations(self, request: web.Request) -> web.StreamResponse:
+        """Nothing is ever flagged; the id is the request's digest (same request, same
+        bytes). A route the gateway meters by a flat price (proxy.passthrough), not tokens."""
+        body = await self._read_body(request)
+        payload = {
+            "id": "modr-" + _request_digest(body).hex()[:24],
+            "model": body["model"],
+            "results": [{"flagged": False, "categories": {}, "category_scores": {}}],
+        }
+        return _json_response(orjson.dumps(payload))
+
     async def _models(self, request: web.Request) -> web.StreamResponse:
         self._check_access(request)
         return _json_response(self._models_body)
@@ -672,6 +894,22 @@ class _MockServer:
     async def embeddings(self, request: web.Request) -> web.StreamResponse:
         """POST /v1/embeddings."""
         return await self._dispatch(request, self._embeddings)
+
+    async def responses(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/responses (OpenAI's Responses API)."""
+        return await self._dispatch(request, self._responses)
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/messages (Anthropic's Messages API; errors in Anthropic's shape)."""
+        return await self._dispatch(request, self._messages, _anthropic_error)
+
+    async def count_tokens(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/messages/count_tokens (Anthropic's token count of a Messages request)."""
+        return await self._dispatch(request, self._count_tokens, _anthropic_error)
+
+    async def moderations(self, request: web.Request) -> web.StreamResponse:
+        """POST /v1/moderations."""
+        return await self._dispatch(request, self._moderations)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         """GET /v1/models."""
@@ -717,6 +955,10 @@ def create_mock_app(options: MockOptions | None = None) -> web.Application:
             web.post("/v1/chat/completions", server.chat),
             web.post("/v1/completions", server.completions),
             web.post("/v1/embeddings", server.embeddings),
+            web.post("/v1/responses", server.responses),
+            web.post("/v1/messages", server.messages),
+            web.post("/v1/messages/count_tokens", server.count_tokens),
+            web.post("/v1/moderations", server.moderations),
             web.get("/v1/models", server.models),
             web.get("/v1/models/{model_id:.+}", server.one_model),
             web.get("/debug/last-request", server.last_request),
