@@ -17,7 +17,7 @@ from gateway.timefmt import iso_ms
 
 __all__ = ["USAGE_FIELDS", "UsageRecord"]
 
-RecordKind = Literal["inference", "notification"]
+RecordKind = Literal["inference", "notification", "passthrough"]
 
 # The API's (and the CSV's) fields of a record, in order.
 USAGE_FIELDS = (
@@ -130,7 +130,7 @@ class UsageRecord:
         return cls(
             request_id=fields.get("request_id", ""),
             time=_int(fields, "time") or 0,
-            kind="notification" if kind == "notification" else "inference",
+            kind=kind if kind in ("notification", "passthrough") else "inference",  # type: ignore[arg-type]
             cost=_int(fields, "cost") or 0,
             status=fields.get("status", ""),
             usage_source=fields.get("usage_source", ""),

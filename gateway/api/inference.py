@@ -18,7 +18,7 @@ from aiohttp import web
 from gateway.accounts.apikeys import ParsedKey, parse_api_key
 from gateway.api.body import parse_call_body, read_body
 from gateway.billing.call import CallServices, MeteredCall, cost_cap
-from gateway.config.schema import API_ROUTES
+from gateway.config.schema import API_ROUTES, PassthroughRoute
 from gateway.errors import (
     AccountCleared,
     AccountFrozen,
@@ -29,6 +29,7 @@ from gateway.errors import (
     InvalidApiKey,
     ModelNotFound,
     ModelNotSubscribed,
+    NotFound,
     RateLimited,
     UpstreamTimeout,
     UpstreamUnavailable,
@@ -50,7 +51,7 @@ from gateway.money import format_micros
 from gateway.observability.access import CALL_LOG, CallLog
 from gateway.observability.logging import get_logger
 from gateway.proxy.forward import RelayOutcome, open_upstream, relay
-from gateway.proxy.routing import ModelRoute, Upstream
+from gateway.proxy.routing import ANY_API, ModelRoute, Upstream
 from gateway.ratelimit import headers_of
 from gateway.state import Snapshot
 
@@ -103,13 +104,14 @@ def _refuse(admission: Admission, model: str, hold: int) -> GatewayError:
     return error(_MESSAGES[admission.code].format(model=model))
 
 
-def _route(snapshot: Snapshot, name: str, kind: CallKind) -> ModelRoute:
-    """The model's route for a call of `kind`: 404 for a model the config lacks, 400
-    `api_not_served` for one none of whose upstreams speaks that API."""
+def _route(snapshot: Snapshot, name: str, kind: CallKind, passthrough: bool = False) -> ModelRoute:
+    """The model's route for a call of `kind` (or a passthrough route's: any upstream): 404
+    for a model the config lacks, 400 `api_not_served` for one none of whose upstreams speaks
+    that API."""
     route = snapshot.routing.get(name)
     if route is None:
         raise ModelNotFound(f"the model '{name}' does not exist", param="model")
-    if not route.speaks(kind):
+    if not passthrough and not route.speaks(kind):
         raise ApiNotServed(
             f"the model '{name}' is not served on {API_ROUTES[kind]}: its upstreams speak "
             + ", ".join(API_ROUTES[api] for api in route.apis()),
@@ -175,14 +177,15 @@ async def _proxy_only(
     payload: dict[str, Any],
     kind: CallKind,
     path: str,
+    passthrough: bool = False,
 ) -> web.StreamResponse:
     """`billing.metering: false`: forward and relay, nothing counted or billed."""
     name = payload["model"]
-    route = _route(snapshot, name, kind)
+    route = _route(snapshot, name, kind, passthrough)
     timeouts = snapshot.settings.proxy.timeouts
     upstream_call = await open_upstream(
         request.app[HTTP],
-        route.candidates(kind),
+        route.candidates(ANY_API if passthrough else kind),
         path,
         _upstream_body(body, payload, name, add_usage=False),
         request.headers,
@@ -195,7 +198,11 @@ async def _proxy_only(
     return response
 
 
-async def _forward(request: web.Request, kind: CallKind, path: str) -> web.StreamResponse:
+async def _forward(
+    request: web.Request, kind: CallKind, path: str, flat: PassthroughRoute | None = None
+) -> web.StreamResponse:
+    """One call of `kind` (or, with `flat`, of a passthrough route at its price) from its
+    body to its settlement."""
     started = time.perf_counter()  # not loop.time(): uvloop's counts whole milliseconds
     snapshot = request.app[CONFIG].snapshot
     settings = snapshot.settings
@@ -206,7 +213,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         )
         payload = parse_call_body(body)
         entry.model = payload["model"]
-        return await _proxy_only(request, snapshot, body, payload, kind, path)
+        return await _proxy_only(request, snapshot, body, payload, kind, path, flat is not None)
     key = require_key(request)
     entry.account, entry.key_id = key.account_id, key.key_id
     app = request.app
@@ -218,7 +225,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         payload = parse_call_body(body)
         name = payload["model"]
         entry.model = name
-        route = _route(snapshot, name, kind)
+        route = _route(snapshot, name, kind, flat is not None)
         services = CallServices(
             ledger, app[JOURNAL], app[METRICS], lambda work: _track(request, work)
         )
@@ -234,7 +241,10 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
             entry,
         )
         entry.stream = call.stream
-        await call.plan(len(body))
+        if flat is not None:
+            call.plan_flat(flat.price_per_call)
+        else:
+            await call.plan(len(body))
     except GatewayError:
         # A caller the ledger does not know learns nothing of the configuration (which
         # models exist, their limits): its refusal is the key's, checked first.
@@ -252,7 +262,7 @@ async def _forward(request: web.Request, kind: CallKind, path: str) -> web.Strea
         timeouts = settings.proxy.timeouts
         upstream_call = await open_upstream(
             app[HTTP],
-            route.candidates(kind),
+            route.candidates(ANY_API if flat is not None else kind),
             path,
             _upstream_body(body, payload, name, call.add_usage, call.body_limits),
             request.headers,
@@ -335,8 +345,19 @@ async def embeddings(request: web.Request) -> web.StreamResponse:
     return await _forward(request, "embeddings", "/embeddings")
 
 
+async def passthrough(request: web.Request) -> web.StreamResponse:
+    """POST to a route of `proxy.passthrough`: held and charged its flat price, forwarded to
+    the upstreams of the model its body names. Any other route is 404: nothing passes
+    unmetered."""
+    listed = request.app[CONFIG].snapshot.settings.proxy.passthrough_route(request.path)
+    if listed is None:
+        raise NotFound("no such route")
+    return await _forward(request, "chat", request.path[len("/v1") :], listed)
+
+
 routes = [
     web.post("/v1/chat/completions", chat_completions),
     web.post("/v1/completions", completions),
     web.post("/v1/embeddings", embeddings),
+    web.post("/v1/{route:.+}", passthrough),  # after every route of the gateway's own
 ]

@@ -44,7 +44,7 @@ from gateway.money import format_micros, parse_amount
 from gateway.observability.access import CallLog
 from gateway.observability.logging import get_logger
 from gateway.observability.metrics import Metrics
-from gateway.pricing import Prices, in_force
+from gateway.pricing import Prices, TokenUsage, in_force
 from gateway.ratelimit import rate_rules
 from gateway.state import Snapshot
 from gateway.usage_record import UsageRecord
@@ -149,6 +149,7 @@ class MeteredCall:
         self.meter = CompletionMeter()
         self.gate: OutputGate | None = None
         self.quoted: _Bill | None = None  # a whole answer's bill, made before it was sent
+        self.flat: int | None = None  # a passthrough call's price (plan_flat)
         self.upstream_label = ""
         self.finished = False
         self.status: CallStatus | None = None  # how the call ended, once that is known
@@ -175,6 +176,23 @@ class MeteredCall:
             self.body_limits["max_tokens"] = self.output_tokens  # what the hold covers
         if self.cap is not None:
             self._fit_cap(prices, self.cap)
+
+    def plan_flat(self, price: int) -> None:
+        """A passthrough call: nothing counted, held and charged `price` (nothing for a
+        dedicated model's pool); 402 `cost_cap_exceeded` for a price above the client's cap.
+        Its body goes upstream as it came."""
+        self.flat = price if self.model.billing == "tokens" else 0
+        self.prices = None
+        self.strict = False
+        self.add_usage = self.client_wants_usage = False
+        self.bound = UsageBound(0, 0)
+        self.hold = self.flat
+        if self.cap is not None and self.flat > self.cap:
+            raise CostCapExceeded(
+                f"this call costs {format_micros(self.flat)}, more than the "
+                f"{format_micros(self.cap)} that {MAX_COST_HEADER} allows",
+                param=MAX_COST_HEADER,
+            )
 
     def _names_limit(self) -> bool:
         return any(self.payload.get(field) is not None for field in OUTPUT_LIMIT_FIELDS)
@@ -315,7 +333,10 @@ class MeteredCall:
 
     def _price(self, counted: Counted) -> tuple[int, int, int]:
         """(cost, charged, uncharged) of the counted tokens."""
-        cost = self.prices.cost(counted.usage) if self.prices is not None else 0
+        if self.flat is not None:
+            cost = self.flat
+        else:
+            cost = self.prices.cost(counted.usage) if self.prices is not None else 0
         most = self._most_charged()
         charged, uncharged = (cost, 0) if most is None else limited_charge(cost, most)
         return cost, charged, uncharged
@@ -342,10 +363,13 @@ class MeteredCall:
 
     async def bill(self, status: CallStatus) -> _Bill:
         """Count and price the call; its log entry is filled in."""
-        local_completion = await self.meter.count_local_tokens(self.encoding)
-        counted = count_call(
-            self.meter.reported_usage(), self.prompt_tokens, local_completion, self.bound
-        )
+        if self.flat is not None:  # a passthrough call: its price, whatever it answered
+            counted = Counted(TokenUsage(), "gateway", 0, 0)
+        else:
+            local_completion = await self.meter.count_local_tokens(self.encoding)
+            counted = count_call(
+                self.meter.reported_usage(), self.prompt_tokens, local_completion, self.bound
+            )
         cost, charged, uncharged = self._price(counted)
         usage = counted.usage
         entry = self.log
@@ -359,7 +383,7 @@ class MeteredCall:
         record = UsageRecord(
             request_id=self.request_id,
             time=int(time.time() * 1000),
-            kind="inference",
+            kind="inference" if self.flat is None else "passthrough",
             cost=charged,
             status=status,
             usage_source=counted.source,
@@ -397,7 +421,7 @@ class MeteredCall:
         if not self.report_cost or self.admission is None:
             return {}
         reported = self.meter.reported_usage()
-        if reported is None:
+        if reported is None or self.flat is not None:
             self.quoted = await self.bill("ok")
             return self._cost_headers(self.quoted.charged)
         charged = self._price(count_call(reported, self.prompt_tokens, 0, self._quiet()))[1]

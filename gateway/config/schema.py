@@ -227,6 +227,29 @@ class TimeoutsConfig(_Frozen):
     idle: Annotated[Duration, bounded("100ms")] = 60.0
 
 
+_PASSTHROUGH_PATH = re.compile(r"/v1(/[A-Za-z0-9._~-]+)+")
+
+
+class PassthroughRoute(_Frozen):
+    """A route the gateway forwards without metering tokens: each call needs a key, goes to
+    the upstreams of the model its body names (a subscription to it required) and is held
+    and charged `price_per_call`, like any call. Only listed routes pass: any other is 404."""
+
+    path: str
+    price_per_call: Micros
+
+    _bounded = field_validator("price_per_call")(_price_at_most_max)
+
+    @field_validator("path")
+    @classmethod
+    def _own_route(cls, value: str) -> str:
+        if not _PASSTHROUGH_PATH.fullmatch(value):
+            raise ValueError("expected a path under /v1/, such as /v1/moderations")
+        if value in API_ROUTES.values() or value.startswith("/v1/models"):
+            raise ValueError(f"{value} is a metered route of the gateway's own")
+        return value
+
+
 class ProxyConfig(_Frozen):
     timeouts: TimeoutsConfig = TimeoutsConfig()
     # Shorter than common upstream servers' keep-alive (uvicorn closes idle ones after 5 s), so
@@ -239,6 +262,8 @@ class ProxyConfig(_Frozen):
     # in `*` is a prefix. Content-Type always passes; the gateway's own
     # (x-request-id, x-ratelimit-*) never come from an upstream.
     response_headers: tuple[str, ...] = DEFAULT_RESPONSE_HEADERS
+    # Routes forwarded at a flat price per call (nothing else passes unmetered).
+    passthrough: tuple[PassthroughRoute, ...] = ()
 
     @field_validator("response_headers")
     @classmethod
@@ -250,6 +275,20 @@ class ProxyConfig(_Frozen):
                     "optionally ending in * for a prefix)"
                 )
         return tuple(name.lower() for name in names)
+
+    @field_validator("passthrough")
+    @classmethod
+    def _one_route_each(cls, routes: tuple[PassthroughRoute, ...]) -> tuple[PassthroughRoute, ...]:
+        paths = [route.path for route in routes]
+        if len(set(paths)) != len(paths):
+            raise ValueError("a path is listed twice")
+        return routes
+
+    def passthrough_route(self, path: str) -> PassthroughRoute | None:
+        for route in self.passthrough:
+            if route.path == path:
+                return route
+        return None
 
 
 class BillingConfig(_Frozen):

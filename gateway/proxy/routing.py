@@ -8,7 +8,10 @@ from math import gcd
 
 from gateway.config.schema import API_ROUTES, ModelConfig, Settings
 
-__all__ = ["ModelRoute", "RoutingTable", "Upstream"]
+__all__ = ["ANY_API", "ModelRoute", "RoutingTable", "Upstream"]
+
+# A passthrough route's calls go to any upstream of the model (its `apis` name metered APIs).
+ANY_API = "*"
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,8 +61,10 @@ class ModelRoute:
         )
         self._orders: dict[str, list[tuple[Upstream, ...]]] = {}
         self._counters: dict[str, itertools.count[int]] = {}
-        for api in API_ROUTES:
-            speaking = [i for i, u in enumerate(config.upstreams) if api in u.apis]
+        for api in (*API_ROUTES, ANY_API):
+            speaking = [
+                i for i, u in enumerate(config.upstreams) if api == ANY_API or api in u.apis
+            ]
             if not speaking:
                 continue
             schedule = _weighted_schedule([config.upstreams[i].weight for i in speaking])
@@ -73,14 +78,15 @@ class ModelRoute:
 
     def speaks(self, api: str) -> bool:
         """Whether some upstream of the model serves `api`."""
-        return api in self._orders
+        return api in self._orders and api != ANY_API
 
     def apis(self) -> list[str]:
         """The APIs the model's upstreams serve, in API_ROUTES order."""
-        return list(self._orders)
+        return [api for api in self._orders if api != ANY_API]
 
     def candidates(self, api: str = "chat") -> tuple[Upstream, ...]:
-        """Upstreams that speak `api`, to try for the next call of it, in order."""
+        """Upstreams that speak `api` (ANY_API: every upstream, for a passthrough route), to
+        try for the next call of it, in order."""
         orders = self._orders[api]
         return orders[next(self._counters[api]) % len(orders)]
 
