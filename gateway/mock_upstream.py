@@ -866,6 +866,8 @@ class _MockServer:
         """Nothing is ever flagged; the id is the request's digest (same request, same
         bytes). A route the gateway meters by a flat price (proxy.passthrough), not tokens."""
         body = await self._read_body(request)
+        if await _whole_answer_dropped(request, self._pacing(request)):  # x-mock-ttft etc.
+            return _drop_connection(request)
         payload = {
             "id": "modr-" + _request_digest(body).hex()[:24],
             "model": body["model"],

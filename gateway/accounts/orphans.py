@@ -50,6 +50,8 @@ class HoldInfo:
     key_id: str
     stream: bool
     price_version: str = ""
+    flat: int | None = None  # a passthrough call's price: what it is billed, whatever it did
+    cap: int | None = None  # the client's cost cap: what the call is charged at most
 
     def encode(self) -> str:
         return "\t".join(
@@ -61,21 +63,43 @@ class HoldInfo:
                 self.key_id,
                 "1" if self.stream else "0",
                 self.price_version,
+                "" if self.flat is None else str(self.flat),
+                "" if self.cap is None else str(self.cap),
             )
         )
 
     @classmethod
     def decode(cls, text: str) -> HoldInfo | None:
-        """The info as written; None when there is none (settled meanwhile). Six fields are
-        an earlier version's, without the price version."""
+        """The info as written; None when there is none (settled meanwhile). Earlier versions
+        wrote six fields (no price version) or seven (no flat price, no cap)."""
         parts = text.split("\t")
-        if len(parts) not in (6, 7):
+        if len(parts) not in (6, 7, 9):
             return None
         model, prompt, input_price, output_price, key_id, stream = parts[:6]
-        version = parts[6] if len(parts) == 7 else ""
+        version = parts[6] if len(parts) > 6 else ""
+        flat, cap = (parts[7], parts[8]) if len(parts) == 9 else ("", "")
         return cls(
-            model, int(prompt), int(input_price), int(output_price), key_id, stream == "1", version
+            model,
+            int(prompt),
+            int(input_price),
+            int(output_price),
+            key_id,
+            stream == "1",
+            version,
+            int(flat) if flat else None,
+            int(cap) if cap else None,
         )
+
+    def cost(self, completion_tokens: int) -> int:
+        """What the call is charged without its gateway: a passthrough call its price; any
+        other its prompt and `completion_tokens` as uncached input and plain output at the
+        prices it was admitted under; either no more than the client's cap."""
+        if self.flat is not None:
+            cost = self.flat
+        else:
+            prices = Prices.plain(self.price_version, self.input_price, self.output_price)
+            cost = prices.cost(TokenUsage(self.prompt_tokens, completion_tokens))
+        return cost if self.cap is None else min(cost, self.cap)
 
 
 class OrphanSweeper:
@@ -120,14 +144,13 @@ class OrphanSweeper:
             if await self.ledger.release(account_id, request_id, only_if_lease_ended_by=now):
                 log.warning("orphaned hold released", account=account_id, request_id=request_id)
             return 0
-        # Billed as the gateway would have billed it: its prompt and the checkpointed output,
-        # as uncached input and plain output, at the prices it was admitted under.
-        prices = Prices.plain(held.price_version, held.input_price, held.output_price)
-        cost = prices.cost(TokenUsage(held.prompt_tokens, tokens))
+        # Billed as the gateway would have billed it (HoldInfo.cost), from the checkpoint.
+        tokens = 0 if held.flat is not None else tokens
+        cost = held.cost(tokens)
         record = UsageRecord(
             request_id=request_id,
             time=now,
-            kind="inference",
+            kind="inference" if held.flat is None else "passthrough",
             model=held.model,
             prompt_tokens=held.prompt_tokens,
             completion_tokens=tokens,

@@ -241,6 +241,8 @@ class MeteredCall:
             self.key.key_id,
             self.stream,
             prices.version if prices else "",
+            self.flat,
+            self.cap,
         )
         reservation = Reservation(
             account_id=self.key.account_id,

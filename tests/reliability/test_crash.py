@@ -11,6 +11,7 @@ import aiohttp
 import orjson
 import redis
 
+from gateway.ledger.keys import account_keys
 from tests.admin_client import Admin
 from tests.billing.checks import assert_invariant, expected_cost, micros, wait_no_holds
 from tests.conftest import model_entry
@@ -99,3 +100,45 @@ async def test_live_long_call_keeps_its_hold(
     (record,) = admin.usage(account_id)
     assert record["status"] == "ok"
     assert record["completion_tokens"] == 5
+
+
+async def test_sigkill_mid_passthrough_call_bills_its_price(
+    make_gateway: Callable[..., Proc], mock_a: Proc, redis_client: redis.Redis
+) -> None:
+    """A passthrough call whose gateway is killed while the upstream works is settled by
+    another instance's sweeper at its flat price (its hold info carries the price, not token
+    prices it does not have): one `orphaned` `passthrough` record, the invariant kept."""
+    models = [model_entry("m", mock_a.url, upstream_model="mock-model")]
+    proxy = {"passthrough": [{"path": "/v1/moderations", "price_per_call": "0.0025"}]}
+    victim = make_gateway(models, billing=BILLING, proxy=proxy)
+    survivor = make_gateway(models, billing=BILLING, proxy=proxy)
+    admin = Admin(survivor.url)
+    account_id, key = admin.funded(["m"], amount="1.00")
+
+    async def call() -> None:
+        try:
+            async with (
+                aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session,
+                session.post(
+                    victim.url + "/v1/moderations",
+                    data=orjson.dumps({"model": "m", "input": "slow"}),
+                    headers={"x-mock-ttft": "5"},
+                ) as resp,
+            ):
+                await resp.read()
+        except (aiohttp.ClientPayloadError, aiohttp.ServerDisconnectedError):
+            return
+
+    task = asyncio.create_task(call())
+    deadline = time.monotonic() + 10
+    while not redis_client.hlen(account_keys(account_id).holds):
+        assert time.monotonic() < deadline, "the call was never held"
+        await asyncio.sleep(0.02)
+    victim.stop(signal.SIGKILL)
+    await task
+    wait_no_holds(redis_client, account_id, timeout=15)
+    _, records = assert_invariant(admin, redis_client, account_id, micros("1.00"))
+    (record,) = records
+    assert record["kind"] == "passthrough"
+    assert record["status"] == "orphaned"
+    assert record["cost"] == "0.002500"
