@@ -21,6 +21,7 @@ from gateway.ledger.keys import (
     account_keys,
     stream_id_after,
 )
+from gateway.ledger.transport import text
 from gateway.money import format_micros
 from gateway.timefmt import now_ms
 from gateway.usage_record import UsageRecord
@@ -29,10 +30,6 @@ __all__ = ["AuditReport", "audit_store"]
 
 # A hold may outlive its lease by this much before it counts as stuck (sweep delay).
 LEASE_SLACK_MS = 30_000
-
-
-def _text(value: Any) -> str:
-    return value.decode() if isinstance(value, bytes) else str(value)
 
 
 @dataclass
@@ -80,10 +77,10 @@ async def _sum_stream(
         if not batch:
             return total, rows
         for _entry_id, fields in batch:
-            decoded = {_text(k): _text(v) for k, v in fields.items()}
+            decoded = {text(k): text(v) for k, v in fields.items()}
             total += int(decoded.get(field_name, "0") or 0)
             rows.append(decoded)
-        after = stream_id_after(_text(batch[-1][0]))
+        after = stream_id_after(text(batch[-1][0]))
         if after is None:
             return total, rows
         start = after
@@ -92,7 +89,7 @@ async def _sum_stream(
 async def audit_account(client: aioredis.Redis, account_id: str, report: AuditReport) -> None:
     k = account_keys(account_id)
     raw: Any = await client.hgetall(k.account)
-    acct = {_text(a): _text(b) for a, b in raw.items()}
+    acct = {text(a): text(b) for a, b in raw.items()}
     if not acct:
         return
     report.accounts += 1
@@ -118,7 +115,7 @@ async def audit_account(client: aioredis.Redis, account_id: str, report: AuditRe
     stale: Any = await client.zrangebyscore(k.hold_leases, "-inf", now_ms() - LEASE_SLACK_MS)
     if stale:
         problems.append(
-            f"{len(stale)} hold(s) older than their lease: {[_text(s) for s in stale][:5]}"
+            f"{len(stale)} hold(s) older than their lease: {[text(s) for s in stale][:5]}"
         )
     for fields in records:
         record = UsageRecord.from_fields(fields)
@@ -139,5 +136,5 @@ async def audit_store(client: aioredis.Redis) -> AuditReport:
     """Audit every account in the store."""
     report = AuditReport()
     async for key in client.scan_iter(match=ACCOUNT_KEY_PATTERN, count=500):
-        await audit_account(client, account_id_of(_text(key)), report)
+        await audit_account(client, account_id_of(text(key)), report)
     return report

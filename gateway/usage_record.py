@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 from gateway.money import format_micros
 from gateway.timefmt import iso_ms
@@ -18,6 +18,7 @@ from gateway.timefmt import iso_ms
 __all__ = ["USAGE_FIELDS", "UsageRecord"]
 
 RecordKind = Literal["inference", "notification", "passthrough"]
+_KINDS: dict[str, RecordKind] = {kind: kind for kind in get_args(RecordKind)}
 
 # The API's (and the CSV's) fields of a record, in order.
 USAGE_FIELDS = (
@@ -126,11 +127,11 @@ class UsageRecord:
     @classmethod
     def from_fields(cls, fields: Mapping[str, str]) -> UsageRecord:
         """A record read back from the stream (decoded field -> value)."""
-        kind = fields.get("kind") or "inference"
+        kind = _KINDS.get(fields.get("kind", ""), "inference")
         return cls(
             request_id=fields.get("request_id", ""),
             time=_int(fields, "time") or 0,
-            kind=kind if kind in ("notification", "passthrough") else "inference",  # type: ignore[arg-type]
+            kind=kind,
             cost=_int(fields, "cost") or 0,
             status=fields.get("status", ""),
             usage_source=fields.get("usage_source", ""),
