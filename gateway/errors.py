@@ -1,7 +1,12 @@
 """Errors a client can see, each with its status and OpenAI-shaped JSON body.
 
 Handlers raise these; one middleware turns them into responses, so the shape
-`{"error": {"message", "type", "param", "code"}}` is written in one place.
+`{"error": {"message", "type", "param", "code"}}` is written in one place. On Anthropic's
+routes (`/v1/messages...`) the same error is written in Anthropic's shape,
+`{"type": "error", "error": {"type", "message"}, "request_id"}`, with the same status: its
+type is Anthropic's word for that status (its API reference's error table), and the
+gateway's own code is kept beside it (`error.code`), since one status covers several
+refusals (402: insufficient balance, frozen account, cost cap).
 """
 
 from __future__ import annotations
@@ -38,6 +43,7 @@ __all__ = [
     "UnsupportedEncoding",
     "UpstreamTimeout",
     "UpstreamUnavailable",
+    "anthropic_error_body",
     "error_body",
     "error_response",
 ]
@@ -263,11 +269,45 @@ class InternalError(GatewayError):
     code = "internal_error"
 
 
-def error_response(exc: GatewayError) -> web.Response:
-    """Render `exc` as the HTTP answer a client sees."""
+# Anthropic's error type for each status it documents; any other 4xx is invalid_request_error,
+# any other 5xx api_error.
+_ANTHROPIC_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    402: "billing_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    504: "timeout_error",
+    529: "overloaded_error",
+}
+
+
+def anthropic_error_body(exc: GatewayError, request_id: str | None) -> bytes:
+    """The JSON bytes of `exc` in Anthropic's error shape (see the module docstring)."""
+    kind = _ANTHROPIC_TYPES.get(exc.status)
+    if kind is None:
+        kind = "api_error" if exc.status >= 500 else "invalid_request_error"
+    return orjson.dumps(
+        {
+            "type": "error",
+            "error": {"type": kind, "message": exc.message, "code": exc.code},
+            "request_id": request_id,
+        }
+    )
+
+
+def error_response(
+    exc: GatewayError, anthropic: bool = False, request_id: str | None = None
+) -> web.Response:
+    """Render `exc` as the HTTP answer a client sees (in Anthropic's shape on its routes)."""
+    body = (
+        anthropic_error_body(exc, request_id)
+        if anthropic
+        else error_body(exc.message, exc.type, exc.code, exc.param)
+    )
     return web.Response(
-        status=exc.status,
-        body=error_body(exc.message, exc.type, exc.code, exc.param),
-        content_type="application/json",
-        headers=exc.headers(),
+        status=exc.status, body=body, content_type="application/json", headers=exc.headers()
     )

@@ -6,7 +6,9 @@ same request, and their `usage` numbers are true (re-tokenizing the text gives t
 counts). It serves OpenAI's `POST /v1/chat/completions`, `/v1/completions`, `/v1/embeddings`
 and `/v1/responses` (the Responses API), Anthropic's `POST /v1/messages` and
 `/v1/messages/count_tokens` (the key as `x-api-key` or a bearer token, `anthropic-version`
-required, errors in Anthropic's shape), `GET /v1/models`, `/v1/models/{id}`, `/healthz`, and
+required, errors in Anthropic's shape), `GET /v1/models`, `/v1/models/{id}`, a stored
+response's `GET` / `DELETE` `/v1/responses/{id}`, `GET .../input_items` and `POST
+.../cancel` (400: none is a background response), `/healthz`, and
 `GET /debug/last-request`, which shows the last POST as the gateway forwarded it (method,
 path, query, every header as sent, e.g. `anthropic-version` / `anthropic-beta`, raw body).
 Wire details of the two newer APIs (event sequences, usage shapes) are in
@@ -88,6 +90,7 @@ SYSTEM_FINGERPRINT: Final = "fp_mock"
 DEFAULT_EMBEDDING_DIMENSIONS: Final = 8
 MAX_EMBEDDING_DIMENSIONS: Final = 4096
 MAX_BODY_BYTES: Final = 64 * 1024 * 1024
+STORED_RESPONSES: Final = 10_000
 
 # Every `" " + word` and `word.capitalize()` is exactly one token in both cl100k_base and
 # o200k_base, and both encodings split text at spaces before merging, so a text made of
@@ -523,6 +526,9 @@ class _MockServer:
             None if options.api_key is None else f"Bearer {options.api_key}".encode()
         )
         self._last_request: bytes = orjson.dumps(None)
+        # Responses kept for GET / DELETE / cancel by id (`store`, the default), the oldest
+        # dropped past STORED_RESPONSES.
+        self._stored: dict[str, dict[str, Any]] = {}
         self._models_body = orjson.dumps({"object": "list", "data": [self._model(MOCK_MODEL_ID)]})
 
     # -- helpers -------------------------------------------------------------------------
@@ -785,12 +791,71 @@ class _MockServer:
             complete=complete,
             usage=usage,
         )
+        if body.get("store", True) is not False:
+            self._store_response(answer, body)
         if body.get("stream") is True:
             head, deltas, tail = response_events(answer, _pieces(words), len(words))
             return await _send_stream(request, pacing, head, deltas, tail)
         if await _whole_answer_dropped(request, pacing):
             return _drop_connection(request)
         return _json_response(orjson.dumps(response_object(answer)))
+
+    def _store_response(self, answer: ResponseAnswer, body: dict[str, Any]) -> None:
+        stored = self._stored
+        stored.pop(answer.response_id, None)
+        while len(stored) >= STORED_RESPONSES:
+            del stored[next(iter(stored))]
+        given = body.get("input")
+        items: list[Any] = (
+            [{"type": "message", "role": "user", "content": given}]
+            if isinstance(given, str)
+            else list(given or ())
+        )
+        stored[answer.response_id] = {"response": response_object(answer), "input": items}
+
+    def _stored_response(self, request: web.Request) -> dict[str, Any]:
+        self._record(request, b"")
+        self._check_access(request)
+        found = self._stored.get(request.match_info["response_id"])
+        if found is None:
+            raise _Reject(
+                404,
+                f"Response with id '{request.match_info['response_id']}' not found.",
+                "invalid_request_error",
+                "not_found",
+                None,
+            )
+        return found
+
+    async def _get_response(self, request: web.Request) -> web.StreamResponse:
+        return _json_response(orjson.dumps(self._stored_response(request)["response"]))
+
+    async def _delete_response(self, request: web.Request) -> web.StreamResponse:
+        response_id = self._stored_response(request)["response"]["id"]
+        del self._stored[response_id]
+        return _json_response(
+            orjson.dumps({"id": response_id, "object": "response", "deleted": True})
+        )
+
+    async def _input_items(self, request: web.Request) -> web.StreamResponse:
+        items = self._stored_response(request)["input"]
+        return _json_response(orjson.dumps({"object": "list", "data": items, "has_more": False}))
+
+    async def _cancel_response(self, request: web.Request) -> web.StreamResponse:
+        self._stored_response(request)
+        raise _bad_request("Only responses created with background=true can be cancelled.")
+
+    async def stored(self, request: web.Request) -> web.StreamResponse:
+        """GET / DELETE /v1/responses/{id}, GET .../input_items, POST .../cancel."""
+        if request.path.endswith("/cancel"):
+            handler = self._cancel_response
+        elif request.path.endswith("/input_items"):
+            handler = self._input_items
+        elif request.method == "DELETE":
+            handler = self._delete_response
+        else:
+            handler = self._get_response
+        return await self._dispatch(request, handler)
 
     async def _messages(self, request: web.Request) -> web.StreamResponse:
         body = await self._read_body(request, anthropic=True)
@@ -958,6 +1023,10 @@ def create_mock_app(options: MockOptions | None = None) -> web.Application:
             web.post("/v1/completions", server.completions),
             web.post("/v1/embeddings", server.embeddings),
             web.post("/v1/responses", server.responses),
+            web.get("/v1/responses/{response_id}", server.stored),
+            web.delete("/v1/responses/{response_id}", server.stored),
+            web.get("/v1/responses/{response_id}/input_items", server.stored),
+            web.post("/v1/responses/{response_id}/cancel", server.stored),
             web.post("/v1/messages", server.messages),
             web.post("/v1/messages/count_tokens", server.count_tokens),
             web.post("/v1/moderations", server.moderations),

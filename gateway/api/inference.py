@@ -27,6 +27,7 @@ from gateway.errors import (
     InsufficientBalance,
     InternalError,
     InvalidApiKey,
+    InvalidRequest,
     ModelNotFound,
     ModelNotSubscribed,
     NotFound,
@@ -43,6 +44,7 @@ from gateway.keys import (
     REQUEST_ID,
     SETTLEMENTS,
     STOPPING,
+    STORE,
 )
 from gateway.ledger import Admission, Ledger
 from gateway.metering.prompt import CallKind
@@ -51,6 +53,7 @@ from gateway.money import format_micros
 from gateway.observability.access import CALL_LOG, CallLog
 from gateway.observability.logging import get_logger
 from gateway.proxy.forward import RelayOutcome, open_upstream, relay
+from gateway.proxy.response_ids import ResponseIds, ResponseOwner
 from gateway.proxy.routing import ANY_API, ModelRoute, Upstream
 from gateway.ratelimit import headers_of
 from gateway.state import Snapshot
@@ -73,11 +76,18 @@ _MESSAGES = {
 }
 
 
-def require_key(request: web.Request) -> ParsedKey:
-    """The caller's key, well-formed, or 401 (checked against the ledger later)."""
-    key = parse_api_key(request.headers.get("Authorization"))
+def require_key(request: web.Request, anthropic: bool = False) -> ParsedKey:
+    """The caller's key, well-formed, or 401 (checked against the ledger later). On
+    Anthropic's routes it may come as `x-api-key` (as Anthropic's SDKs send it) as well."""
+    authorization = request.headers.get("Authorization")
+    if anthropic and authorization is None and "x-api-key" in request.headers:
+        authorization = "Bearer " + request.headers["x-api-key"]
+    key = parse_api_key(authorization)
     if key is None:
-        raise InvalidApiKey("Incorrect or missing API key; send 'Authorization: Bearer <key>'")
+        how = "'x-api-key: <key>' or " if anthropic else ""
+        raise InvalidApiKey(
+            f"Incorrect or missing API key; send {how}'Authorization: Bearer <key>'"
+        )
     return key
 
 
@@ -214,7 +224,7 @@ async def _forward(
         payload = parse_call_body(body)
         entry.model = payload["model"]
         return await _proxy_only(request, snapshot, body, payload, kind, path, flat is not None)
-    key = require_key(request)
+    key = require_key(request, anthropic=kind == "messages")
     entry.account, entry.key_id = key.account_id, key.key_id
     app = request.app
     ledger = app[LEDGER]
@@ -223,6 +233,7 @@ async def _forward(
             request, settings.server.max_body_bytes, settings.server.read_timeout
         )
         payload = parse_call_body(body)
+        _check_meterable(kind, payload)
         name = payload["model"]
         entry.model = name
         route = _route(snapshot, name, kind, flat is not None)
@@ -256,6 +267,9 @@ async def _forward(
     limit_headers = headers_of(admission.rate)
     transform, gate, keeper = call.relay_hooks()
     meter_flush = call.meter.flush
+    answer_headers: Callable[[bytes], Coroutine[Any, Any, dict[str, str]]] = call.quote
+    if kind == "responses":
+        transform, answer_headers = _recording_ids(request, call, transform)
 
     metrics = app[METRICS]
     try:
@@ -294,7 +308,7 @@ async def _forward(
             extra_headers=limit_headers,
             send_whole=True,
             passed_headers=settings.proxy.response_headers,
-            answer_headers=call.quote,
+            answer_headers=answer_headers,
         )
         status = _status_of(outcome)
         if outcome.body is not None and status != "ok":
@@ -330,6 +344,60 @@ async def _forward(
             await asyncio.shield(_track(request, call.end_unfinished()))
 
 
+def _check_meterable(kind: CallKind, payload: dict[str, Any]) -> None:
+    """400 for a call whose usage the gateway could never see: a background response is
+    answered at once, its output and usage fetched later by id."""
+    if kind == "responses" and payload.get("background") is True:
+        raise InvalidRequest(
+            "background responses are not served through this gateway: their usage is not "
+            "known when the call is answered, so they cannot be metered; call without "
+            "'background' (streaming works)",
+            param="background",
+        )
+
+
+def _recording_ids(
+    request: web.Request, call: MeteredCall, transform: Callable[[bytes], bytes]
+) -> tuple[Callable[[bytes], bytes], Callable[[bytes], Coroutine[Any, Any, dict[str, str]]]]:
+    """The relay hooks of a Responses call that also record who created its response: a
+    stream's as soon as its `response.created` passes, a whole answer's before it is sent.
+    A store that cannot take the record costs the client nothing but that later access."""
+    ids = ResponseIds(request.app[STORE])
+    meter = call.meter
+    ttl = int(call.settings.proxy.response_ttl)
+    recorded = False
+
+    async def remember(response_id: str) -> None:
+        owner = ResponseOwner(call.key.account_id, call.model.name, call.upstream_label)
+        try:
+            await ids.remember(response_id, owner, ttl)
+        except GatewayError as exc:
+            log.warning(
+                "could not record who created a response; its id cannot be read back",
+                request_id=call.request_id,
+                response_id=response_id,
+                error=exc.message,
+            )
+
+    def on_chunk(chunk: bytes) -> bytes:
+        nonlocal recorded
+        out = transform(chunk)
+        response_id = getattr(meter, "response_id", None)
+        if not recorded and response_id:
+            recorded = True
+            _track(request, remember(response_id))
+        return out
+
+    async def quote(body: bytes) -> dict[str, str]:
+        headers = await call.quote(body)
+        response_id = getattr(meter, "response_id", None)
+        if response_id:
+            await remember(response_id)
+        return headers
+
+    return on_chunk, quote
+
+
 async def chat_completions(request: web.Request) -> web.StreamResponse:
     """POST /v1/chat/completions"""
     return await _forward(request, "chat", "/chat/completions")
@@ -343,6 +411,89 @@ async def completions(request: web.Request) -> web.StreamResponse:
 async def embeddings(request: web.Request) -> web.StreamResponse:
     """POST /v1/embeddings"""
     return await _forward(request, "embeddings", "/embeddings")
+
+
+async def responses(request: web.Request) -> web.StreamResponse:
+    """POST /v1/responses (OpenAI's Responses API)"""
+    return await _forward(request, "responses", "/responses")
+
+
+async def messages(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages (Anthropic's Messages API; errors in Anthropic's shape)"""
+    return await _forward(request, "messages", "/messages")
+
+
+async def _free_call(
+    request: web.Request, upstream: Upstream, method: str, path: str, body: bytes | None
+) -> web.StreamResponse:
+    """Forward a call that costs nothing (a token count, a stored response's read) and relay
+    its answer as it comes."""
+    settings = request.app[CONFIG].snapshot.settings
+    timeouts = settings.proxy.timeouts
+    entry = request.get(CALL_LOG)  # a GET or DELETE is not logged as a call
+    if entry is not None:
+        entry.upstream = upstream.label
+    upstream_call = await open_upstream(
+        request.app[HTTP],
+        (upstream,),
+        path,
+        None if body is None else (lambda _: body),
+        request.headers,
+        request[REQUEST_ID],
+        timeouts,
+        method=method,
+    )
+    response, _ = await relay(
+        request, upstream_call, timeouts, passed_headers=settings.proxy.response_headers
+    )
+    return response
+
+
+async def count_tokens(request: web.Request) -> web.StreamResponse:
+    """POST /v1/messages/count_tokens: forwarded to an upstream of the model that speaks
+    Messages, free (a known key needed)."""
+    snapshot = request.app[CONFIG].snapshot
+    settings = snapshot.settings
+    metering = settings.billing.metering
+    key = require_key(request, anthropic=True) if metering else None
+    body = await read_body(request, settings.server.max_body_bytes, settings.server.read_timeout)
+    payload = parse_call_body(body)
+    if key is not None:
+        await _known_key(request.app[LEDGER], key)
+    name = payload["model"]
+    request[CALL_LOG].model = name
+    route = _route(snapshot, name, "messages")
+    upstream = route.candidates("messages")[0]
+    if upstream.model != name:
+        body = orjson.dumps({**payload, "model": upstream.model})
+    return await _free_call(request, upstream, "POST", "/messages/count_tokens", body)
+
+
+async def stored_response(request: web.Request) -> web.StreamResponse:
+    """GET or DELETE /v1/responses/{id}, GET .../input_items, POST .../cancel: forwarded,
+    free, to the upstream that created the response, only for the account that created it
+    through the gateway (gateway/proxy/response_ids.py); 404 for anyone else."""
+    response_id = request.match_info["response_id"]
+    key = require_key(request)
+    await _known_key(request.app[LEDGER], key)
+    owner = await ResponseIds(request.app[STORE]).owner(response_id)
+    missing = NotFound(f"No response found with id '{response_id}'.", param="response_id")
+    if owner is None or owner.account_id != key.account_id:
+        raise missing
+    route = request.app[CONFIG].snapshot.routing.get(owner.model)
+    upstream = next(
+        (u for u in (route.upstreams if route else ()) if u.label == owner.upstream), None
+    )
+    if upstream is None:  # the model or its upstream left the config since
+        raise missing
+    entry = request.get(CALL_LOG)
+    if entry is not None:
+        entry.model = owner.model
+    body = await request.read() if request.method == "POST" else None
+    path = request.path[len("/v1") :]
+    if request.query_string:
+        path += "?" + request.query_string
+    return await _free_call(request, upstream, request.method, path, body or None)
 
 
 async def passthrough(request: web.Request) -> web.StreamResponse:
@@ -359,5 +510,12 @@ routes = [
     web.post("/v1/chat/completions", chat_completions),
     web.post("/v1/completions", completions),
     web.post("/v1/embeddings", embeddings),
+    web.post("/v1/responses", responses),
+    web.get("/v1/responses/{response_id}", stored_response),
+    web.delete("/v1/responses/{response_id}", stored_response),
+    web.get("/v1/responses/{response_id}/input_items", stored_response),
+    web.post("/v1/responses/{response_id}/cancel", stored_response),
+    web.post("/v1/messages", messages),
+    web.post("/v1/messages/count_tokens", count_tokens),
     web.post("/v1/{route:.+}", passthrough),  # after every route of the gateway's own
 ]

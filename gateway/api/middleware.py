@@ -1,4 +1,5 @@
-"""Every answer gets an `x-request-id`, and every failure the OpenAI error shape."""
+"""Every answer gets an `x-request-id`, and every failure the OpenAI error shape (Anthropic's
+on Anthropic's routes, `/v1/messages...`)."""
 
 from __future__ import annotations
 
@@ -47,6 +48,13 @@ def _from_payload_error(exc: web.RequestPayloadError) -> InvalidRequest:
     return InvalidRequest(f"request body is malformed: {detail}")
 
 
+ANTHROPIC_ROUTES = "/v1/messages"
+
+
+def _render(request: web.Request, error: GatewayError) -> web.Response:
+    return error_response(error, request.path.startswith(ANTHROPIC_ROUTES), request.get(REQUEST_ID))
+
+
 @web.middleware
 async def errors_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     """Turn every raised error into an OpenAI-shaped answer (and note its code for the log).
@@ -61,7 +69,7 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
         return await handler(request)
     except GatewayError as exc:
         request[ERROR_CODE] = exc.code
-        response = error_response(exc)
+        response = _render(request, exc)
         if isinstance(exc, RequestTimeout):
             # The rest of a slow body is not worth waiting for: answer, then hang up.
             response.force_close()
@@ -75,18 +83,18 @@ async def errors_middleware(request: web.Request, handler: Handler) -> web.Strea
             raise
         error = _from_http_exception(exc)
         request[ERROR_CODE] = error.code
-        return error_response(error)
+        return _render(request, error)
     except web.RequestPayloadError as exc:
         error = _from_payload_error(exc)
         request[ERROR_CODE] = error.code
-        response = error_response(error)
+        response = _render(request, error)
         response.force_close()  # the rest of the stream cannot be framed
         return response
     except asyncio.CancelledError:
         raise
     except Exception:
         log.exception("unhandled error", request_id=request[REQUEST_ID], path=request.path)
-        return error_response(InternalError("internal error"))
+        return _render(request, InternalError("internal error"))
 
 
 async def attach_request_id(request: web.Request, response: web.StreamResponse) -> None:

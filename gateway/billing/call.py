@@ -27,7 +27,13 @@ from gateway.errors import CostCapExceeded, InvalidRequest, LedgerUnavailable
 from gateway.ledger import Admission, Ledger, Reservation
 from gateway.ledger.journal import Entry, SettlementJournal
 from gateway.metering.completion import CompletionMeter
-from gateway.metering.estimate import OUTPUT_LIMIT_FIELDS, check_prompt_size, output_allowance
+from gateway.metering.estimate import (
+    check_prompt_size,
+    limit_field,
+    limit_fields,
+    output_allowance,
+)
+from gateway.metering.events import meter_class
 from gateway.metering.lease import LeaseKeeper
 from gateway.metering.prompt import CallKind, count_prompt
 from gateway.metering.tokenizers import get_encoding
@@ -59,6 +65,8 @@ __all__ = [
 ]
 
 log = get_logger("gateway.billing")
+
+_ASKS_FOR_USAGE = frozenset({"chat", "completions"})
 
 COST_HEADER = "x-gateway-cost"
 AVAILABLE_HEADER = "x-gateway-balance-available"
@@ -127,8 +135,15 @@ class MeteredCall:
         self.log = entry
         self.stream = payload.get("stream") is True and kind != "embeddings"
         options = payload.get("stream_options")
-        self.client_wants_usage = isinstance(options, dict) and options.get("include_usage") is True
-        self.add_usage = self.stream and not self.client_wants_usage
+        # Chat and legacy completions streams report usage only when asked; the gateway asks,
+        # and hides it again from a client that did not. Responses and Messages streams
+        # always report it (nothing to add, nothing to hide, no in-stream cost).
+        self.client_wants_usage = (
+            kind in _ASKS_FOR_USAGE
+            and isinstance(options, dict)
+            and options.get("include_usage") is True
+        )
+        self.add_usage = self.stream and kind in _ASKS_FOR_USAGE and not self.client_wants_usage
         self.encoding = get_encoding(model.tokenizer)
         self.admitted_ms = int(time.time() * 1000)
         # The sheet in force at admission bills the call, whatever a reload does meanwhile.
@@ -146,7 +161,7 @@ class MeteredCall:
         self.body_limits: dict[str, int] = {}  # output limits the upstream is sent instead
         self.bound = UsageBound(billing.max_tokens_per_call, billing.max_tokens_per_call)
         self.admission: Admission | None = None
-        self.meter = CompletionMeter()
+        self.meter: CompletionMeter = meter_class(kind)()
         self.gate: OutputGate | None = None
         self.quoted: _Bill | None = None  # a whole answer's bill, made before it was sent
         self.flat: int | None = None  # a passthrough call's price (plan_flat)
@@ -173,7 +188,7 @@ class MeteredCall:
             return
         self.hold = prices.hold(self.prompt_tokens, self.output_tokens)
         if self.strict and not self.stream and kind != "embeddings" and not self._names_limit():
-            self.body_limits["max_tokens"] = self.output_tokens  # what the hold covers
+            self.body_limits[limit_field(kind)] = self.output_tokens  # what the hold covers
         if self.cap is not None:
             self._fit_cap(prices, self.cap)
 
@@ -195,7 +210,7 @@ class MeteredCall:
             )
 
     def _names_limit(self) -> bool:
-        return any(self.payload.get(field) is not None for field in OUTPUT_LIMIT_FIELDS)
+        return any(self.payload.get(field) is not None for field in limit_fields(self.kind))
 
     def _fit_cap(self, prices: Prices, cap: int) -> None:
         """Hold no more than the cap; send a whole answer's upstream no output limit above
@@ -221,12 +236,14 @@ class MeteredCall:
                 f"{format_micros(cap)} that {MAX_COST_HEADER} allows",
                 param=MAX_COST_HEADER,
             )
-        named = [field for field in OUTPUT_LIMIT_FIELDS if self.payload.get(field) is not None]
+        fields = limit_fields(self.kind)
+        named = [field for field in fields if self.payload.get(field) is not None]
         for field in named:
             if self.payload[field] > each:
                 self.body_limits[field] = each
         if not named:
-            self.body_limits["max_tokens"] = min(self.body_limits.get("max_tokens", each), each)
+            field = limit_field(self.kind)
+            self.body_limits[field] = min(self.body_limits.get(field, each), each)
 
     async def admit(self) -> Admission:
         """The admission script's answer (the caller refuses what is not `ok`). A client
@@ -276,7 +293,7 @@ class MeteredCall:
         (started; the caller stops it)."""
         billing = self.settings.billing
         price = self._usage_cost if self.report_cost and self.client_wants_usage else None
-        meter = self.meter = CompletionMeter(strip_usage=self.add_usage, price=price)
+        meter = self.meter = meter_class(self.kind)(strip_usage=self.add_usage, price=price)
         ledger = self.services.ledger
         keeper = LeaseKeeper(
             ledger,
@@ -493,4 +510,4 @@ class MeteredCall:
     def forget_answer(self) -> None:
         """A whole answer the client's connection did not take was never seen: the call is
         billed for its prompt only."""
-        self.meter = CompletionMeter()
+        self.meter = type(self.meter)()

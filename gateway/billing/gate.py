@@ -112,6 +112,9 @@ class OutputGate:
     def closing_bytes(self) -> bytes:
         """The clean end of a stopped stream, shaped like the stream's own chunks."""
         completion_tokens = self.meter.local_tokens(self.encoding)
+        own = self.meter.closing_events(self.prompt_tokens, completion_tokens)
+        if own is not None:  # a Responses or Messages stream: its API's own end
+            return own
         last: dict[str, Any] = self.meter.last or {}
         chat = last.get("object") == "chat.completion.chunk"
         choices = []

@@ -228,6 +228,8 @@ class TimeoutsConfig(_Frozen):
 
 
 _PASSTHROUGH_PATH = re.compile(r"/v1(/[A-Za-z0-9._~-]+)+")
+# Routes of the gateway's own below these (a stored response's, a token count).
+_OWN_PREFIXES = ("/v1/models", "/v1/responses/", "/v1/messages/")
 
 
 class PassthroughRoute(_Frozen):
@@ -245,7 +247,7 @@ class PassthroughRoute(_Frozen):
     def _own_route(cls, value: str) -> str:
         if not _PASSTHROUGH_PATH.fullmatch(value):
             raise ValueError("expected a path under /v1/, such as /v1/moderations")
-        if value in API_ROUTES.values() or value.startswith("/v1/models"):
+        if value in API_ROUTES.values() or value.startswith(_OWN_PREFIXES):
             raise ValueError(f"{value} is a metered route of the gateway's own")
         return value
 
@@ -264,6 +266,9 @@ class ProxyConfig(_Frozen):
     response_headers: tuple[str, ...] = DEFAULT_RESPONSE_HEADERS
     # Routes forwarded at a flat price per call (nothing else passes unmetered).
     passthrough: tuple[PassthroughRoute, ...] = ()
+    # How long the gateway remembers which account created a Responses API response (only
+    # that account may read, delete or cancel it): as long as OpenAI keeps one, 30 days.
+    response_ttl: Annotated[Duration, bounded("1s", "3650d")] = 30 * 86400.0
 
     @field_validator("response_headers")
     @classmethod

@@ -25,6 +25,7 @@ __all__ = [
     "account_id_of",
     "account_index_member",
     "account_keys",
+    "response_owner_key",
     "stream_id_after",
     "valid_account_id",
     "valid_id",
@@ -78,6 +79,11 @@ def account_index_member(account_id: str, created_ms: int) -> str:
 
 
 ACCOUNT_KEY_PATTERN = f"{PREFIX}:{{a:*}}:account"  # SCAN pattern matching every account
+
+
+def response_owner_key(response_id: str) -> str:
+    """Who created a Responses API response (its own slot: read and written alone)."""
+    return f"{PREFIX}:response:{response_id}"
 
 
 def account_id_of(account_key: str) -> str:

@@ -464,12 +464,21 @@ class CompletionMeter:
             return self.local_tokens(encoding)
         return await asyncio.to_thread(self.local_tokens, encoding)
 
+    # How this API's `usage` names the token classes (the Responses and Messages meters,
+    # gateway/metering/events.py, read theirs).
+    read_usage = staticmethod(read_usage)
+
     def reported_usage(self) -> TokenUsage | None:
         """The tokens, by class, that the upstream's `usage` reported, if it did (read once
         per usage object: a whole answer's is read for its cost header, then for its bill)."""
         usage = self.usage
         seen, reported = self._read
         if usage is not seen:
-            reported = read_usage(usage)
+            reported = self.read_usage(usage)
             self._read = (usage, reported)
         return reported
+
+    def closing_events(self, prompt_tokens: int, completion_tokens: int) -> bytes | None:
+        """The clean end of a stream stopped early, in this API's events; None for chat and
+        legacy completions, whose end the gate writes (gateway/billing/gate.py)."""
+        return None

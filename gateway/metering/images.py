@@ -24,7 +24,13 @@ import struct
 from binascii import a2b_base64
 from fractions import Fraction
 
-__all__ = ["LOW_DETAIL_TOKENS", "data_url_size", "image_tokens", "tile_tokens"]
+__all__ = [
+    "LOW_DETAIL_TOKENS",
+    "base64_size",
+    "data_url_size",
+    "image_tokens",
+    "tile_tokens",
+]
 
 LOW_DETAIL_TOKENS = 85
 BASE_TOKENS = 85
@@ -95,7 +101,16 @@ def data_url_size(url: str) -> tuple[int, int] | None:
     comma = url.find(",", 5, HEADER_CHARS)
     if comma < 0 or not url[5:comma].lower().endswith(";base64"):
         return None
-    image = _Base64(url, comma + 1)
+    return _sized(_Base64(url, comma + 1))
+
+
+def base64_size(data: str) -> tuple[int, int] | None:
+    """(width, height) of a PNG, JPEG, GIF or WebP image given as base64 text (an Anthropic
+    image block's `source.data`), else None."""
+    return _sized(_Base64(data, 0))
+
+
+def _sized(image: _Base64) -> tuple[int, int] | None:
     try:
         size = _size(image)
     except (ValueError, struct.error):  # not base64 (binascii.Error is a ValueError), cut short

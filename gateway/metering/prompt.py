@@ -16,6 +16,9 @@ URL, another format, a malformed part) is an estimate, `MediaEstimates.image_tok
 2833 + 5667 per tile; gpt-4.1-mini: 32px patches): for them this is an estimate too, and the
 upstream's usage is what is billed.
 
+Responses and Messages requests are counted as the chat requests they render to
+(gateway/metering/prompt_apis.py).
+
 Tools follow the same notebook's `num_tokens_for_tools`, with its constants per encoding
 (o200k_base: gpt-4o, gpt-4o-mini; cl100k_base: gpt-4, gpt-3.5-turbo). For each function:
 FUNC_INIT (7 on o200k_base, 10 on cl100k_base) + the tokens of `name:description` (one
@@ -58,13 +61,14 @@ import orjson
 import tiktoken
 
 from gateway.metering.images import image_tokens
+from gateway.metering.prompt_apis import ANTHROPIC_IMAGE, messages_as_chat, responses_as_chat
 
 if TYPE_CHECKING:
     from gateway.config.schema import BillingConfig
 
 __all__ = ["OFFLOAD_BYTES", "CallKind", "MediaEstimates", "count_prompt", "count_prompt_sync"]
 
-CallKind = Literal["chat", "completions", "embeddings"]
+CallKind = Literal["chat", "completions", "embeddings", "responses", "messages"]
 
 TOKENS_PER_MESSAGE = 3
 TOKENS_PER_NAME = 1
@@ -254,6 +258,8 @@ def _parts(encoding: tiktoken.Encoding, parts: list[Any], media: MediaEstimates)
             total += _image(part.get("image_url"), media)
         elif kind == "input_audio":
             total += media.audio_tokens
+        elif kind == ANTHROPIC_IMAGE:  # a Messages image, already sized (prompt_apis)
+            total += part["tokens"]
     return total
 
 
@@ -306,8 +312,13 @@ def count_prompt_sync(
 ) -> int:
     """Prompt tokens of one call body; `media` (None: the config's defaults) sizes what a chat
     prompt carries besides text when the formula cannot."""
+    media = DEFAULT_MEDIA if media is None else media
     if kind == "chat":
-        return _chat(encoding, payload, DEFAULT_MEDIA if media is None else media)
+        return _chat(encoding, payload, media)
+    if kind == "responses":  # counted as the chat request it renders to (prompt_apis)
+        return _chat(encoding, responses_as_chat(payload), media)
+    if kind == "messages":
+        return _chat(encoding, messages_as_chat(payload), media)
     if kind == "completions":
         return _inputs(encoding, payload.get("prompt"))
     return _inputs(encoding, payload.get("input"))

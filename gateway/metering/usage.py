@@ -18,6 +18,14 @@ Anthropic's `cache_read_input_tokens`, the same tokens) and `cache_creation_inpu
 were written to one; of `completion_tokens`,
 `completion_tokens_details.reasoning_tokens` were reasoning. Audio tokens are input or output
 tokens like any other and are billed at those prices.
+
+The Responses API's `usage` (OpenAI's `response.usage`) says `input_tokens` (every input
+token; `input_tokens_details.cached_tokens` of them cached, `.cache_write_tokens` written, as
+some servers add) and `output_tokens` (`output_tokens_details.reasoning_tokens` of them
+reasoning). Anthropic's Messages `usage` counts apart what chat counts together: its
+`input_tokens` are the input tokens neither read from nor written to a cache, so the prompt is
+`input_tokens + cache_read_input_tokens + cache_creation_input_tokens`; `output_tokens` are
+the output.
 """
 
 from __future__ import annotations
@@ -41,6 +49,8 @@ __all__ = [
     "anomaly_reporter",
     "choices_of",
     "count_call",
+    "read_messages_usage",
+    "read_responses_usage",
     "read_usage",
 ]
 
@@ -83,6 +93,8 @@ class UsageBound:
         """The bound of one request, under `billing.max_tokens_per_call` = `maximum`."""
         if kind == "embeddings":
             return cls(maximum, 0, report)
+        # (A Responses call with `previous_response_id` carries context the gateway cannot
+        # see: its prompt is bounded by `maximum` alone, as every call's is.)
         # Upstreams differ in which field they read: the call may produce up to the larger.
         limits = requested_output(kind, payload, maximum)
         completion = min(maximum, max(limits) * choices_of(payload)) if limits else maximum
@@ -134,6 +146,33 @@ def read_usage(usage: dict[str, Any] | None) -> TokenUsage | None:
             written = _detail(usage, "prompt_tokens_details", name)
     reasoning = _detail(usage, "completion_tokens_details", "reasoning_tokens")
     return TokenUsage(prompt, completion, cached or 0, written or 0, reasoning or 0)
+
+
+def read_responses_usage(usage: dict[str, Any] | None) -> TokenUsage | None:
+    """The classes of a Responses `usage` (see the module docstring), or None."""
+    if usage is None:
+        return None
+    prompt = _count(usage.get("input_tokens"))
+    completion = _count(usage.get("output_tokens", 0))
+    if prompt is None or completion is None:
+        return None
+    cached = _detail(usage, "input_tokens_details", "cached_tokens") or 0
+    written = _detail(usage, "input_tokens_details", "cache_write_tokens") or 0
+    reasoning = _detail(usage, "output_tokens_details", "reasoning_tokens") or 0
+    return TokenUsage(prompt, completion, cached, written, reasoning)
+
+
+def read_messages_usage(usage: dict[str, Any] | None) -> TokenUsage | None:
+    """The classes of an Anthropic Messages `usage` (see the module docstring), or None."""
+    if usage is None:
+        return None
+    fresh = _count(usage.get("input_tokens"))
+    completion = _count(usage.get("output_tokens"))
+    if fresh is None or completion is None:
+        return None
+    cached = _count(usage.get("cache_read_input_tokens")) or 0
+    written = _count(usage.get("cache_creation_input_tokens")) or 0
+    return TokenUsage(fresh + cached + written, completion, cached, written)
 
 
 @dataclass(slots=True)  # not frozen: slower to make, and one is made per call

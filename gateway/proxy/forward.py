@@ -31,6 +31,7 @@ ChunkTransform = Callable[[bytes], bytes]
 RelayStatus = Literal["ok", "client_disconnected", "upstream_error", "upstream_timeout"]
 
 _CONNECT_FAILURES = (aiohttp.ClientConnectorError, aiohttp.ConnectionTimeoutError)
+_ANTHROPIC_PATHS = "/messages"
 
 
 class StreamGate(Protocol):
@@ -70,12 +71,16 @@ async def open_upstream(
     session: aiohttp.ClientSession,
     candidates: tuple[Upstream, ...],
     path: str,
-    body_for: Callable[[Upstream], bytes],
+    body_for: Callable[[Upstream], bytes] | None,
     incoming: CIMultiDictProxy[str],
     request_id: str,
     timeouts: TimeoutsConfig,
+    method: str = "POST",
 ) -> UpstreamCall:
-    """POST to the first upstream that accepts a connection; raise 502/504 per SPEC section 6."""
+    """Send the call (a POST with the body `body_for` gives each upstream, unless `method`
+    says otherwise) to the first upstream that accepts a connection; raise 502/504 per SPEC
+    section 6. Anthropic's routes get the upstream's key as `x-api-key` too (Anthropic's
+    API reads that header; vLLM and LiteLLM read either)."""
     loop = asyncio.get_running_loop()
     started = loop.time()
     deadline = started + timeouts.first_byte
@@ -84,12 +89,14 @@ async def open_upstream(
     tried: list[str] = []
     for upstream in candidates:
         headers = request_headers(incoming, upstream.api_key, request_id)
+        if upstream.api_key and path.startswith(_ANTHROPIC_PATHS):
+            headers["x-api-key"] = upstream.api_key
         try:
             async with asyncio.timeout_at(deadline):
                 response = await session.request(
-                    "POST",
+                    method,
                     upstream.base_url + path,
-                    data=body_for(upstream),
+                    data=None if body_for is None else body_for(upstream),
                     headers=headers,
                     timeout=client_timeout,
                     allow_redirects=False,

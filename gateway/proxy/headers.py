@@ -37,6 +37,7 @@ HOP_BY_HOP = frozenset(
 _DROP_UPSTREAM = HOP_BY_HOP | {
     "host",
     "authorization",
+    "x-api-key",
     "content-length",
     "content-type",
     "content-encoding",

@@ -28,6 +28,7 @@ DURATIONS = (
     Bound("proxy.timeouts.first_byte", "100ms", None),
     Bound("proxy.timeouts.idle", "100ms", None),
     Bound("proxy.keepalive", "100ms", None),
+    Bound("proxy.response_ttl", "1s", "3650d"),
     Bound("billing.grace_period", "1s", None),
     Bound("billing.retention_period", "1s", None),
     Bound("billing.sweep_interval", "50ms", "1h"),
