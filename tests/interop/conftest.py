@@ -6,7 +6,7 @@ the whole-suite command neither installs nor starts anything for it. The environ
 built once into `$INTEROP_CACHE` (default ~/.cache/inference-gateway-interop/; see envs.py)
 before the first test runs, outside any test's timeout, and reused by later runs: a cold
 build (LiteLLM's proxy installed, llama.cpp compiled) took 7.5-9.5 min on this 2-core
-machine, a warm run of the 70 tests about 1 min.
+machine, a warm run of the 109 tests about 1 min.
 """
 
 from __future__ import annotations
@@ -24,8 +24,16 @@ from gateway.store.embedded import EmbeddedStore
 from tests.admin_client import ADMIN_TOKEN, Admin
 from tests.conftest import gateway_config
 from tests.interop import envs
-from tests.interop.servers import LITELLM_KEY, Server, Upstream, start_litellm, start_llama
-from tests.procs import Proc, start_gateway
+from tests.interop.servers import (
+    API_MODELS,
+    LITELLM_KEY,
+    MOCK_KEY,
+    Server,
+    Upstream,
+    start_litellm,
+    start_llama,
+)
+from tests.procs import Proc, start_gateway, start_mock
 
 HERE = Path(__file__).resolve().parent
 ENABLED = os.environ.get("INTEROP") == "1"
@@ -107,9 +115,17 @@ def interop_tmp(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def litellm_server(interop_tmp: Path) -> Iterator[Server]:
+def litellm_mock(interop_tmp: Path) -> Iterator[Proc]:
+    """The project's mock upstream, LiteLLM's provider for its API_MODELS (key MOCK_KEY)."""
+    proc = start_mock(interop_tmp, "--api-key-env", "MOCK_KEY", env={"MOCK_KEY": MOCK_KEY})
+    yield proc
+    proc.stop()
+
+
+@pytest.fixture(scope="session")
+def litellm_server(interop_tmp: Path, litellm_mock: Proc) -> Iterator[Server]:
     built = _need("litellm")
-    server = start_litellm(built.path / "venv", interop_tmp)
+    server = start_litellm(built.path / "venv", interop_tmp, litellm_mock.url)
     yield server
     server.stop()
 
@@ -125,6 +141,8 @@ def llama_server(interop_tmp: Path) -> Iterator[Server]:
 
 LITELLM_PRICES = ("0.15", "0.60")
 LLAMA_PRICES = ("2.5", "10")
+# Every API the gateway routes to LiteLLM's API_MODELS (and to `lite-refused`).
+LITELLM_APIS = ["chat", "completions", "responses", "messages"]
 
 
 @pytest.fixture(scope="session")
@@ -132,7 +150,9 @@ def interop_gateway(
     interop_tmp: Path, valkey: EmbeddedStore, litellm_server: Server, llama_server: Server
 ) -> Iterator[Proc]:
     """A gateway in front of both: `mock-chat` (LiteLLM, its master key via api_key_env),
-    `tiny` (llama.cpp, no key), and `lite-refused`, routed to a model LiteLLM does not know."""
+    `tiny` (llama.cpp, no key), `lite-openai` and `lite-claude` (LiteLLM's API_MODELS, which
+    serve the Responses and Messages APIs too), and `lite-refused`, routed to a model LiteLLM
+    does not know (on every API)."""
 
     def entry(name: str, url: str, prices: tuple[str, str], **upstream: Any) -> dict[str, Any]:
         return {
@@ -143,10 +163,12 @@ def interop_gateway(
         }
 
     lite = {"api_key_env": "LITELLM_MASTER_KEY"}
+    apis = {**lite, "apis": LITELLM_APIS}
     models = [
         entry("mock-chat", litellm_server.url, LITELLM_PRICES, **lite),
         entry("tiny", llama_server.url, LLAMA_PRICES),
-        entry("lite-refused", litellm_server.url, LITELLM_PRICES, **lite, model="no-such-model"),
+        *(entry(name, litellm_server.url, LITELLM_PRICES, **apis) for name in API_MODELS),
+        entry("lite-refused", litellm_server.url, LITELLM_PRICES, **apis, model="no-such-model"),
     ]
     env = {"LITELLM_MASTER_KEY": LITELLM_KEY, "GATEWAY_ADMIN_TOKEN": ADMIN_TOKEN}
     proc = start_gateway(interop_tmp, gateway_config(valkey, models), env=env)

@@ -21,11 +21,41 @@ import yaml
 
 from tests.procs import free_port
 
-__all__ = ["LITELLM_KEY", "MOCK_TEXT", "Server", "Upstream", "start_litellm", "start_llama"]
+__all__ = [
+    "API_MODELS",
+    "CACHE_READ",
+    "CACHE_WRITE",
+    "LITELLM_KEY",
+    "MOCK_KEY",
+    "MOCK_TEXT",
+    "Server",
+    "Upstream",
+    "start_litellm",
+    "start_llama",
+]
 
 LITELLM_KEY = "sk-litellm-interop-master"
 # The LiteLLM mock's whole answer (chat and text completions alike); not ASCII throughout.
 MOCK_TEXT = "Hello from the LiteLLM mock, café 日本."
+
+# LiteLLM's models that serve OpenAI's Responses API and Anthropic's Messages API from the
+# project's mock upstream (true usage), one per way LiteLLM 1.106 serves them:
+# - `lite-openai` (provider `openai/`): /v1/responses passed natively to the mock's
+#   /v1/responses; /v1/messages translated to a Responses call (the mock's /v1/responses) and
+#   its answer back to Anthropic's shape.
+# - `lite-claude` (provider `anthropic/`): /v1/messages passed natively to the mock's
+#   /v1/messages (and /v1/messages/count_tokens to its count_tokens); /v1/responses translated
+#   to a Messages call and back.
+# Chat and text completions work on both (`anthropic/` translates them to Messages too).
+API_MODELS = ("lite-openai", "lite-claude")
+MOCK_KEY = "sk-mock-behind-litellm"
+# Every call LiteLLM makes to the mock for them asks (LiteLLM's `extra_headers`) for usage
+# with cache classes: of the prompt's tokens, CACHE_READ read from a cache and CACHE_WRITE
+# written to one (the Messages API's `cache_read_input_tokens` / `cache_creation_input_tokens`,
+# its `input_tokens` the rest; the Responses API's `input_tokens_details.cached_tokens` /
+# `cache_write_tokens` of the whole `input_tokens`), so the tests see each class billed.
+CACHE_READ = 2
+CACHE_WRITE = 1
 
 
 @dataclass(frozen=True)
@@ -113,9 +143,14 @@ def _spawn(name: str, args: list[str], tmp: Path, env: dict[str, str], port: int
     return Server(name, popen, f"http://127.0.0.1:{port}", log_path)
 
 
-def start_litellm(venv: Path, tmp: Path, timeout: float = 300.0) -> Server:
-    """LiteLLM's proxy with `mock_response` models (no provider is called): `mock-chat` for
-    chat and text completions. Its master key is LITELLM_KEY."""
+def start_litellm(venv: Path, tmp: Path, mock_url: str, timeout: float = 300.0) -> Server:
+    """LiteLLM's proxy with a `mock_response` model (no provider is called), `mock-chat`, for
+    chat and text completions, and the API_MODELS, whose provider is the project's mock
+    upstream at `mock_url` (http://host:port, key MOCK_KEY). Its master key is LITELLM_KEY."""
+    cache_usage = {
+        "x-mock-usage-cached-tokens": str(CACHE_READ),
+        "x-mock-usage-cache-write-tokens": str(CACHE_WRITE),
+    }
     config = {
         "model_list": [
             {
@@ -125,7 +160,25 @@ def start_litellm(venv: Path, tmp: Path, timeout: float = 300.0) -> Server:
                     "api_key": "unused-by-the-mock",
                     "mock_response": MOCK_TEXT,
                 },
-            }
+            },
+            {
+                "model_name": "lite-openai",
+                "litellm_params": {
+                    "model": "openai/mock-model",
+                    "api_base": f"{mock_url}/v1",
+                    "api_key": MOCK_KEY,
+                    "extra_headers": cache_usage,
+                },
+            },
+            {
+                "model_name": "lite-claude",
+                "litellm_params": {
+                    "model": "anthropic/mock-model",
+                    "api_base": mock_url,  # the Anthropic client adds /v1/messages
+                    "api_key": MOCK_KEY,
+                    "extra_headers": cache_usage,
+                },
+            },
         ],
         "general_settings": {"master_key": LITELLM_KEY},
         "litellm_settings": {"telemetry": False},
