@@ -455,11 +455,10 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
     snapshot = request.app[CONFIG].snapshot
     settings = snapshot.settings
     metering = settings.billing.metering
-    key = require_key(request, anthropic=True) if metering else None
+    if metering:  # a caller the ledger does not know learns nothing of the configuration
+        await _known_key(request.app[LEDGER], require_key(request, anthropic=True))
     body = await read_body(request, settings.server.max_body_bytes, settings.server.read_timeout)
     payload = parse_call_body(body)
-    if key is not None:
-        await _known_key(request.app[LEDGER], key)
     name = payload["model"]
     request[CALL_LOG].model = name
     route = _route(snapshot, name, "messages")

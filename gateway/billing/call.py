@@ -306,7 +306,10 @@ class MeteredCall:
         )
         keeper.start()
         prices = self.prices
-        if self.stream and prices is not None and (self.strict or self.cap_tokens is not None):
+        # Strict enforcement watches a stream whose output the request did not limit; one
+        # that names its own limit is held for all of it (and never charged past its hold).
+        watched = self.strict and not self._names_limit()
+        if self.stream and prices is not None and (watched or self.cap_tokens is not None):
             covered = self.output_tokens
             if self.cap_tokens is not None:
                 covered = min(covered, self.cap_tokens) if self.strict else self.cap_tokens

@@ -1,12 +1,16 @@
 """What may end a stream before its upstream does: strict enforcement and the client's cap.
 
 Strict enforcement (`billing.enforcement: strict`) never lets a prepaid balance be overspent.
-A stream's hold covers the output it was admitted for. Before a chunk that would take the
+A stream's hold covers the output it was admitted for; one whose request names its own output
+limit is held for all of it and is not watched here (it is charged no more than its hold,
+below, whatever the upstream does). Before a chunk that would take the
 stream past it goes out, the hold is extended (in steps of `hold_output_tokens`, as many as the
 chunk needs) from the available balance (balance minus every open hold, checked by the extend
 script); when the balance cannot cover that, the stream ends cleanly before the chunk (a last
 chunk with `finish_reason: "length"`, then `[DONE]`), and the call is billed for what was
-delivered. A non-streamed call is sent with a `max_tokens` its hold covers. Whatever an
+delivered; the events of that chunk before its first text (a Responses or Messages stream's
+opening events) still go out first. A non-streamed call is sent with a `max_tokens` its hold
+covers. Whatever an
 upstream reports beyond that, a strict call is never charged more than it holds
 (`limited_charge`), so the balance, which covers every hold, never goes below zero.
 
@@ -14,7 +18,8 @@ A client's cost cap (`x-gateway-max-cost`) ends a stream the same way once its o
 what the cap covers (never extended past it), and a capped call is never charged more than
 its cap.
 
-Tokens are judged by events, at least one per content piece as upstreams send them, with a
+Tokens are judged by events (the meter's `pieces_in`: a chat chunk's `data:` lines, the two
+newer APIs' text deltas), at least one per content piece as upstreams send them, with a
 margin so that a multi-token piece does not overrun the hold.
 """
 
@@ -89,7 +94,7 @@ class OutputGate:
     def needs_more(self, chunk: bytes) -> bool:
         """True when the pieces relayed so far and the events of `chunk` come within the
         margin of what is covered."""
-        return len(self.meter.texts) + chunk.count(b"data:") + MARGIN >= self.covered
+        return len(self.meter.texts) + self.meter.pieces_in(chunk) + MARGIN >= self.covered
 
     async def extend(self, chunk: bytes) -> bool:
         """Hold as many more extensions as `chunk` needs; False when the balance (or the
@@ -108,6 +113,11 @@ class OutputGate:
             self.covered += step
             self.extra_held += extra
         return True
+
+    def leading_bytes(self, chunk: bytes) -> bytes:
+        """What of `chunk`, where the stream is stopped, still goes out first: its opening
+        events, which carry no text (a stream stopped at its first chunk still opens)."""
+        return self.meter.leading_events(chunk)
 
     def closing_bytes(self) -> bytes:
         """The clean end of a stopped stream, shaped like the stream's own chunks."""

@@ -478,6 +478,16 @@ class CompletionMeter:
             self._read = (usage, reported)
         return reported
 
+    def pieces_in(self, chunk: bytes) -> int:
+        """At most how many pieces of text `chunk` adds (one per event: chat's deltas)."""
+        return chunk.count(b"data:")
+
+    def leading_events(self, chunk: bytes) -> bytes:
+        """The whole events at the head of `chunk` that carry no text, to send before a
+        stream is ended there (the Responses and Messages meters: a stream's opening events
+        come before its first text; chat's closing chunk needs none)."""
+        return b""
+
     def closing_events(self, prompt_tokens: int, completion_tokens: int) -> bytes | None:
         """The clean end of a stream stopped early, in this API's events; None for chat and
         legacy completions, whose end the gate writes (gateway/billing/gate.py)."""

@@ -18,10 +18,12 @@ the `usage` when the answer's end reports it:
   stream cut before it is billed by the gateway's count, as a chat stream cut before its
   usage chunk is.
 
-A stream that strict enforcement or a cost cap ends early gets its API's own clean end
-(`closing_events`): `response.incomplete` (reason `max_output_tokens`) with the text
-delivered and the gateway's counts as usage; or `content_block_stop` (if a block is open),
-`message_delta` (`stop_reason: max_tokens`, the output count) and `message_stop`.
+A stream that strict enforcement or a cost cap ends early gets its opening events (those of
+the chunk it ends at that come before its first text: `response.created`, `message_start`)
+and its API's own clean end (`closing_events`): `response.incomplete` (reason
+`max_output_tokens`) with the text delivered and the gateway's counts as usage; or
+`content_block_stop` (if a block is open), `message_delta` (`stop_reason: max_tokens`, the
+output count) and `message_stop`.
 """
 
 from __future__ import annotations
@@ -52,10 +54,31 @@ def _event(name: str, payload: dict[str, Any]) -> bytes:
     return b"event: " + name.encode() + b"\ndata: " + orjson.dumps(payload) + b"\n\n"
 
 
-class ResponsesMeter(CompletionMeter):
+class _TypedEventsMeter(CompletionMeter):
+    """What the two APIs' meters share: their text comes in events whose type has `_TEXT`
+    in it (each such event one piece), after opening events that carry none."""
+
+    __slots__ = ()
+
+    _TEXT = b""
+
+    def pieces_in(self, chunk: bytes) -> int:
+        return chunk.count(self._TEXT)
+
+    def leading_events(self, chunk: bytes) -> bytes:
+        if self._pending or b"\r" in chunk:  # mid-event, or CRLF framing: nothing to add
+            return b""
+        first = chunk.find(self._TEXT)
+        end = chunk.rfind(b"\n\n", 0, len(chunk) if first < 0 else first)
+        return chunk[: end + 2] if end >= 0 else b""
+
+
+class ResponsesMeter(_TypedEventsMeter):
     """The meter of `POST /v1/responses` (see the module docstring)."""
 
     __slots__ = ("_envelope", "_item_id", "_sequence", "_shown", "response_id")
+
+    _TEXT = b'.delta"'  # "type":"response.output_text.delta", ...arguments.delta, ...
 
     read_usage = staticmethod(read_responses_usage)
 
@@ -169,10 +192,12 @@ class ResponsesMeter(CompletionMeter):
         return _event("response.incomplete", {**end, "response": response})
 
 
-class MessagesMeter(CompletionMeter):
+class MessagesMeter(_TypedEventsMeter):
     """The meter of Anthropic's `POST /v1/messages` (see the module docstring)."""
 
     __slots__ = ("_open_block", "_started")
+
+    _TEXT = b'"content_block_delta"'
 
     read_usage = staticmethod(read_messages_usage)
 

@@ -41,6 +41,8 @@ class StreamGate(Protocol):
 
     async def extend(self, chunk: bytes) -> bool: ...
 
+    def leading_bytes(self, chunk: bytes) -> bytes: ...
+
     def closing_bytes(self) -> bytes: ...
 
 
@@ -272,8 +274,12 @@ async def _relay_stream(
         async with asyncio.timeout(timeouts.idle) as deadline:
             while chunk:
                 if gate is not None and gate.needs_more(chunk) and not await gate.extend(chunk):
-                    # The balance cannot cover more: end the stream cleanly here.
+                    # The balance cannot cover more: end the stream cleanly here (after the
+                    # opening events of this chunk, if it holds them).
                     outcome.enforced = True
+                    lead = gate.leading_bytes(chunk)
+                    if lead:
+                        await _send(response, transform(lead) if transform else lead, outcome)
                     await _send(response, gate.closing_bytes(), outcome)
                     break
                 out = transform(chunk) if transform is not None else chunk

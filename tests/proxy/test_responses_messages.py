@@ -478,3 +478,162 @@ async def test_count_tokens_is_forwarded_and_free(
     async with anthropic.AsyncAnthropic(base_url=gw.url, api_key="sk-x", max_retries=0) as bad:
         with pytest.raises(anthropic.AuthenticationError):
             await bad.messages.count_tokens(model="m", messages=[{"role": "user", "content": "hi"}])
+
+
+# -- token classes and holds -----------------------------------------------------------------
+
+CLASS_PRICES = {
+    "input_per_million": "0.15",
+    "output_per_million": "0.60",
+    "cached_input_per_million": "0.075",
+    "cache_write_per_million": "0.1875",
+    "reasoning_per_million": "1.20",
+}
+
+
+def class_cost(
+    prompt: int, completion: int, cached: int = 0, written: int = 0, reasoning: int = 0
+) -> int:
+    """Each class at its own price (CLASS_PRICES), exact, rounded up once."""
+    p = {k: Fraction(v) for k, v in CLASS_PRICES.items()}
+    exact = (
+        (prompt - cached - written) * p["input_per_million"]
+        + cached * p["cached_input_per_million"]
+        + written * p["cache_write_per_million"]
+        + (completion - reasoning) * p["output_per_million"]
+        + reasoning * p["reasoning_per_million"]
+    )
+    return -(-exact.numerator // exact.denominator)
+
+
+@pytest.fixture
+def priced(make_gateway: Callable[..., Proc], mock_a: Proc) -> Proc:
+    """The model with a price for every class, and 100 output tokens held by default."""
+    entry = model_entry("m", mock_a.url, upstream_model="mock-model")
+    entry["upstreams"][0]["apis"] = APIS
+    entry["pricing"] = CLASS_PRICES
+    return make_gateway([entry], billing={"hold_output_tokens": 100})
+
+
+async def test_each_token_class_is_billed_at_its_price_on_both_apis(
+    priced: Proc, redis_client: redis.Redis
+) -> None:
+    """Responses' cached and reasoning tokens, Messages' cache reads and writes: each at its
+    class's price, as the upstream's usage put them."""
+    admin = Admin(priced.url)
+    account_id, key = admin.funded(["m"], amount="10.00")
+    async with openai.AsyncOpenAI(base_url=priced.url + "/v1", api_key=key) as oai:
+        raw = await oai.responses.with_raw_response.create(
+            model="m",
+            input="Think about it.",
+            extra_headers={
+                "x-mock-usage-cached-tokens": "4",
+                "x-mock-usage-reasoning-tokens": "5",
+            },
+        )
+    answer = raw.parse()
+    assert answer.usage is not None
+    expected = {
+        raw.headers["x-request-id"]: (
+            answer.usage.input_tokens,
+            answer.usage.output_tokens,
+            4,
+            0,
+            5,
+        )
+    }
+    async with anthropic.AsyncAnthropic(base_url=priced.url, api_key=key) as claude:
+        message = await claude.messages.with_raw_response.create(
+            model="m",
+            max_tokens=50,
+            messages=[{"role": "user", "content": "Think about it."}],
+            extra_headers={
+                "x-mock-usage-cached-tokens": "3",
+                "x-mock-usage-cache-write-tokens": "2",
+            },
+        )
+    usage = (await message.parse()).usage
+    expected[message.headers["x-request-id"]] = (
+        usage.input_tokens + 3 + 2,
+        usage.output_tokens,
+        3,
+        2,
+        0,
+    )
+    wait_no_holds(redis_client, account_id)
+    records = records_by_request(admin, account_id, list(expected))
+    for request_id, (prompt, completion, cached, written, reasoning) in expected.items():
+        record = records[request_id]
+        assert (record["prompt_tokens"], record["completion_tokens"]) == (prompt, completion)
+        assert record["cached_tokens"] == cached
+        assert record["cache_write_tokens"] == written
+        assert record["reasoning_tokens"] == reasoning
+        assert micros(record["cost"]) == class_cost(prompt, completion, cached, written, reasoning)
+
+
+def _hold(prompt: int, output: int) -> int:
+    """A hold: the prompt at the dearest input class, the output at the dearest output."""
+    exact = prompt * Fraction("0.1875") + output * Fraction("1.20")
+    return -(-exact.numerator // exact.denominator)
+
+
+async def _balance_decides(gw: Proc, hold: int, call: Callable[[str], Any]) -> tuple[int, int]:
+    """The statuses of `call` for an account holding one micro-unit less than `hold`, and
+    for one holding exactly it."""
+    admin = Admin(gw.url)
+    statuses = []
+    for amount in (hold - 1, hold):
+        _, key = admin.funded(["m"], amount=f"{amount // 1_000_000}.{amount % 1_000_000:06d}")
+        statuses.append(await call(key))
+    return statuses[0], statuses[1]
+
+
+async def test_a_previous_response_id_call_holds_the_visible_input_and_hold_output_tokens(
+    priced: Proc,
+) -> None:
+    """The hidden context is not held: the hold is the visible input (as the chat request it
+    renders to) plus `hold_output_tokens` (100) of output; one micro-unit less is 402."""
+    prompt = chat_prompt(("user", "And the next one?"))
+
+    async def call(key: str) -> int:
+        async with aiohttp.ClientSession() as session:
+            body = {"model": "m", "input": "And the next one?", "previous_response_id": "resp_x"}
+            async with session.post(
+                priced.url + "/v1/responses",
+                data=orjson.dumps(body),
+                headers={"Authorization": f"Bearer {key}"},
+            ) as resp:
+                return resp.status
+
+    assert await _balance_decides(priced, _hold(prompt, 100), call) == (402, 200)
+
+
+async def test_max_output_tokens_and_max_tokens_size_the_holds(priced: Proc) -> None:
+    """A Responses call's `max_output_tokens` and a Messages call's `max_tokens` are the
+    output its hold covers."""
+    prompt = chat_prompt(("user", "Hello there"))
+
+    async def responses_call(key: str) -> int:
+        async with openai.AsyncOpenAI(
+            base_url=priced.url + "/v1", api_key=key, max_retries=0
+        ) as oai:
+            try:
+                await oai.responses.create(model="m", input="Hello there", max_output_tokens=7)
+            except openai.APIStatusError as exc:
+                return exc.status_code
+            return 200
+
+    async def messages_call(key: str) -> int:
+        async with anthropic.AsyncAnthropic(
+            base_url=priced.url, api_key=key, max_retries=0
+        ) as claude:
+            try:
+                await claude.messages.create(
+                    model="m", max_tokens=9, messages=[{"role": "user", "content": "Hello there"}]
+                )
+            except anthropic.APIStatusError as exc:
+                return exc.status_code
+            return 200
+
+    assert await _balance_decides(priced, _hold(prompt, 7), responses_call) == (402, 200)
+    assert await _balance_decides(priced, _hold(prompt, 9), messages_call) == (402, 200)

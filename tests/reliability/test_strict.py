@@ -161,3 +161,49 @@ async def test_strict_non_streamed_call_is_sent_the_max_tokens_its_hold_covers(
     assert records[0]["completion_tokens"] == 10
     assert micros(account["balance"]) >= 0
     assert account["state"] == "active"
+
+
+async def test_strict_lets_a_stream_that_names_its_limit_run_to_it(
+    make_gateway: Callable[..., Proc], mock_a: Proc, redis_client: redis.Redis
+) -> None:
+    """A stream that names `max_tokens` is held for all of it at admission: on a balance of
+    exactly that hold it gets every token it asked for (the upstream stops there), with no
+    extension and no early end, and is charged exactly its usage, within the hold."""
+    from tests.procs import start_mock
+
+    mock = start_mock(mock_a.log_path.parent, "--max-tokens", "60", "--token-delay", "0.001")
+    try:
+        gw = make_gateway([_model(mock.url)], billing={"enforcement": "strict"})
+        admin = Admin(gw.url)
+        account_id = admin.create_account()
+        admin.subscribe(account_id, "m")
+        key = admin.new_key(account_id)
+        prompt = 3 + 3 + 1 + 1  # the cookbook's count of one user message "hi" on o200k_base
+        hold = (prompt + 40) * 1000  # 1000 micros a token either way
+        admin.topup(account_id, f"0.{hold:06d}")
+        body = {
+            "model": "m",
+            "messages": [{"role": "user", "content": "hi"}],
+            "stream": True,
+            "max_tokens": 40,
+            "stream_options": {"include_usage": True},
+        }
+        async with (
+            aiohttp.ClientSession(headers={"Authorization": f"Bearer {key}"}) as session,
+            session.post(gw.url + "/v1/chat/completions", data=orjson.dumps(body)) as resp,
+        ):
+            assert resp.status == 200
+            raw = await resp.read()
+    finally:
+        mock.stop()
+    chunks = [orjson.loads(e[6:]) for e in raw.split(b"\n\n") if e and e != b"data: [DONE]"]
+    delivered = sum(
+        1 for c in chunks if c.get("choices") and c["choices"][0]["delta"].get("content")
+    )
+    assert delivered == 40
+    account, records = assert_invariant(admin, redis_client, account_id, hold)
+    (record,) = records
+    assert (record["prompt_tokens"], record["completion_tokens"]) == (prompt, 40)
+    assert record["usage_source"] == "upstream"
+    assert micros(record["cost"]) == hold
+    assert account["balance"] == "0.000000"
