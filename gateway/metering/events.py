@@ -62,6 +62,19 @@ class _TypedEventsMeter(CompletionMeter):
 
     _TEXT = b""
 
+    def observe_body(self, body: bytes) -> None:
+        try:
+            answer = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(answer, dict):
+            self.done = True
+            self._whole(answer)
+
+    def _whole(self, answer: dict[str, Any]) -> None:
+        """Take a whole answer's text and usage."""
+        raise NotImplementedError
+
     def pieces_in(self, chunk: bytes) -> int:
         return chunk.count(self._TEXT)
 
@@ -89,16 +102,6 @@ class ResponsesMeter(_TypedEventsMeter):
         self._item_id: str | None = None
         self._sequence = -1
         self._shown: list[str] = []  # the output text itself (not tool arguments)
-
-    def observe_body(self, body: bytes) -> None:
-        try:
-            answer = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(answer, dict):
-            return
-        self.done = True
-        self._whole(answer)
 
     def _whole(self, answer: dict[str, Any]) -> None:
         if isinstance(answer.get("id"), str):
@@ -206,14 +209,7 @@ class MessagesMeter(_TypedEventsMeter):
         self._started: dict[str, Any] = {}  # message_start's usage
         self._open_block: int | None = None
 
-    def observe_body(self, body: bytes) -> None:
-        try:
-            answer = orjson.loads(body)
-        except orjson.JSONDecodeError:
-            return
-        if not isinstance(answer, dict):
-            return
-        self.done = True
+    def _whole(self, answer: dict[str, Any]) -> None:
         usage = answer.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
