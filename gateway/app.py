@@ -27,6 +27,7 @@ from gateway.config.schema import Settings
 from gateway.errors import GatewayError
 from gateway.keys import (
     CONFIG,
+    HISTORY_URL,
     HTTP,
     JOURNAL,
     LEDGER,
@@ -133,6 +134,35 @@ async def _background_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+async def _history_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The export of the ledger's history to the database, in every metering instance (one
+    exports at a time: gateway/history/exporter.py)."""
+    url = app[HISTORY_URL]
+    if not url or not app[CONFIG].snapshot.settings.billing.metering:
+        yield
+        return
+    import asyncpg
+
+    from gateway.history.exporter import Exporter
+    from gateway.ledger.history_feed import HistoryFeed
+
+    # No connection at start: a database down now delays the export, never the gateway.
+    pool = await asyncpg.create_pool(url, min_size=0, max_size=2, command_timeout=60)
+    exporter = Exporter(HistoryFeed(app[LEDGER]), pool, app[CONFIG].snapshot.settings.history)
+    stop = asyncio.Event()
+    task = asyncio.create_task(exporter.run(stop), name="history-export")
+    yield
+    stop.set()
+    try:
+        await asyncio.wait_for(task, 10)
+    except TimeoutError:
+        log.warning("history export still running at stop; cut (the next start resumes it)")
+    try:
+        await asyncio.wait_for(pool.close(), 5)
+    except TimeoutError:
+        pool.terminate()
+
+
 async def _reload_ctx(app: web.Application) -> AsyncIterator[None]:
     """Reload on file change and on SIGHUP."""
     reloader = app[RELOADER]
@@ -190,9 +220,14 @@ def prime_metrics(metrics: Metrics, snapshot: Snapshot) -> None:
 
 
 def create_app(
-    settings: Settings, store_url: str, config_path: str | None = None
+    settings: Settings,
+    store_url: str,
+    config_path: str | None = None,
+    history_url: str | None = None,
 ) -> web.Application:
-    """The gateway application for `settings`, talking to the store at `store_url`."""
+    """The gateway application for `settings`, talking to the store at `store_url` (and,
+    unless history is off, exporting to the database at `history_url`: the embedded one's,
+    which `serve` starts, or the configured server's)."""
     app = web.Application(
         middlewares=[access_middleware, errors_middleware],
         client_max_size=settings.server.max_body_bytes,
@@ -202,6 +237,8 @@ def create_app(
     answer_protocol_errors_in_json(app)
     app[CONFIG] = ConfigHolder(settings, config_path)
     app[STORE_URL] = store_url
+    configured = settings.history.url
+    app[HISTORY_URL] = history_url or ("" if configured in ("embedded", "off") else configured)
     metrics = app[METRICS] = Metrics()
 
     def prime(snapshot: Snapshot) -> None:
@@ -212,7 +249,7 @@ def create_app(
     app[SETTLEMENTS] = set()
     app[STOPPING] = asyncio.Event()
     app.on_shutdown.append(_stopping)
-    app.cleanup_ctx.extend([_store_ctx, _http_ctx, _background_ctx, _reload_ctx])
+    app.cleanup_ctx.extend([_store_ctx, _http_ctx, _background_ctx, _history_ctx, _reload_ctx])
     app.on_response_prepare.append(attach_request_id)
     app.on_startup.append(_warm_up)
     app.add_routes([*inference.routes, *models.routes, *ops.routes])

@@ -1,8 +1,9 @@
 """`inference-gateway audit`: prove the ledger adds up, account by account.
 
-For every account: balance == top-ups - usage costs (the costs of records deleted at clearing
-included), the running totals agree with the streams they summarize, the amount held equals
-the open holds, and no hold has outlived its lease (a sweeper should have settled it). It also
+For every account: balance == top-ups - usage costs (the costs of records deleted at clearing,
+or trimmed from the store once the history database had them, included), the running totals
+agree with the streams they summarize, the amount held equals the open holds, and no hold has
+outlived its lease (a sweeper should have settled it). It also
 reports, per model, the drift between upstream-reported and locally counted tokens.
 """
 

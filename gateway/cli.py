@@ -14,7 +14,7 @@ import urllib.error
 import urllib.request
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from aiohttp import web
@@ -24,7 +24,11 @@ from gateway.observability.logging import configure_logging, get_logger
 
 __all__ = ["main"]
 
+if TYPE_CHECKING:
+    from gateway.history.embedded import EmbeddedPostgres
+
 WORKER_STORE_ENV = "GATEWAY_WORKER_STORE_URL"
+WORKER_HISTORY_ENV = "GATEWAY_WORKER_HISTORY_URL"
 
 
 def _new_loop() -> asyncio.AbstractEventLoop:
@@ -77,14 +81,20 @@ def _port_in_use(exc: OSError) -> bool:
 
 
 def _run_worker(
-    settings: Settings, config_path: str, store_url: str, host: str, port: int, reuse_port: bool
+    settings: Settings,
+    config_path: str,
+    store_url: str,
+    host: str,
+    port: int,
+    reuse_port: bool,
+    history_url: str | None = None,
 ) -> int:
     """Serve in this process until SIGTERM/SIGINT (then drain and settle)."""
     from gateway.app import create_app
     from gateway.store.client import StoreMisconfigured
 
     log = get_logger("gateway.cli")
-    app = create_app(settings, store_url, config_path)
+    app = create_app(settings, store_url, config_path, history_url)
 
     def announce(*_: object) -> None:
         # aiohttp calls its `print` once every site listens: not before the port is bound.
@@ -133,7 +143,8 @@ def _serve(args: argparse.Namespace) -> int:
     workers = settings.server.workers if args.workers is None else args.workers
     if args.worker:  # started by a supervisor, which runs the store and passes its URL
         store_url = os.environ[WORKER_STORE_ENV]
-        return _run_worker(settings, args.config, store_url, host, port, reuse_port=True)
+        given = os.environ.get(WORKER_HISTORY_ENV) or None
+        return _run_worker(settings, args.config, store_url, host, port, True, given)
     if _admin_token_unset(settings):
         variable = settings.server.admin_token_env
         log.warning(
@@ -156,15 +167,34 @@ def _serve(args: argparse.Namespace) -> int:
         store_url = store.local_url
         store.watch()  # restarted if it dies, by a thread that lives until store.stop()
         log.info("embedded store started", data_dir=str(store.data_dir), pid=store.pid)
+    history: EmbeddedPostgres | None = None
+    history_url: str | None = None
+    if settings.history.url == "embedded" and settings.billing.metering:
+        from gateway.history.embedded import EmbeddedPostgres, EmbeddedPostgresError
+
+        history = EmbeddedPostgres(Path(settings.store.data_dir) / "history")
+        try:
+            history_url = history.start()
+        except (EmbeddedPostgresError, OSError) as exc:
+            log.error("embedded history database failed to start", error=str(exc))
+            if store is not None:
+                store.stop()
+            return 1
+        history.watch()
+        log.info("embedded history database started", pid=history.pid, port=history.port)
     try:
         if workers <= 1:
-            return _run_worker(settings, args.config, store_url, host, port, reuse_port=False)
+            return _run_worker(settings, args.config, store_url, host, port, False, history_url)
         argv = ["serve", "--config", args.config, "--host", host, "--port", str(port)]
         argv += ["--log-level", args.log_level, "--worker"]
-        env = {WORKER_STORE_ENV: store_url}  # not on the command line: a URL may hold a password
+        # Not on the command line: a URL may hold a password.
+        env = {WORKER_STORE_ENV: store_url, WORKER_HISTORY_ENV: history_url or ""}
         return supervise(workers, argv, env, settings.server.drain_timeout)
     finally:
         # Only now, after the drain: the calls it let finish have settled on this store.
+        if history is not None:
+            history.stop()
+            log.info("embedded history database stopped")
         if store is not None:
             store.stop()
             log.info("embedded store stopped")

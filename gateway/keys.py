@@ -16,6 +16,7 @@ from gateway.state import ConfigHolder
 
 __all__ = [
     "CONFIG",
+    "HISTORY_URL",
     "HTTP",
     "JOURNAL",
     "LEDGER",
@@ -32,6 +33,8 @@ CONFIG = web.AppKey("config", ConfigHolder)
 STORE_URL = web.AppKey("store_url", str)
 STORE = web.AppKey("store", aioredis.Redis)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
+# The history database's URL ("" when history is off).
+HISTORY_URL = web.AppKey("history_url", str)
 LEDGER = web.AppKey("ledger", Ledger)
 # Every settlement is written here before the store is asked (see ledger/journal.py).
 JOURNAL = web.AppKey("journal", SettlementJournal)

@@ -199,9 +199,11 @@ def start_gateway(
 ) -> Proc:
     """Write `config` as YAML and start `inference-gateway serve` on `port` (a free one by
     default). `new_session` starts it as the leader of a process group of its own, which a
-    test can signal whole with `os.killpg` without hitting pytest."""
+    test can signal whole with `os.killpg` without hitting pytest. Its history is off unless
+    `config` says otherwise (the history tests, tests/history, give theirs)."""
     port = port or free_port()
     config = {**config, "server": {**config.get("server", {}), "host": "127.0.0.1", "port": port}}
+    config.setdefault("history", {"url": "off"})
     path = tmp / f"gateway-{port}.yaml"
     path.write_text(yaml.safe_dump(config))
     log_path = tmp / f"gateway-{port}.log"

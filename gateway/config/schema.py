@@ -38,6 +38,7 @@ __all__ = [
     "SKIP_UNSET_SECRETS",
     "BillingConfig",
     "DurationRange",
+    "HistoryConfig",
     "ModelConfig",
     "NotificationsConfig",
     "PricingConfig",
@@ -214,6 +215,51 @@ class StoreConfig(_Frozen):
             _store_url(value)
         except ValueError as exc:
             raise ValueError(f"url_env: {self.url_env} holds no store URL: {exc}") from None
+        object.__setattr__(self, "url", value)
+        return self
+
+
+HISTORY_SCHEMES = ("postgresql", "postgres")
+
+
+def _history_url(value: str) -> str:
+    if value in ("embedded", "off"):
+        return value
+    if urlsplit(value).scheme not in HISTORY_SCHEMES:
+        raise ValueError("expected 'embedded', 'off' or a postgresql:// URL")
+    return value
+
+
+class HistoryConfig(_Frozen):
+    """Where usage history goes once the ledger has it: a private PostgreSQL beside the
+    embedded store (`embedded`), a shared server (`postgresql://...`), or nowhere (`off`:
+    the store keeps every record, as before history existed)."""
+
+    url: str = "embedded"
+    # An environment variable holding the URL instead (it may carry a password).
+    url_env: str | None = None
+    # Exported records stay in the store this long, then are trimmed from it.
+    keep_in_store: Annotated[Duration, bounded("1s", "3650d")] = 86400.0
+    # How often the exporter looks for records the database does not have yet.
+    export_interval: Annotated[Duration, bounded("50ms", "1h")] = 1.0
+    # The most records one export transaction writes.
+    batch_size: int = Field(default=5000, ge=1, le=100_000)
+
+    _url = field_validator("url")(_history_url)
+
+    @model_validator(mode="after")
+    def _read_url(self, info: ValidationInfo) -> HistoryConfig:
+        if self.url_env is None:
+            return self
+        value = os.environ.get(self.url_env)
+        if not value:
+            if _skip_unset(info):
+                return self
+            raise ValueError(f"url_env: environment variable {self.url_env} is not set")
+        try:
+            _history_url(value)
+        except ValueError as exc:
+            raise ValueError(f"url_env: {self.url_env} holds no history URL: {exc}") from None
         object.__setattr__(self, "url", value)
         return self
 
@@ -628,6 +674,7 @@ class Settings(_Frozen):
     billing: BillingConfig = BillingConfig()
     rate_limits: RateLimitsConfig = RateLimitsConfig(requests="600/minute", tokens="1000000/minute")
     notifications: NotificationsConfig = NotificationsConfig()
+    history: HistoryConfig = HistoryConfig()
     models: tuple[ModelConfig, ...] = ()
 
     @field_validator("models")

@@ -226,7 +226,9 @@ class AccountField:
     HELD: Final = "held"
     TOPPED_UP: Final = "topped_up"
     SPENT: Final = "spent"
-    CLEARED_SPENT: Final = "cleared_spent"  # usage costs whose records clearing deleted
+    # usage costs whose records are no longer in the store: deleted by clearing, or trimmed
+    # once the history database has them (lua/trim_usage.lua)
+    CLEARED_SPENT: Final = "cleared_spent"
     # The arrears lifecycle: active | frozen | cleared, its period (grace | retention | '')
     # and times in ms.
     STATE: Final = "state"

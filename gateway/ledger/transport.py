@@ -42,7 +42,7 @@ SCRIPT_NAMES = (
     "topup",
 )
 # The indexes' and locks' own scripts: off the hot path, so plain client commands, unmetered.
-UPKEEP_SCRIPT_NAMES = ("remove_if_score", "unlock")
+UPKEEP_SCRIPT_NAMES = ("remove_if_score", "trim_usage", "unlock")
 
 # The classes a store client is expected to raise; any other (redis-py's cluster code has
 # raised AttributeError and uvloop's RuntimeError on connections it closed under a command) is

@@ -37,6 +37,8 @@ DURATIONS = (
     Bound("notifications.retry_max", "100ms", "1d"),
     Bound("notifications.poll_interval", "50ms", "1h"),
     Bound("notifications.timeout", "100ms", "1m"),
+    Bound("history.keep_in_store", "1s", "3650d"),
+    Bound("history.export_interval", "50ms", "1h"),
 )
 
 INTS = (
@@ -51,6 +53,7 @@ INTS = (
     Bound("billing.audio_tokens", 0, MAX_TOKENS_PER_CALL),
     Bound("notifications.max_attempts", 1, 100),
     Bound("notifications.smtp.port", 1, 65535),
+    Bound("history.batch_size", 1, 100_000),
     Bound("models[0].hold_output_tokens", 1, MAX_TOKENS_PER_CALL),
     Bound("models[0].upstreams[0].weight", 1, 1000),
 )

@@ -1,0 +1,1 @@
+"""Usage history in PostgreSQL: the system of record beside the ledger's hot state."""

@@ -1,0 +1,85 @@
+"""What the history exporter reads from the store, and how it trims what it has exported.
+
+The ledger's scripts append each account's usage records and top-ups to its streams
+atomically with the money; the exporter (gateway/history/exporter.py) copies them to the
+database and, once they are there and older than `history.keep_in_store`, trims them here.
+Reads are pipelined per page of accounts; a trim only ever removes entries at or below the
+exported cursor (`MINID` is exclusive), never one the database lacks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from gateway.ledger.keys import ACCOUNTS, account_keys, stream_id_after, valid_account_id
+from gateway.ledger.ledger import Ledger
+from gateway.ledger.transport import guard, text
+
+__all__ = ["Entries", "HistoryFeed"]
+
+# (entry id, fields) of one stream entry, as text.
+Entries = list[tuple[str, dict[str, str]]]
+
+
+def _entries(raw: Any) -> Entries:
+    return [
+        (text(entry_id), {text(k): text(v) for k, v in fields.items()}) for entry_id, fields in raw
+    ]
+
+
+class HistoryFeed:
+    """The store's side of the export."""
+
+    __slots__ = ("client", "ledger")
+
+    # The most entries one trim script removes (its reply and its XDEL stay small).
+    TRIM_STEP = 1000
+
+    def __init__(self, ledger: Ledger) -> None:
+        self.ledger = ledger
+        self.client = ledger.client
+
+    async def accounts(self, after: str | None, limit: int) -> tuple[list[str], str | None]:
+        """Up to `limit` account ids from the accounts index after member `after`, and the
+        member to continue from (None at the end)."""
+        async with guard("history: accounts"):
+            raw: Any = await self.client.zrangebylex(
+                ACCOUNTS, f"({after}" if after else "-", "+", start=0, num=limit
+            )
+        members = [text(m) for m in raw]
+        ids = [m.partition(":")[2] for m in members]
+        return [i for i in ids if valid_account_id(i)], (
+            members[-1] if len(members) == limit else None
+        )
+
+    async def new_entries(
+        self, streams: Sequence[tuple[str, str, str | None]], count: int
+    ) -> list[Entries]:
+        """For each (account id, `usage` | `topups`, last exported id or None), up to `count`
+        entries after it, oldest first."""
+        async with guard("history: read"):
+            pipe = self.client.pipeline(transaction=False)
+            for account_id, stream, last in streams:
+                keys = account_keys(account_id)
+                key = keys.usage if stream == "usage" else keys.topups
+                start = stream_id_after(last) if last else "-"
+                pipe.xrange(key, min=start or "+", max="+", count=count)
+            replies = await pipe.execute()
+        return [_entries(reply) for reply in replies]
+
+    async def trim(self, trims: Sequence[tuple[str, str]]) -> int:
+        """For each (account id, exclusive id bound), drop its usage entries below the bound,
+        their costs moved to the account's `cleared_spent` in the same script
+        (lua/trim_usage.lua); the entries dropped."""
+        dropped = 0
+        for account_id, bound in trims:
+            keys = account_keys(account_id)
+            while True:
+                reply = await self.ledger.scripts.run_upkeep(
+                    "trim_usage", [keys.usage, keys.account], [bound, self.TRIM_STEP]
+                )
+                dropped += int(reply[0])
+                if not int(reply[1]):
+                    break
+        return dropped
