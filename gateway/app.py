@@ -25,8 +25,10 @@ from gateway.api.protocol import answer_protocol_errors_in_json
 from gateway.config.reload import Reloader
 from gateway.config.schema import Settings
 from gateway.errors import GatewayError
+from gateway.history.reader import HistoryReader
 from gateway.keys import (
     CONFIG,
+    HISTORY,
     HISTORY_URL,
     HTTP,
     JOURNAL,
@@ -151,7 +153,9 @@ async def _history_ctx(app: web.Application) -> AsyncIterator[None]:
     exporter = Exporter(HistoryFeed(app[LEDGER]), pool, app[CONFIG].snapshot.settings.history)
     stop = asyncio.Event()
     task = asyncio.create_task(exporter.run(stop), name="history-export")
+    app[HISTORY].pool = pool
     yield
+    app[HISTORY].pool = None
     stop.set()
     try:
         await asyncio.wait_for(task, 10)
@@ -239,6 +243,7 @@ def create_app(
     app[STORE_URL] = store_url
     configured = settings.history.url
     app[HISTORY_URL] = history_url or ("" if configured in ("embedded", "off") else configured)
+    app[HISTORY] = HistoryReader()
     metrics = app[METRICS] = Metrics()
 
     def prime(snapshot: Snapshot) -> None:

@@ -26,6 +26,7 @@ __all__ = [
     "ApiNotServed",
     "CostCapExceeded",
     "GatewayError",
+    "HistoryUnavailable",
     "IdempotencyConflict",
     "InsufficientBalance",
     "InternalError",
@@ -159,6 +160,17 @@ class LedgerUnavailable(GatewayError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
+
+
+class HistoryUnavailable(GatewayError):
+    """The usage history's database does not answer a read (the ledger itself is fine)."""
+
+    status = 503
+    type = "server_error"
+    code = "history_unavailable"
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "5"}
 
 
 class LedgerScriptError(GatewayError):

@@ -9,6 +9,7 @@ import redis.asyncio as aioredis
 from aiohttp import web
 
 from gateway.config.reload import Reloader
+from gateway.history.reader import HistoryReader
 from gateway.ledger import Ledger
 from gateway.ledger.journal import SettlementJournal
 from gateway.observability.metrics import Metrics
@@ -16,6 +17,7 @@ from gateway.state import ConfigHolder
 
 __all__ = [
     "CONFIG",
+    "HISTORY",
     "HISTORY_URL",
     "HTTP",
     "JOURNAL",
@@ -33,6 +35,8 @@ CONFIG = web.AppKey("config", ConfigHolder)
 STORE_URL = web.AppKey("store_url", str)
 STORE = web.AppKey("store", aioredis.Redis)
 HTTP = web.AppKey("http", aiohttp.ClientSession)
+# The history database's reads (its pool set while the app runs, None when history is off).
+HISTORY = web.AppKey("history", HistoryReader)
 # The history database's URL ("" when history is off).
 HISTORY_URL = web.AppKey("history_url", str)
 LEDGER = web.AppKey("ledger", Ledger)

@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from gateway.accounts.apikeys import KEY_PREFIX, new_api_key
 from gateway.accounts.notifier import load_preferences
 from gateway.accounts.preferences import NotificationPreferences
-from gateway.admin.views import USAGE_FIELDS, account_view, csv_row, prices_view, usage_view
+from gateway.admin.views import USAGE_FIELDS, account_view, csv_row, prices_view
 from gateway.api.body import read_body
 from gateway.config.types import check_rate_limit
 from gateway.errors import (
@@ -28,12 +28,13 @@ from gateway.errors import (
     ModelNotFound,
     NotFound,
 )
-from gateway.keys import CONFIG, LEDGER, RELOADER
+from gateway.history.reader import usage_page
+from gateway.keys import CONFIG, HISTORY, LEDGER, RELOADER
 from gateway.ledger import AccountRecord, Ledger
 from gateway.ledger.keys import ACCOUNT_CURSOR, ID_RULE, valid_account_id, valid_id
 from gateway.money import MAX_BALANCE_MICROS, format_micros, parse_amount
 from gateway.ratelimit import rule_spec
-from gateway.timefmt import iso_ms, now_ms
+from gateway.timefmt import iso_ms, now_ms, parse_iso_ms
 
 __all__ = ["routes"]
 
@@ -246,14 +247,35 @@ def _after(request: web.Request) -> str | None:
     return after
 
 
+def _time(request: web.Request, name: str) -> int | None:
+    raw = request.query.get(name)
+    if raw is None:
+        return None
+    try:
+        return parse_iso_ms(raw)
+    except ValueError:
+        raise InvalidRequest(
+            f"{name} must be an ISO 8601 time such as 2026-12-01T00:00:00Z", param=name
+        ) from None
+
+
 async def usage(request: web.Request) -> web.StreamResponse:
-    """GET /admin/accounts/{id}/usage?limit=&after= -> {"data", "next"}; CSV on request."""
+    """GET /admin/accounts/{id}/usage?limit=&after=&since=&until= -> {"data", "next"}, across
+    the store and the history database (gateway/history/reader.py); CSV on request."""
     account_id = _account_id(request)
     limit, after = _limit(request), _after(request)
+    since, until = _time(request, "since"), _time(request, "until")
     ledger = request.config_dict[LEDGER]
     await _existing(ledger, account_id)
-    entries, cursor = await ledger.usage(account_id, limit, after)
-    records = [usage_view(entry_id, fields) for entry_id, fields in entries]
+    records, cursor = await usage_page(
+        ledger,
+        request.config_dict[HISTORY],
+        account_id,
+        after,
+        limit,
+        0 if since is None else since,
+        2**62 if until is None else until,
+    )
     if "text/csv" in request.headers.get("Accept", ""):
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=USAGE_FIELDS, lineterminator="\n")

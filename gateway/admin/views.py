@@ -9,9 +9,9 @@ from gateway.ledger import AccountRecord
 from gateway.money import format_micros
 from gateway.pricing import Prices, prices_at, sheet_prices
 from gateway.timefmt import iso_ms
-from gateway.usage_record import USAGE_FIELDS, UsageRecord
+from gateway.usage_record import USAGE_FIELDS
 
-__all__ = ["USAGE_FIELDS", "account_view", "csv_row", "prices_view", "usage_view"]
+__all__ = ["USAGE_FIELDS", "account_view", "csv_row", "prices_view"]
 
 
 def account_view(account: AccountRecord, settings: Settings) -> dict[str, Any]:
@@ -35,11 +35,6 @@ def account_view(account: AccountRecord, settings: Settings) -> dict[str, Any]:
         "subscriptions": list(account.subscriptions),
         "created_at": iso_ms(account.created_at),
     }
-
-
-def usage_view(entry_id: str, fields: dict[str, str]) -> dict[str, Any]:
-    """One usage record as the API shows it."""
-    return UsageRecord.from_fields(fields).view(entry_id)
 
 
 def _sheet_view(prices: Prices) -> dict[str, Any]:

@@ -1,0 +1,155 @@
+"""Reading an account's usage across the store's window and the history database.
+
+The store holds the recent records (those not yet exported, and exported ones younger than
+`history.keep_in_store`); the database holds every exported one. A page is the records of
+both, each once, in the account's stream order (entry ids, which never change), so a walk
+that follows the cursors sees every record exactly once, whether it was trimmed from the
+store, exported, or neither, meanwhile. `since` / `until` select by the record's time.
+
+Each source is read only so far: the store up to LIST_EXAMINE entries a page, the database
+up to `limit + 1` rows. A page emits only records up to the first point where a source
+stopped early (every record before it was seen in both), so a record of one source is never
+skipped for a later one of the other.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gateway.errors import HistoryUnavailable
+from gateway.ledger import Ledger
+from gateway.ledger.keys import stream_id_after
+from gateway.observability.logging import get_logger
+from gateway.usage_record import UsageRecord
+
+__all__ = ["LIST_EXAMINE", "HistoryReader", "usage_page"]
+
+log = get_logger("gateway.history")
+
+LIST_EXAMINE = 5000  # store entries one page reads at most
+_FAILURES: tuple[type[BaseException], ...] = (OSError,)
+
+
+def _order(stream_id: str) -> tuple[int, int]:
+    ms, _, seq = stream_id.partition("-")
+    return int(ms), int(seq or 0)
+
+
+def record_of(row: Any) -> UsageRecord:
+    """A database row as the record the ledger wrote."""
+    return UsageRecord(
+        request_id=row["request_id"],
+        time=row["time_ms"],
+        kind=row["kind"],
+        cost=row["cost"],
+        status=row["status"],
+        usage_source=row["usage_source"],
+        model=row["model"],
+        prompt_tokens=row["prompt_tokens"],
+        completion_tokens=row["completion_tokens"],
+        cached_tokens=row["cached_tokens"],
+        cache_write_tokens=row["cache_write_tokens"],
+        reasoning_tokens=row["reasoning_tokens"],
+        uncharged=row["uncharged"],
+        price_version=row["price_version"],
+        stream=row["stream"],
+        gateway_prompt_tokens=row["gateway_prompt_tokens"],
+        gateway_completion_tokens=row["gateway_completion_tokens"],
+        key_id=row["key_id"],
+        upstream=row["upstream"],
+        channel=row["channel"],
+        event=row["event"],
+        bytes=row["bytes"],
+    )
+
+
+class HistoryReader:
+    """The database side of the reads (no pool: history is off, the store is all there is)."""
+
+    def __init__(self) -> None:
+        self.pool: Any = None
+
+    @property
+    def enabled(self) -> bool:
+        return self.pool is not None
+
+    async def usage(
+        self, account_id: str, after: str | None, limit: int, since: int, until: int
+    ) -> list[tuple[str, UsageRecord]]:
+        """Up to `limit` exported records after entry `after`, in stream order."""
+        ms, seq = _order(after) if after else (-1, 0)
+        try:
+            async with self.pool.acquire() as conn:
+                rows = await conn.fetch(
+                    "SELECT * FROM usage_records WHERE account_id = $1"
+                    " AND (stream_ms, stream_seq) > ($2, $3)"
+                    " AND time_ms >= $4 AND time_ms < $5"
+                    " ORDER BY stream_ms, stream_seq LIMIT $6",
+                    account_id,
+                    ms,
+                    seq,
+                    since,
+                    until,
+                    limit,
+                )
+        except Exception as exc:  # the pool's failures are of many classes; each is the same
+            log.warning("history database unavailable for a read", error=str(exc))
+            raise HistoryUnavailable(
+                f"the history database is unavailable ({type(exc).__name__})"
+            ) from exc
+        return [(row["stream_id"], record_of(row)) for row in rows]
+
+
+async def _store_side(
+    ledger: Ledger, account_id: str, after: str | None, limit: int, since: int, until: int
+) -> tuple[list[tuple[str, UsageRecord]], str | None]:
+    """Matching store records (up to limit + 1) and, if the stream goes on past what was
+    read, the last entry read."""
+    found: list[tuple[str, UsageRecord]] = []
+    examined = 0
+    cursor = after
+    while True:
+        chunk = max(limit + 1, 100)
+        entries, more = await ledger.usage(account_id, chunk, cursor)
+        for entry_id, fields in entries:
+            record = UsageRecord.from_fields(fields)
+            if since <= record.time < until:
+                found.append((entry_id, record))
+        examined += len(entries)
+        if not more or not entries:
+            return found, None
+        cursor = entries[-1][0]
+        if len(found) > limit or examined >= LIST_EXAMINE:
+            return found, cursor
+
+
+async def usage_page(
+    ledger: Ledger,
+    reader: HistoryReader,
+    account_id: str,
+    after: str | None,
+    limit: int,
+    since: int = 0,
+    until: int = 2**62,
+) -> tuple[list[dict[str, Any]], str | None]:
+    """One page of the account's records (their API views) and the next page's cursor."""
+    stored, store_bound = await _store_side(ledger, account_id, after, limit, since, until)
+    merged = {entry_id: record for entry_id, record in stored}
+    bounds = [store_bound] if store_bound else []
+    if reader.enabled:
+        exported = await reader.usage(account_id, after, limit + 1, since, until)
+        for entry_id, record in exported:
+            merged.setdefault(entry_id, record)
+        if len(exported) > limit:
+            bounds.append(exported[-1][0])
+    order = sorted(merged, key=_order)
+    cut = min(bounds, key=_order) if bounds else None
+    if cut is not None:
+        order = [entry_id for entry_id in order if _order(entry_id) <= _order(cut)]
+    page = order[:limit]
+    views = [merged[entry_id].view(entry_id) for entry_id in page]
+    if len(order) > limit:
+        return views, page[-1]
+    if cut is not None and stream_id_after(cut) is not None:
+        return views, cut  # everything up to the cut was read; the rest comes next
+    return views, None
