@@ -29,6 +29,7 @@ from gateway.errors import (
     NotFound,
 )
 from gateway.history.reader import usage_page
+from gateway.history.reports import statement, summary
 from gateway.keys import CONFIG, HISTORY, LEDGER, RELOADER
 from gateway.ledger import AccountRecord, Ledger
 from gateway.ledger.keys import ACCOUNT_CURSOR, ID_RULE, valid_account_id, valid_id
@@ -286,6 +287,78 @@ async def usage(request: web.Request) -> web.StreamResponse:
     return _json({"data": records, "next": cursor})
 
 
+async def usage_summary(request: web.Request) -> web.Response:
+    """GET /admin/accounts/{id}/usage/summary?group_by=day|model|key&since=&until="""
+    account_id = _account_id(request)
+    group_by = request.query.get("group_by", "day")
+    if group_by not in ("day", "model", "key"):
+        raise InvalidRequest("group_by must be day, model or key", param="group_by")
+    since, until = _time(request, "since"), _time(request, "until")
+    ledger = request.config_dict[LEDGER]
+    await _existing(ledger, account_id)
+    body = await summary(
+        ledger,
+        request.config_dict[HISTORY],
+        account_id,
+        group_by,  # type: ignore[arg-type]
+        0 if since is None else since,
+        2**62 if until is None else until,
+    )
+    body["since"], body["until"] = iso_ms(since), iso_ms(until)
+    return _json(body)
+
+
+_MONTH = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
+STATEMENT_FIELDS = (
+    "line",
+    "name",
+    "kind",
+    "time",
+    "calls",
+    "prompt_tokens",
+    "completion_tokens",
+    "cached_tokens",
+    "cache_write_tokens",
+    "reasoning_tokens",
+    "amount",
+)
+
+
+async def account_statement(request: web.Request) -> web.Response:
+    """GET /admin/accounts/{id}/statements/{YYYY-MM}: JSON, or CSV with Accept: text/csv."""
+    account_id = _account_id(request)
+    month = request.match_info["month"]
+    if not _MONTH.fullmatch(month):
+        raise InvalidRequest("the month must be written YYYY-MM, such as 2026-11", param="month")
+    ledger = request.config_dict[LEDGER]
+    record = await _existing(ledger, account_id)
+    body = await statement(ledger, request.config_dict[HISTORY], account_id, month, record.balance)
+    if "text/csv" not in request.headers.get("Accept", ""):
+        return _json(body)
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=STATEMENT_FIELDS, lineterminator="\n")
+    writer.writeheader()
+    writer.writerow({"line": "opening_balance", "amount": body["opening_balance"]})
+    for topup in body["topups"]:
+        writer.writerow(
+            {"line": "topup", "name": topup["id"], "time": topup["time"], "amount": topup["amount"]}
+        )
+    for line in body["usage"]:
+        writer.writerow(
+            {
+                "line": "usage",
+                "name": line["model"],
+                "kind": line["kind"],
+                **{k: line[k] for k in STATEMENT_FIELDS[4:10]},
+                "amount": line["cost"],
+            }
+        )
+    notes = body["notifications"]
+    writer.writerow({"line": "notifications", "calls": notes["count"], "amount": notes["cost"]})
+    writer.writerow({"line": "closing_balance", "amount": body["closing_balance"]})
+    return web.Response(text=buffer.getvalue(), content_type="text/csv")
+
+
 def _limit_value(data: dict[str, Any], kind: str) -> str:
     value = data.get(kind)
     if value is None:
@@ -414,6 +487,8 @@ routes = [
     web.post("/accounts/{account_id}/subscriptions", subscribe),
     web.delete("/accounts/{account_id}/subscriptions/{model:.+}", unsubscribe),
     web.get("/accounts/{account_id}/usage", usage),
+    web.get("/accounts/{account_id}/usage/summary", usage_summary),
+    web.get("/accounts/{account_id}/statements/{month}", account_statement),
     web.put("/accounts/{account_id}/notifications", put_notifications),
     web.get("/accounts/{account_id}/notifications", get_notifications),
     web.get("/accounts/{account_id}/dead-letters", dead_letters),

@@ -272,8 +272,26 @@ class Exporter:
                 await conn.copy_records_to_table(
                     "staged_usage", records=usage, columns=USAGE_COLUMNS
                 )
+                # The monthly totals grow by the rows inserted now, and only those.
                 await conn.execute(
-                    "INSERT INTO usage_records SELECT * FROM staged_usage ON CONFLICT DO NOTHING"
+                    "WITH inserted AS (INSERT INTO usage_records SELECT * FROM staged_usage"
+                    " ON CONFLICT DO NOTHING RETURNING *)"
+                    " INSERT INTO usage_monthly SELECT account_id,"
+                    " date_trunc('month', at AT TIME ZONE 'UTC')::date, model, kind, count(*),"
+                    " sum(prompt_tokens), sum(completion_tokens), sum(cached_tokens),"
+                    " sum(cache_write_tokens), sum(reasoning_tokens), sum(cost)"
+                    " FROM inserted GROUP BY 1, 2, 3, 4"
+                    " ON CONFLICT (account_id, month, model, kind) DO UPDATE SET"
+                    " calls = usage_monthly.calls + EXCLUDED.calls,"
+                    " prompt_tokens = usage_monthly.prompt_tokens + EXCLUDED.prompt_tokens,"
+                    " completion_tokens = usage_monthly.completion_tokens"
+                    " + EXCLUDED.completion_tokens,"
+                    " cached_tokens = usage_monthly.cached_tokens + EXCLUDED.cached_tokens,"
+                    " cache_write_tokens = usage_monthly.cache_write_tokens"
+                    " + EXCLUDED.cache_write_tokens,"
+                    " reasoning_tokens = usage_monthly.reasoning_tokens"
+                    " + EXCLUDED.reasoning_tokens,"
+                    " cost = usage_monthly.cost + EXCLUDED.cost"
                 )
             if topups:
                 await conn.execute(

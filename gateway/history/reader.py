@@ -14,9 +14,11 @@ skipped for a later one of the other.
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
 from typing import Any
 
-from gateway.errors import HistoryUnavailable
+from gateway.errors import GatewayError, HistoryUnavailable
 from gateway.ledger import Ledger
 from gateway.ledger.keys import stream_id_after
 from gateway.observability.logging import get_logger
@@ -27,7 +29,6 @@ __all__ = ["LIST_EXAMINE", "HistoryReader", "usage_page"]
 log = get_logger("gateway.history")
 
 LIST_EXAMINE = 5000  # store entries one page reads at most
-_FAILURES: tuple[type[BaseException], ...] = (OSError,)
 
 
 def _order(stream_id: str) -> tuple[int, int]:
@@ -73,30 +74,38 @@ class HistoryReader:
     def enabled(self) -> bool:
         return self.pool is not None
 
-    async def usage(
-        self, account_id: str, after: str | None, limit: int, since: int, until: int
-    ) -> list[tuple[str, UsageRecord]]:
-        """Up to `limit` exported records after entry `after`, in stream order."""
-        ms, seq = _order(after) if after else (-1, 0)
+    @contextlib.asynccontextmanager
+    async def connection(self) -> AsyncIterator[Any]:
+        """A pooled connection; any failure of the database is HistoryUnavailable (503)."""
         try:
             async with self.pool.acquire() as conn:
-                rows = await conn.fetch(
-                    "SELECT * FROM usage_records WHERE account_id = $1"
-                    " AND (stream_ms, stream_seq) > ($2, $3)"
-                    " AND time_ms >= $4 AND time_ms < $5"
-                    " ORDER BY stream_ms, stream_seq LIMIT $6",
-                    account_id,
-                    ms,
-                    seq,
-                    since,
-                    until,
-                    limit,
-                )
+                yield conn
+        except GatewayError:
+            raise
         except Exception as exc:  # the pool's failures are of many classes; each is the same
             log.warning("history database unavailable for a read", error=str(exc))
             raise HistoryUnavailable(
                 f"the history database is unavailable ({type(exc).__name__})"
             ) from exc
+
+    async def usage(
+        self, account_id: str, after: str | None, limit: int, since: int, until: int
+    ) -> list[tuple[str, UsageRecord]]:
+        """Up to `limit` exported records after entry `after`, in stream order."""
+        ms, seq = _order(after) if after else (-1, 0)
+        async with self.connection() as conn:
+            rows = await conn.fetch(
+                "SELECT * FROM usage_records WHERE account_id = $1"
+                " AND (stream_ms, stream_seq) > ($2, $3)"
+                " AND time_ms >= $4 AND time_ms < $5"
+                " ORDER BY stream_ms, stream_seq LIMIT $6",
+                account_id,
+                ms,
+                seq,
+                since,
+                until,
+                limit,
+            )
         return [(row["stream_id"], record_of(row)) for row in rows]
 
 
