@@ -25,7 +25,7 @@ from gateway.api.protocol import answer_protocol_errors_in_json
 from gateway.config.reload import Reloader
 from gateway.config.schema import Settings
 from gateway.errors import GatewayError
-from gateway.history.reader import HistoryReader
+from gateway.history.reader import HistoryReader, settled_in_history
 from gateway.keys import (
     CONFIG,
     HISTORY,
@@ -41,7 +41,7 @@ from gateway.keys import (
     STORE_URL,
 )
 from gateway.ledger import Ledger
-from gateway.ledger.journal import SettlementJournal, store_identity
+from gateway.ledger.journal import Entry, SettlementJournal, store_identity
 from gateway.ledger.transport import SCRIPT_NAMES
 from gateway.metering.tokenizers import warm_encodings
 from gateway.observability.access import access_middleware
@@ -69,6 +69,10 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     app[STORE] = client
     channel = channel_for(app[STORE_URL])
     ledger = app[LEDGER] = Ledger(client, channel)
+    settings = app[CONFIG].snapshot.settings
+    if app[HISTORY_URL] and settings.billing.metering:
+        # Settled markers need only outlive the export: an older replay asks the database.
+        ledger.settled_ttl = int(settings.history.settled_ttl)
     redis_latency = app[METRICS].redis_latency
     by_operation = {name: redis_latency.labels(name) for name in SCRIPT_NAMES}
     ledger.observe = lambda operation, seconds: by_operation[operation].observe(seconds)
@@ -153,9 +157,17 @@ async def _history_ctx(app: web.Application) -> AsyncIterator[None]:
     exporter = Exporter(HistoryFeed(app[LEDGER]), pool, app[CONFIG].snapshot.settings.history)
     stop = asyncio.Event()
     task = asyncio.create_task(exporter.run(stop), name="history-export")
-    app[HISTORY].pool = pool
+    reader = app[HISTORY]
+    reader.pool = pool
+    ttl = app[LEDGER].settled_ttl
+
+    async def vouch(entries: list[Entry]) -> set[str] | None:
+        return await settled_in_history(reader, ttl, entries)
+
+    app[JOURNAL].history_check = vouch
     yield
-    app[HISTORY].pool = None
+    app[JOURNAL].history_check = None
+    reader.pool = None
     stop.set()
     try:
         await asyncio.wait_for(task, 10)

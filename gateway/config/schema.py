@@ -244,6 +244,10 @@ class HistoryConfig(_Frozen):
     export_interval: Annotated[Duration, bounded("50ms", "1h")] = 1.0
     # The most records one export transaction writes.
     batch_size: int = Field(default=5000, ge=1, le=100_000)
+    # How long the store remembers a settled request id (what makes a settlement idempotent),
+    # with history on: a settlement replayed later is checked against the database instead.
+    # With history off the store keeps them 7 days.
+    settled_ttl: Annotated[Duration, bounded("10m", "7d")] = 3600.0
 
     _url = field_validator("url")(_history_url)
 

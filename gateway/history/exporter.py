@@ -198,6 +198,7 @@ class Exporter:
         return done
 
     async def _export(self, conn: asyncpg.Connection, done: ExportPass) -> None:
+        started_ms = int(time.time() * 1000)
         rows = await conn.fetch("SELECT account_id, stream, last_id FROM export_cursors")
         cursors: dict[tuple[str, str], str] = {(r[0], r[1]): r[2] for r in rows}
         batch = self.config.batch_size
@@ -224,6 +225,13 @@ class Exporter:
                 usage, topups, advanced = [], [], {}
             if after is None:
                 break
+        if not done.behind:  # every entry written before the pass began is in the database
+            await conn.execute(
+                "INSERT INTO export_progress (id, full_pass_started_ms) VALUES (1, $1)"
+                " ON CONFLICT (id) DO UPDATE"
+                " SET full_pass_started_ms = EXCLUDED.full_pass_started_ms",
+                started_ms,
+            )
         done.trimmed = await self._trim(cursors)
 
     @staticmethod

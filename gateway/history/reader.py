@@ -20,11 +20,13 @@ from typing import Any
 
 from gateway.errors import GatewayError, HistoryUnavailable
 from gateway.ledger import Ledger
+from gateway.ledger.journal import Entry
 from gateway.ledger.keys import stream_id_after
 from gateway.observability.logging import get_logger
+from gateway.timefmt import now_ms
 from gateway.usage_record import UsageRecord
 
-__all__ = ["LIST_EXAMINE", "HistoryReader", "usage_page"]
+__all__ = ["LIST_EXAMINE", "HistoryReader", "settled_in_history", "usage_page"]
 
 log = get_logger("gateway.history")
 
@@ -162,3 +164,35 @@ async def usage_page(
     if cut is not None and stream_id_after(cut) is not None:
         return views, cut  # everything up to the cut was read; the rest comes next
     return views, None
+
+
+# How far the store's clock (stream ids) and a gateway's may disagree.
+CLOCK_MARGIN_MS = 60_000
+
+
+async def settled_in_history(
+    reader: HistoryReader, ttl_seconds: int, entries: list[Entry]
+) -> set[str] | None:
+    """Which of these journal entries' requests the database has a record of, or None when
+    it cannot vouch: an entry older than its settled marker was either settled more than the
+    marker's TTL ago (so its record was written then, and is in the database if a full export
+    pass began after it) or never. Without such a pass, or without the database, None."""
+    if not reader.enabled or not entries:
+        return None
+    try:
+        async with reader.connection() as conn:
+            progress = await conn.fetchval(
+                "SELECT full_pass_started_ms FROM export_progress WHERE id = 1"
+            )
+            horizon = now_ms() - ttl_seconds * 1000 + CLOCK_MARGIN_MS
+            if progress is None or progress < horizon:
+                return None
+            rows = await conn.fetch(
+                "SELECT request_id FROM usage_records WHERE (account_id, request_id) IN"
+                " (SELECT * FROM unnest($1::text[], $2::text[]))",
+                [e.account_id for e in entries],
+                [e.request_id for e in entries],
+            )
+    except GatewayError:
+        return None
+    return {row["request_id"] for row in rows}

@@ -29,7 +29,7 @@ import fcntl
 import hashlib
 import os
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,6 @@ from typing import Any
 import orjson
 
 from gateway.errors import GatewayError, LedgerUnavailable
-from gateway.ledger.keys import SETTLED_TTL_SECONDS
 from gateway.ledger.ledger import Ledger
 from gateway.ledger.records import TokenCharge
 from gateway.observability.logging import get_logger
@@ -186,6 +185,10 @@ class SettlementJournal:
         self._adopted_at = float("-inf")
         self._syncs: set[asyncio.Future[None]] = set()  # fsyncs in flight (kept referenced)
         self.store_failures = 0  # consecutive replays the store did not answer
+        # With history on: which of these stale entries' requests the history database proves
+        # settled (their ids), or None when it cannot vouch (its export is behind); see
+        # `_vouched`.
+        self.history_check: Callable[[list[Entry]], Awaitable[set[str] | None]] | None = None
 
     # the hot path ---------------------------------------------------------------------------
 
@@ -352,7 +355,9 @@ class SettlementJournal:
                     continue  # its writer is alive
                 if not path.exists():
                     continue  # removed between our open and our lock
-                entries = _replayable(path, [Entry.decode(line) for line in _read_lines(fd)])
+                entries = await self._vouched(
+                    path, [Entry.decode(line) for line in _read_lines(fd)]
+                )
                 if entries:
                     log.warning(
                         "replaying a journal left by a stopped gateway",
@@ -379,6 +384,28 @@ class SettlementJournal:
                 os.close(fd)
         return replayed
 
+    async def _vouched(self, path: Path, entries: list[Entry]) -> list[Entry]:
+        """The entries still safe to send again. A settlement is idempotent only while the
+        store remembers its request id (`ledger.settled_ttl`): one older than that (see
+        `stale_cutoff`) could be charged twice. With history on, the database decides: a
+        request it has is settled (the entry is dropped), one it lacks never was (sent
+        again), as long as its export is not behind; otherwise, and with history off, such
+        an entry is set aside in `<segment>.stale` for an operator."""
+        cutoff = stale_cutoff(self.ledger.settled_ttl)
+        stale = [e for e in entries if not e.release and e.now_ms < cutoff]
+        if not stale:
+            return entries
+        settled = await self.history_check(stale) if self.history_check is not None else None
+        if settled is None:
+            return _set_aside(path, entries, stale)
+        log.warning(
+            "old journal entries checked against the history database",
+            segment=path.name,
+            settled=len([e for e in stale if e.request_id in settled]),
+            replayed=len([e for e in stale if e.request_id not in settled]),
+        )
+        return [e for e in entries if e.release or e.request_id not in settled]
+
     async def close(self) -> None:
         """At shutdown: a last bounded replay; what is still owed stays on disk."""
         with contextlib.suppress(TimeoutError, LedgerUnavailable):
@@ -402,14 +429,16 @@ class SettlementJournal:
         self._current = None
 
 
-def _replayable(path: Path, entries: list[Entry]) -> list[Entry]:
-    """The entries still safe to send again. A settlement is idempotent only while the store
-    remembers its request id (SETTLED_TTL_SECONDS): one older than that, less a day, could be
-    charged twice, so it is set aside in `<segment>.stale` for an operator and logged."""
-    cutoff = int(time.time() * 1000) - (SETTLED_TTL_SECONDS - 86400) * 1000
-    stale = [e for e in entries if not e.release and e.now_ms < cutoff]
-    if not stale:
-        return entries
+def stale_cutoff(ttl_seconds: int) -> int:
+    """The time (ms) before which a settlement may have outlived its settled marker: its
+    marker's TTL ago, less a margin (a quarter of it, at most a day) for the time between the
+    entry and its first settlement."""
+    margin = min(86400, ttl_seconds // 4)
+    return int(time.time() * 1000) - (ttl_seconds - margin) * 1000
+
+
+def _set_aside(path: Path, entries: list[Entry], stale: list[Entry]) -> list[Entry]:
+    """Keep `stale` in `<segment>.stale` for an operator (logged); the rest goes on."""
     with open(path.with_suffix(".stale"), "ab") as out:
         out.writelines(e.encode() + b"\n" for e in stale)
     log.error(
@@ -418,7 +447,8 @@ def _replayable(path: Path, entries: list[Entry]) -> list[Entry]:
         entries=len(stale),
         kept_in=path.with_suffix(".stale").name,
     )
-    return [e for e in entries if e.release or e.now_ms >= cutoff]
+    kept = {id(e) for e in stale}
+    return [e for e in entries if id(e) not in kept]
 
 
 def _read_lines(fd: int) -> list[bytes]:

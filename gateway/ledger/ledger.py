@@ -57,6 +57,8 @@ class Ledger:
         self.channel = channel  # the scripts' pipelined connection (single-node stores)
         self.scripts = ScriptRunner(client, channel)
         self.indexes = Indexes(self.scripts)
+        # How long a settled request id is remembered (history.settled_ttl with history on).
+        self.settled_ttl = SETTLED_TTL_SECONDS
 
     @property
     def observe(self) -> Callable[[str, float], None] | None:
@@ -346,7 +348,7 @@ class Ledger:
             request_id,
             cost,
             now_ms,
-            SETTLED_TTL_SECONDS,
+            self.settled_ttl,
             account_id,
             "1" if only_if_lease_ended else "0",
             actual_tokens - charge.tokens if charge else 0,

@@ -10,6 +10,8 @@ import copy
 import re
 from typing import Any, NamedTuple
 
+from gateway.config.schema import format_duration
+
 CEILING = "36500d"  # every duration without a maximum of its own
 MAX_TOKENS_PER_CALL = 10**8
 
@@ -39,6 +41,7 @@ DURATIONS = (
     Bound("notifications.timeout", "100ms", "1m"),
     Bound("history.keep_in_store", "1s", "3650d"),
     Bound("history.export_interval", "50ms", "1h"),
+    Bound("history.settled_ttl", "10m", "7d"),
 )
 
 INTS = (
@@ -160,7 +163,8 @@ def too_large(bound: Bound) -> Any:
 
 def too_small_message(bound: Bound, value: Any) -> str:
     if isinstance(bound.low, str):
-        return f"{bound.path}: must be at least {bound.low} (got {value})"
+        got = format_duration(millis(value) / 1000) if isinstance(value, str) else value
+        return f"{bound.path}: must be at least {bound.low} (got {got})"
     return f"{bound.path}: Input should be greater than or equal to {bound.low}"
 
 
