@@ -247,10 +247,14 @@ def _audit(args: argparse.Namespace) -> int:
             print(f"audit: the embedded store could not be started: {exc}", file=sys.stderr)
             return AUDIT_NO_STORE
 
+    history_url = _history_url_for_audit(settings)
+
     async def run() -> int:
         client = connect_store(url)
         try:
             report = await audit_store(client)
+            if history_url:
+                await _audit_history(client, history_url, report)
         finally:
             await client.aclose()
         print(report.render())
@@ -268,6 +272,40 @@ def _audit(args: argparse.Namespace) -> int:
     finally:
         if store is not None:
             store.stop()
+
+
+def _history_url_for_audit(settings: Settings) -> str | None:
+    """The history database `audit` checks too: the configured server's, or the embedded one
+    a running gateway serves (its URL file); None with history off or nothing running."""
+    configured = settings.history.url
+    if configured == "off" or not settings.billing.metering:
+        return None
+    if configured != "embedded":
+        return configured
+    from gateway.history.embedded import URL_FILE
+
+    path = Path(settings.store.data_dir) / "history" / URL_FILE
+    try:
+        return path.read_text().strip() or None
+    except OSError:
+        return None
+
+
+async def _audit_history(client: Any, history_url: str, report: Any) -> None:
+    import asyncpg
+
+    from gateway.history.audit import audit_history
+
+    try:
+        conn = await asyncpg.connect(history_url, timeout=10)
+    except (OSError, asyncpg.PostgresError) as exc:
+        print(f"audit: the history database does not answer ({exc}); not checked", file=sys.stderr)
+        return
+    try:
+        checked = await audit_history(client, conn, report)
+        print(f"history: checked {checked} accounts against the database", file=sys.stderr)
+    finally:
+        await conn.close()
 
 
 def _running_store_url(data_dir: str, wait: float = 15.0) -> str | None:

@@ -133,9 +133,10 @@ def _id_key(stream_id: str) -> tuple[int, int]:
 class ExportPass:
     """What one pass did."""
 
-    __slots__ = ("behind", "topups", "trimmed", "usage")
+    __slots__ = ("behind", "cleared", "topups", "trimmed", "usage")
 
     def __init__(self) -> None:
+        self.cleared = 0  # per-call rows deleted for accounts cleared since the last pass
         self.usage = 0
         self.topups = 0
         self.trimmed = 0
@@ -201,6 +202,7 @@ class Exporter:
         started_ms = int(time.time() * 1000)
         rows = await conn.fetch("SELECT account_id, stream, last_id FROM export_cursors")
         cursors: dict[tuple[str, str], str] = {(r[0], r[1]): r[2] for r in rows}
+        cleared = {r[0]: r[1] for r in await conn.fetch("SELECT * FROM clearings")}
         batch = self.config.batch_size
         usage: list[tuple[Any, ...]] = []
         topups: list[tuple[Any, ...]] = []
@@ -208,6 +210,10 @@ class Exporter:
         after: str | None = None
         while True:
             ids, after = await self.feed.accounts(after, ACCOUNTS_PAGE)
+            for account_id, at in (await self.feed.cleared_at(ids)).items():
+                if at > cleared.get(account_id, -1):
+                    done.cleared += await self._clear(conn, account_id, at)
+                    cleared[account_id] = at
             streams = [(a, s, cursors.get((a, s))) for a in ids for s in ("usage", "topups")]
             replies = await self.feed.new_entries(streams, batch) if streams else []
             for (account_id, stream, _), entries in zip(streams, replies, strict=True):
@@ -321,6 +327,26 @@ class Exporter:
                 [s for _, s in keys],
                 [advanced[k] for k in keys],
             )
+
+    @staticmethod
+    async def _clear(conn: asyncpg.Connection, account_id: str, cleared_at: int) -> int:
+        """The seed's clearing, in the database: the account's per-call rows written up to
+        its clearing are deleted (its monthly totals and top-ups stay); the rows deleted."""
+        async with conn.transaction():
+            status = await conn.execute(
+                "DELETE FROM usage_records WHERE account_id = $1 AND stream_ms <= $2",
+                account_id,
+                cleared_at,
+            )
+            await conn.execute(
+                "INSERT INTO clearings (account_id, cleared_at) VALUES ($1, $2)"
+                " ON CONFLICT (account_id) DO UPDATE SET cleared_at = EXCLUDED.cleared_at",
+                account_id,
+                cleared_at,
+            )
+        deleted = int(status.split()[-1])
+        log.info("cleared account's records deleted from history", account=account_id, rows=deleted)
+        return deleted
 
     # -- the store -----------------------------------------------------------------------
 

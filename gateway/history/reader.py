@@ -20,6 +20,7 @@ from typing import Any
 
 from gateway.errors import GatewayError, HistoryUnavailable
 from gateway.ledger import Ledger
+from gateway.ledger.history_feed import HistoryFeed
 from gateway.ledger.journal import Entry
 from gateway.ledger.keys import stream_id_after
 from gateway.observability.logging import get_logger
@@ -91,10 +92,19 @@ class HistoryReader:
             ) from exc
 
     async def usage(
-        self, account_id: str, after: str | None, limit: int, since: int, until: int
+        self,
+        account_id: str,
+        after: str | None,
+        limit: int,
+        since: int,
+        until: int,
+        cleared_at: int = -1,
     ) -> list[tuple[str, UsageRecord]]:
-        """Up to `limit` exported records after entry `after`, in stream order."""
+        """Up to `limit` exported records after entry `after`, in stream order (none written
+        up to the account's clearing: the store deleted them then; the database soon)."""
         ms, seq = _order(after) if after else (-1, 0)
+        if cleared_at >= ms:
+            ms, seq = cleared_at, 2**64
         async with self.connection() as conn:
             rows = await conn.fetch(
                 "SELECT * FROM usage_records WHERE account_id = $1"
@@ -148,7 +158,8 @@ async def usage_page(
     merged = {entry_id: record for entry_id, record in stored}
     bounds = [store_bound] if store_bound else []
     if reader.enabled:
-        exported = await reader.usage(account_id, after, limit + 1, since, until)
+        cleared = (await HistoryFeed(ledger).cleared_at([account_id])).get(account_id, -1)
+        exported = await reader.usage(account_id, after, limit + 1, since, until, cleared)
         for entry_id, record in exported:
             merged.setdefault(entry_id, record)
         if len(exported) > limit:

@@ -12,7 +12,13 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from gateway.ledger.keys import ACCOUNTS, account_keys, stream_id_after, valid_account_id
+from gateway.ledger.keys import (
+    ACCOUNTS,
+    AccountField,
+    account_keys,
+    stream_id_after,
+    valid_account_id,
+)
 from gateway.ledger.ledger import Ledger
 from gateway.ledger.transport import guard, text
 
@@ -67,6 +73,21 @@ class HistoryFeed:
                 pipe.xrange(key, min=start or "+", max="+", count=count)
             replies = await pipe.execute()
         return [_entries(reply) for reply in replies]
+
+    async def cleared_at(self, account_ids: Sequence[str]) -> dict[str, int]:
+        """When each account that has been cleared was cleared (ms)."""
+        if not account_ids:
+            return {}
+        async with guard("history: clearings"):
+            pipe = self.client.pipeline(transaction=False)
+            for account_id in account_ids:
+                pipe.hget(account_keys(account_id).account, AccountField.CLEARED_AT)
+            replies = await pipe.execute()
+        return {
+            account_id: int(text(reply))
+            for account_id, reply in zip(account_ids, replies, strict=True)
+            if reply
+        }
 
     async def trim(self, trims: Sequence[tuple[str, str]]) -> int:
         """For each (account id, exclusive id bound), drop its usage entries below the bound,
