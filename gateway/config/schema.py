@@ -10,6 +10,7 @@ import math
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Annotated, Literal
 from urllib.parse import urlsplit
@@ -191,6 +192,27 @@ def _store_url(value: str) -> str:
     return value
 
 
+def _url_from_env(
+    section: StoreConfig | HistoryConfig,
+    info: ValidationInfo,
+    check: Callable[[str], str],
+    what: str,
+) -> None:
+    """A section's `url` replaced by the variable its `url_env` names, checked as `url` is."""
+    if section.url_env is None:
+        return
+    value = os.environ.get(section.url_env)
+    if not value:
+        if _skip_unset(info):
+            return
+        raise ValueError(f"url_env: environment variable {section.url_env} is not set")
+    try:
+        check(value)
+    except ValueError as exc:
+        raise ValueError(f"url_env: {section.url_env} holds no {what} URL: {exc}") from None
+    object.__setattr__(section, "url", value)
+
+
 class StoreConfig(_Frozen):
     url: str = "embedded"
     # An environment variable holding the URL instead (it may carry a password, which then
@@ -204,18 +226,7 @@ class StoreConfig(_Frozen):
 
     @model_validator(mode="after")
     def _read_url(self, info: ValidationInfo) -> StoreConfig:
-        if self.url_env is None:
-            return self
-        value = os.environ.get(self.url_env)
-        if not value:
-            if _skip_unset(info):
-                return self
-            raise ValueError(f"url_env: environment variable {self.url_env} is not set")
-        try:
-            _store_url(value)
-        except ValueError as exc:
-            raise ValueError(f"url_env: {self.url_env} holds no store URL: {exc}") from None
-        object.__setattr__(self, "url", value)
+        _url_from_env(self, info, _store_url, "store")
         return self
 
 
@@ -253,18 +264,7 @@ class HistoryConfig(_Frozen):
 
     @model_validator(mode="after")
     def _read_url(self, info: ValidationInfo) -> HistoryConfig:
-        if self.url_env is None:
-            return self
-        value = os.environ.get(self.url_env)
-        if not value:
-            if _skip_unset(info):
-                return self
-            raise ValueError(f"url_env: environment variable {self.url_env} is not set")
-        try:
-            _history_url(value)
-        except ValueError as exc:
-            raise ValueError(f"url_env: {self.url_env} holds no history URL: {exc}") from None
-        object.__setattr__(self, "url", value)
+        _url_from_env(self, info, _history_url, "history")
         return self
 
 

@@ -29,7 +29,7 @@ from gateway.history.schema import migrate
 from gateway.ledger.history_feed import Entries, HistoryFeed
 from gateway.ledger.keys import stream_id_after
 from gateway.observability.logging import get_logger
-from gateway.usage_record import UsageRecord
+from gateway.usage_record import USAGE_FIELDS, UsageRecord
 
 __all__ = ["EXPORT_LOCK", "ExportPass", "Exporter"]
 
@@ -37,6 +37,9 @@ log = get_logger("gateway.history")
 
 EXPORT_LOCK = (0x6761, 0x7702)
 ACCOUNTS_PAGE = 500
+# A record's own columns, named and ordered as the API's fields (usage_record.py) after its
+# id, request id and time; the table (migrations/0001) has them in this order too.
+RECORD_COLUMNS = USAGE_FIELDS[3:]
 USAGE_COLUMNS = (
     "account_id",
     "request_id",
@@ -45,26 +48,7 @@ USAGE_COLUMNS = (
     "stream_id",
     "stream_ms",
     "stream_seq",
-    "kind",
-    "model",
-    "prompt_tokens",
-    "completion_tokens",
-    "cached_tokens",
-    "cache_write_tokens",
-    "reasoning_tokens",
-    "cost",
-    "uncharged",
-    "price_version",
-    "usage_source",
-    "status",
-    "stream",
-    "gateway_prompt_tokens",
-    "gateway_completion_tokens",
-    "key_id",
-    "upstream",
-    "channel",
-    "event",
-    "bytes",
+    *RECORD_COLUMNS,
 )
 TOPUP_COLUMNS = ("account_id", "topup_id", "at", "time_ms", "stream_id", "amount")
 _RETRY_S = (0.5, 1.0, 2.0, 5.0, 10.0)
@@ -78,35 +62,8 @@ def usage_row(account_id: str, entry_id: str, fields: dict[str, str]) -> tuple[A
     r = UsageRecord.from_fields(fields)
     stream_ms, stream_seq = _id_key(entry_id)
     time_ms = r.time or stream_ms
-    return (
-        account_id,
-        r.request_id or entry_id,
-        _at(time_ms),
-        time_ms,
-        entry_id,
-        stream_ms,
-        stream_seq,
-        r.kind,
-        r.model,
-        r.prompt_tokens,
-        r.completion_tokens,
-        r.cached_tokens,
-        r.cache_write_tokens,
-        r.reasoning_tokens,
-        r.cost,
-        r.uncharged,
-        r.price_version,
-        r.usage_source,
-        r.status,
-        r.stream,
-        r.gateway_prompt_tokens,
-        r.gateway_completion_tokens,
-        r.key_id,
-        r.upstream,
-        r.channel,
-        r.event,
-        r.bytes,
-    )
+    head = (account_id, r.request_id or entry_id, _at(time_ms), time_ms, entry_id)
+    return (*head, stream_ms, stream_seq, *(getattr(r, name) for name in RECORD_COLUMNS))
 
 
 def topup_row(account_id: str, entry_id: str, fields: dict[str, str]) -> tuple[Any, ...]:

@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from gateway.errors import GatewayError, HistoryUnavailable
+from gateway.history.exporter import RECORD_COLUMNS
 from gateway.ledger import Ledger
 from gateway.ledger.history_feed import HistoryFeed
 from gateway.ledger.journal import Entry
@@ -41,30 +42,8 @@ def _order(stream_id: str) -> tuple[int, int]:
 
 def record_of(row: Any) -> UsageRecord:
     """A database row as the record the ledger wrote."""
-    return UsageRecord(
-        request_id=row["request_id"],
-        time=row["time_ms"],
-        kind=row["kind"],
-        cost=row["cost"],
-        status=row["status"],
-        usage_source=row["usage_source"],
-        model=row["model"],
-        prompt_tokens=row["prompt_tokens"],
-        completion_tokens=row["completion_tokens"],
-        cached_tokens=row["cached_tokens"],
-        cache_write_tokens=row["cache_write_tokens"],
-        reasoning_tokens=row["reasoning_tokens"],
-        uncharged=row["uncharged"],
-        price_version=row["price_version"],
-        stream=row["stream"],
-        gateway_prompt_tokens=row["gateway_prompt_tokens"],
-        gateway_completion_tokens=row["gateway_completion_tokens"],
-        key_id=row["key_id"],
-        upstream=row["upstream"],
-        channel=row["channel"],
-        event=row["event"],
-        bytes=row["bytes"],
-    )
+    own = {name: row[name] for name in RECORD_COLUMNS}
+    return UsageRecord(request_id=row["request_id"], time=row["time_ms"], **own)
 
 
 class HistoryReader:
