@@ -154,7 +154,9 @@ async def _history_ctx(app: web.Application) -> AsyncIterator[None]:
 
     # No connection at start: a database down now delays the export, never the gateway.
     pool = await asyncpg.create_pool(url, min_size=0, max_size=2, command_timeout=60)
-    exporter = Exporter(HistoryFeed(app[LEDGER]), pool, app[CONFIG].snapshot.settings.history)
+    exporter = Exporter(
+        HistoryFeed(app[LEDGER]), pool, app[CONFIG].snapshot.settings.history, app[METRICS]
+    )
     stop = asyncio.Event()
     task = asyncio.create_task(exporter.run(stop), name="history-export")
     reader = app[HISTORY]

@@ -29,6 +29,7 @@ from gateway.history.schema import migrate
 from gateway.ledger.history_feed import Entries, HistoryFeed
 from gateway.ledger.keys import stream_id_after
 from gateway.observability.logging import get_logger
+from gateway.observability.metrics import Metrics
 from gateway.usage_record import USAGE_FIELDS, UsageRecord
 
 __all__ = ["EXPORT_LOCK", "ExportPass", "Exporter"]
@@ -90,9 +91,10 @@ def _id_key(stream_id: str) -> tuple[int, int]:
 class ExportPass:
     """What one pass did."""
 
-    __slots__ = ("behind", "cleared", "topups", "trimmed", "usage")
+    __slots__ = ("behind", "cleared", "full_pass_ms", "topups", "trimmed", "usage")
 
     def __init__(self) -> None:
+        self.full_pass_ms = 0  # when this pass began, if it went through every account
         self.cleared = 0  # per-call rows deleted for accounts cleared since the last pass
         self.usage = 0
         self.topups = 0
@@ -103,10 +105,17 @@ class ExportPass:
 class Exporter:
     """Moves the ledger's history into the database (see the module docstring)."""
 
-    def __init__(self, feed: HistoryFeed, pool: asyncpg.Pool, config: HistoryConfig) -> None:
+    def __init__(
+        self,
+        feed: HistoryFeed,
+        pool: asyncpg.Pool,
+        config: HistoryConfig,
+        metrics: Metrics | None = None,
+    ) -> None:
         self.feed = feed
         self.pool = pool
         self.config = config
+        self.metrics = metrics
         self._partitions: set[tuple[int, int]] = set()
         self._trimmed_at = 0.0
         self.migrated = False
@@ -124,6 +133,8 @@ class Exporter:
                 # PostgresError, InterfaceError, InternalClientError, OSError, ours)
                 delay = _RETRY_S[min(failures, len(_RETRY_S) - 1)]
                 failures += 1
+                if self.metrics is not None:
+                    self.metrics.history_export_failures.inc()
                 log.warning(
                     "history export failed; retrying",
                     error=f"{type(exc).__name__}: {exc}",
@@ -132,6 +143,11 @@ class Exporter:
             else:
                 failures = 0
                 delay = 0.0 if done.behind else self.config.export_interval
+                if self.metrics is not None:
+                    self.metrics.child(self.metrics.history_exported, "usage").inc(done.usage)
+                    self.metrics.child(self.metrics.history_exported, "topups").inc(done.topups)
+                    if done.full_pass_ms:
+                        self.metrics.history_full_pass.set(done.full_pass_ms / 1000)
             if delay:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stopping.wait(), delay)
@@ -189,6 +205,7 @@ class Exporter:
             if after is None:
                 break
         if not done.behind:  # every entry written before the pass began is in the database
+            done.full_pass_ms = started_ms
             await conn.execute(
                 "INSERT INTO export_progress (id, full_pass_started_ms) VALUES (1, $1)"
                 " ON CONFLICT (id) DO UPDATE"

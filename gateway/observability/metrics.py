@@ -156,6 +156,24 @@ class Metrics:
             ["channel", "result"],
             registry=registry,
         )
+        self.history_exported = Counter(
+            "gateway_history_exported",
+            "Records written to the history database, by stream (usage, topups).",
+            ["stream"],
+            registry=registry,
+        )
+        self.history_export_failures = Counter(
+            "gateway_history_export_failures",
+            "Export passes that failed (the database or the store did not answer); retried.",
+            registry=registry,
+        )
+        self.history_full_pass = Gauge(
+            "gateway_history_last_full_pass_timestamp_seconds",
+            "When the last full export pass began: every record settled before it is in the "
+            "history database (now minus this is the export's lag).",
+            registry=registry,
+            multiprocess_mode="max",
+        )
 
     def prime(
         self,
@@ -172,6 +190,8 @@ class Metrics:
         upstreams); series already there keep their values."""
         for result in RELOAD_RESULTS:
             self.child(self.config_reloads, result)
+        for stream in ("usage", "topups"):
+            self.child(self.history_exported, stream)
         for upstream in upstreams:
             for kind in UPSTREAM_ERROR_KINDS:
                 self.child(self.upstream_errors, upstream, kind)

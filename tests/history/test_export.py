@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import random
+import re
 import signal
 import time
 from collections.abc import Callable
@@ -26,7 +27,7 @@ from gateway.history.embedded import EmbeddedPostgres
 from gateway.ledger.keys import account_keys
 from gateway.store.embedded import EmbeddedStore
 from tests.admin_client import Admin
-from tests.billing.checks import micros, wait_no_holds
+from tests.billing.checks import metric_values, micros, wait_no_holds
 from tests.conftest import model_entry
 from tests.history.conftest import history_section
 from tests.procs import Proc
@@ -129,6 +130,14 @@ async def test_records_and_topups_reach_the_database_exactly_once(
 
     assert cursor == max((row["stream_id"] for row in rows), key=order)
     month = rows[0]["at"]
+    exported = metric_values(gw.url, "gateway_history_exported_total")
+    assert exported[frozenset({("stream", "usage")})] >= 20
+    assert exported[frozenset({("stream", "topups")})] >= 2
+    text = Admin(gw.url, token=None).call("GET", "/metrics").body.decode()
+    (last_pass,) = re.findall(
+        r"^gateway_history_last_full_pass_timestamp_seconds (\S+)$", text, re.M
+    )
+    assert time.time() - 10 < float(last_pass) <= time.time()
     partition = f"usage_records_{month.year:04d}_{month.month:02d}"
     assert (
         await db.fetchval(f"SELECT count(*) FROM {partition} WHERE account_id = $1", account_id)  # noqa: S608
