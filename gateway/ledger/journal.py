@@ -309,8 +309,12 @@ class SettlementJournal:
         return not self._owed or await self.replay_owed()
 
     async def replay_owed(self) -> bool:
-        """Send every owed entry again; True when all landed."""
-        items = list(self._owed.items())
+        """Send every owed entry again; True when all landed. An entry owed longer than its
+        settled marker lives (a store down that long: the marker of a settlement whose reply
+        was lost may have expired meanwhile) is checked against the history database first,
+        as an adopted one is (`_vouched`); while the database cannot vouch, it stays owed."""
+        items = await self._checked(list(self._owed.items()))
+        waiting = len(self._owed) - len(items)
         for start in range(0, len(items), REPLAY_BATCH):
             batch = items[start : start + REPLAY_BATCH]
             results = await asyncio.gather(
@@ -329,7 +333,32 @@ class SettlementJournal:
         if self.store_failures:
             log.info("journaled settlements replayed", count=len(items))
         self.store_failures = 0
-        return True
+        return not waiting
+
+    async def _checked(
+        self, items: list[tuple[str, tuple[Entry, int]]]
+    ) -> list[tuple[str, tuple[Entry, int]]]:
+        """The owed entries to send now: old ones the database proves settled are
+        acknowledged, those it cannot vouch for are held back (with history off, every entry
+        goes: its marker lives 7 days)."""
+        if self.history_check is None:
+            return items
+        cutoff = stale_cutoff(self.ledger.settled_ttl)
+        stale = [e for _, (e, _) in items if not e.release and e.now_ms < cutoff]
+        if not stale:
+            return items
+        settled = await self.history_check(stale)
+        old = {e.request_id for e in stale}
+        if settled is None:
+            log.warning(
+                "owed settlements older than their markers wait for the history export",
+                count=len(old),
+            )
+            return [item for item in items if item[0] not in old]
+        for request_id in settled & old:
+            _, seq = self._owed.pop(request_id)
+            self._acknowledge(seq)
+        return [item for item in items if item[0] not in settled]
 
     def _orphan_segments(self) -> Iterator[Path]:
         mine = {segment.path for segment in self._segments.values()}

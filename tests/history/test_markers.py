@@ -128,3 +128,52 @@ async def test_old_replays_are_set_aside_while_the_export_is_behind(
     stale = segment.with_suffix(".stale").read_bytes().splitlines()
     assert [Entry.decode(line).request_id for line in stale] == ["req_maybe"]
     assert redis_client.hget(account_keys(account_id).account, "balance") == b"1000000"
+
+
+async def test_an_owed_entry_older_than_its_marker_asks_the_database(
+    history_gateway: Callable[..., Proc],
+    db: asyncpg.Connection,
+    redis_client: redis.Redis,
+    valkey: EmbeddedStore,
+    pg: EmbeddedPostgres,
+    tmp_path: Path,
+) -> None:
+    """A settlement owed through a store outage longer than its marker lives (its reply lost,
+    its marker expired meanwhile) is not sent blindly when the store is back: the database
+    has its record, so it is acknowledged; one the database lacks is sent, once."""
+    gw = history_gateway()
+    admin = Admin(gw.url)
+    account_id, key = admin.funded(["m"], amount="1.00")
+    (settled,) = await _calls(gw, key, 1)
+    wait_no_holds(redis_client, account_id)
+    (row,) = await _wait_rows(db, account_id, 1)
+    await asyncio.sleep(0.5)  # a full export pass begins after the record was written
+    redis_client.delete(account_keys(account_id).settled(settled))
+    balance = micros(admin.account(account_id)["balance"])
+    old = int(time.time() * 1000) - 2 * HOUR_MS
+    client = aioredis.Redis.from_url(valkey.url)
+    reader = HistoryReader()
+    reader.pool = await asyncpg.create_pool(pg.url, min_size=1, max_size=1)
+    try:
+        ledger = Ledger(client)
+        ledger.settled_ttl = 3600
+        journal = SettlementJournal(ledger, tmp_path / "journal", "s2")
+
+        async def vouch(entries: list[Entry]) -> set[str] | None:
+            return await settled_in_history(reader, ledger.settled_ttl, entries)
+
+        journal.history_check = vouch
+        for entry in (
+            _entry(account_id, settled, old, cost=row["cost"]),
+            _entry(account_id, "req_owed_never_settled", old),
+        ):
+            journal._owe(entry, journal._append(entry), "the store did not answer")
+        assert await journal.replay_owed() is True
+        assert journal.owed == 0
+        await journal.close()
+    finally:
+        await reader.pool.close()
+        await client.aclose()
+    records = [r["request_id"] for r in admin.usage(account_id)]
+    assert sorted(records) == sorted([settled, "req_owed_never_settled"])
+    assert micros(admin.account(account_id)["balance"]) == balance - 1000
