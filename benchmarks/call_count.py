@@ -58,6 +58,11 @@ def _count(tree: Path, calls: int, stream: bool) -> int:
             }
         ],
     }
+    if (tree / "gateway" / "history").is_dir():
+        # The export runs beside the calls and would be counted with them: off unless
+        # --history asks to count it (a tree from before history has no such section).
+        wanted = os.environ.get("CALL_COUNT_HISTORY") == "1"
+        config["history"] = {"url": "embedded" if wanted else "off"}
     (tmp / "gateway.yaml").write_text(yaml.safe_dump(config))
     profile = tmp / "gateway.prof"
     command = [sys.executable, "-m", "cProfile", "-o", str(profile), "-m", "gateway", "serve"]
@@ -105,6 +110,9 @@ def main() -> None:
     parser.add_argument("--tree", type=Path, default=ROOT, help="the checkout to measure")
     parser.add_argument("--calls", type=int, default=1000)
     parser.add_argument("--stream", action="store_true")
+    parser.add_argument(
+        "--history", action="store_true", help="with the history export running (embedded)"
+    )
     args = parser.parse_args()
     # Each count in its own process: a tree's modules must not meet another's.
     if os.environ.get("CALL_COUNT_CHILD"):
@@ -116,14 +124,20 @@ def main() -> None:
         child += ["--stream"] if args.stream else []
         out = subprocess.run(
             child,
-            env={**os.environ, "CALL_COUNT_CHILD": "1"},
+            env={
+                **os.environ,
+                "CALL_COUNT_CHILD": "1",
+                "CALL_COUNT_HISTORY": str(int(args.history)),
+            },
             capture_output=True,
             text=True,
             check=True,
         )
         counts.append(int(out.stdout.split()[-1]))
     per_call = (counts[1] - counts[0]) / args.calls
-    mode = "streamed" if args.stream else "whole answers"
+    mode = ("streamed" if args.stream else "whole answers") + (
+        ", history on" if args.history else ""
+    )
     print(f"{args.tree}: {per_call:.1f} Python calls per metered call ({mode}, {args.calls} calls)")
 
 
