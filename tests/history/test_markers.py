@@ -10,8 +10,9 @@ cannot vouch for the database (behind)."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import asyncpg
@@ -46,25 +47,34 @@ def _segment(directory: Path, entries: list[Entry]) -> Path:
     return path
 
 
-async def _adopt(valkey: EmbeddedStore, pg: EmbeddedPostgres, directory: Path) -> int:
-    """A journal of this process adopting the segments in `directory`, checking old entries
-    against the database as a gateway with history on does."""
+@contextlib.asynccontextmanager
+async def _journal(
+    valkey: EmbeddedStore, pg: EmbeddedPostgres, directory: Path, store_id: str = "s1"
+) -> AsyncIterator[SettlementJournal]:
+    """A journal of this process that checks old entries against the database, as a gateway
+    with history on does."""
     client = aioredis.Redis.from_url(valkey.url)
     reader = HistoryReader()
     reader.pool = await asyncpg.create_pool(pg.url, min_size=1, max_size=1)
     try:
         ledger = Ledger(client)
         ledger.settled_ttl = 3600
-        journal = SettlementJournal(ledger, directory, "s1")
+        journal = SettlementJournal(ledger, directory, store_id)
 
         async def vouch(entries: list[Entry]) -> set[str] | None:
             return await settled_in_history(reader, ledger.settled_ttl, entries)
 
         journal.history_check = vouch
-        return await journal.adopt()
+        yield journal
     finally:
         await reader.pool.close()
         await client.aclose()
+
+
+async def _adopt(valkey: EmbeddedStore, pg: EmbeddedPostgres, directory: Path) -> int:
+    """The segments in `directory` adopted by such a journal."""
+    async with _journal(valkey, pg, directory) as journal:
+        return await journal.adopt()
 
 
 async def test_markers_live_settled_ttl_and_old_replays_ask_the_database(
@@ -151,18 +161,7 @@ async def test_an_owed_entry_older_than_its_marker_asks_the_database(
     redis_client.delete(account_keys(account_id).settled(settled))
     balance = micros(admin.account(account_id)["balance"])
     old = int(time.time() * 1000) - 2 * HOUR_MS
-    client = aioredis.Redis.from_url(valkey.url)
-    reader = HistoryReader()
-    reader.pool = await asyncpg.create_pool(pg.url, min_size=1, max_size=1)
-    try:
-        ledger = Ledger(client)
-        ledger.settled_ttl = 3600
-        journal = SettlementJournal(ledger, tmp_path / "journal", "s2")
-
-        async def vouch(entries: list[Entry]) -> set[str] | None:
-            return await settled_in_history(reader, ledger.settled_ttl, entries)
-
-        journal.history_check = vouch
+    async with _journal(valkey, pg, tmp_path / "journal", "s2") as journal:
         for entry in (
             _entry(account_id, settled, old, cost=row["cost"]),
             _entry(account_id, "req_owed_never_settled", old),
@@ -171,9 +170,6 @@ async def test_an_owed_entry_older_than_its_marker_asks_the_database(
         assert await journal.replay_owed() is True
         assert journal.owed == 0
         await journal.close()
-    finally:
-        await reader.pool.close()
-        await client.aclose()
     records = [r["request_id"] for r in admin.usage(account_id)]
     assert sorted(records) == sorted([settled, "req_owed_never_settled"])
     assert micros(admin.account(account_id)["balance"]) == balance - 1000
