@@ -14,15 +14,13 @@ from typing import Any
 import redis.asyncio as aioredis
 
 from gateway.audit import AuditReport
-from gateway.ledger.history_feed import HistoryFeed
+from gateway.ledger.history_feed import BACKLOG_MAX, HistoryFeed
 from gateway.ledger.keys import ACCOUNT_KEY_PATTERN, AccountField, account_id_of, account_keys
 from gateway.ledger.ledger import Ledger
 from gateway.ledger.transport import text
 from gateway.money import format_micros
 
 __all__ = ["audit_history"]
-
-BACKLOG_MAX = 1_000_000
 
 
 async def audit_history(client: aioredis.Redis, conn: Any, report: AuditReport) -> int:

@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 from gateway.history.reader import HistoryReader
 from gateway.ledger import Ledger
-from gateway.ledger.history_feed import HistoryFeed
+from gateway.ledger.history_feed import BACKLOG_MAX, HistoryFeed
 from gateway.money import format_micros
 from gateway.timefmt import iso_ms
 from gateway.usage_record import UsageRecord
@@ -36,7 +36,6 @@ _SQL_GROUP = {
 }
 _CLASSES = ("prompt_tokens", "completion_tokens", "cached_tokens", "cache_write_tokens")
 _COLUMNS = (*_CLASSES, "reasoning_tokens")
-BACKLOG_MAX = 1_000_000  # store entries read after a cursor at most (the unexported backlog)
 
 
 @dataclass(slots=True)

@@ -20,18 +20,14 @@ from gateway.ledger.keys import (
     valid_account_id,
 )
 from gateway.ledger.ledger import Ledger
-from gateway.ledger.transport import guard, text
+from gateway.ledger.transport import guard, stream_entries, text
 
-__all__ = ["Entries", "HistoryFeed"]
+__all__ = ["BACKLOG_MAX", "Entries", "HistoryFeed"]
 
+# Store entries read after a cursor at most (the unexported backlog: normally seconds of it).
+BACKLOG_MAX = 1_000_000
 # (entry id, fields) of one stream entry, as text.
 Entries = list[tuple[str, dict[str, str]]]
-
-
-def _entries(raw: Any) -> Entries:
-    return [
-        (text(entry_id), {text(k): text(v) for k, v in fields.items()}) for entry_id, fields in raw
-    ]
 
 
 class HistoryFeed:
@@ -72,7 +68,7 @@ class HistoryFeed:
                 start = stream_id_after(last) if last else "-"
                 pipe.xrange(key, min=start or "+", max="+", count=count)
             replies = await pipe.execute()
-        return [_entries(reply) for reply in replies]
+        return [stream_entries(reply) for reply in replies]
 
     async def cleared_at(self, account_ids: Sequence[str]) -> dict[str, int]:
         """When each account that has been cleared was cleared (ms)."""

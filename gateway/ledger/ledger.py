@@ -34,19 +34,11 @@ from gateway.ledger.records import (
     TokenCharge,
     TopupResult,
 )
-from gateway.ledger.transport import ScriptRunner, guard, text
+from gateway.ledger.transport import ScriptRunner, guard, stream_entries, text
 from gateway.money import MAX_BALANCE_MICROS
 from gateway.store.channel import ScriptChannel
 
 __all__ = ["Ledger"]
-
-
-def _stream_entries(entries: Sequence[Any]) -> list[tuple[str, dict[str, str]]]:
-    """XRANGE's reply as (entry id, fields), all text."""
-    return [
-        (text(entry_id), {text(f): text(v) for f, v in fields.items()})
-        for entry_id, fields in entries
-    ]
 
 
 class Ledger:
@@ -225,7 +217,7 @@ class Ledger:
         """Up to `limit` of the account's events waiting for delivery, oldest first."""
         async with guard():
             entries: Any = await self.client.xrange(account_keys(account_id).outbox, count=limit)
-        return _stream_entries(entries)
+        return stream_entries(entries)
 
     async def outbox_waiting(self, account_id: str) -> int:
         """How many of the account's events wait for delivery."""
@@ -267,7 +259,7 @@ class Ledger:
         k = account_keys(account_id)
         async with guard():
             entries: Any = await self.client.xrange(k.dead_letters, count=limit)
-        return _stream_entries(entries)
+        return stream_entries(entries)
 
     # calls ------------------------------------------------------------------------------
 
@@ -450,7 +442,7 @@ class Ledger:
             return [], None
         async with guard():
             entries: Any = await self.client.xrange(k.usage, min=start, max="+", count=limit + 1)
-        records = _stream_entries(entries[:limit])
+        records = stream_entries(entries[:limit])
         cursor = records[-1][0] if len(entries) > limit else None
         return records, cursor
 

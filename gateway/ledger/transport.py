@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
 from importlib import resources
 from typing import Any
@@ -24,7 +24,15 @@ from gateway.observability.logging import get_logger
 from gateway.store.channel import ScriptChannel
 from gateway.store.client import store_refused
 
-__all__ = ["SCRIPT_NAMES", "UPKEEP_SCRIPT_NAMES", "ScriptRunner", "guard", "ledger_error", "text"]
+__all__ = [
+    "SCRIPT_NAMES",
+    "UPKEEP_SCRIPT_NAMES",
+    "ScriptRunner",
+    "guard",
+    "ledger_error",
+    "stream_entries",
+    "text",
+]
 
 log = get_logger("gateway.ledger")
 
@@ -54,6 +62,14 @@ _unexpected_seen: set[type[BaseException]] = set()
 def text(value: Any) -> str:
     """A store reply (bytes, or a number) as text."""
     return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def stream_entries(entries: Sequence[Any]) -> list[tuple[str, dict[str, str]]]:
+    """XRANGE's reply as (entry id, fields), all text."""
+    return [
+        (text(entry_id), {text(f): text(v) for f, v in fields.items()})
+        for entry_id, fields in entries
+    ]
 
 
 def ledger_error(exc: Exception, operation: str) -> GatewayError:
