@@ -32,9 +32,13 @@ __all__ = [
     "InternalError",
     "InvalidApiKey",
     "InvalidRequest",
+    "KeyBudgetExceeded",
+    "KeyExpired",
+    "KeyRevoked",
     "LedgerScriptError",
     "LedgerUnavailable",
     "MethodNotAllowed",
+    "ModelNotAllowedForKey",
     "ModelNotFound",
     "ModelNotSubscribed",
     "NotFound",
@@ -189,6 +193,14 @@ class InvalidApiKey(GatewayError):
     code = "invalid_api_key"
 
 
+class KeyExpired(GatewayError):
+    """The key's `expires_at` has passed (admin API): refused on every instance from then."""
+
+    status = 401
+    type = "invalid_request_error"
+    code = "key_expired"
+
+
 class AdminUnauthorized(GatewayError):
     status = 401
     type = "invalid_request_error"
@@ -199,6 +211,14 @@ class InsufficientBalance(GatewayError):
     status = 402
     type = "insufficient_quota"
     code = "insufficient_balance"
+
+
+class KeyBudgetExceeded(GatewayError):
+    """The key's spend in its budget period plus its open holds would pass its budget."""
+
+    status = 402
+    type = "insufficient_quota"
+    code = "key_budget_exceeded"
 
 
 class ApiNotServed(GatewayError):
@@ -221,6 +241,14 @@ class ModelNotSubscribed(GatewayError):
     status = 403
     type = "permission_error"
     code = "model_not_subscribed"
+
+
+class ModelNotAllowedForKey(GatewayError):
+    """The key's own model list (admin API) does not name the model."""
+
+    status = 403
+    type = "permission_error"
+    code = "model_not_allowed_for_key"
 
 
 class AccountFrozen(GatewayError):
@@ -251,6 +279,14 @@ class AccountExists(GatewayError):
     status = 409
     type = "invalid_request_error"
     code = "account_exists"
+
+
+class KeyRevoked(GatewayError):
+    """A revoked key cannot be changed or rotated (it never works again)."""
+
+    status = 409
+    type = "invalid_request_error"
+    code = "key_revoked"
 
 
 class IdempotencyConflict(GatewayError):

@@ -68,8 +68,14 @@ class Admin:
             "POST", f"/admin/accounts/{account_id}/topups", {"amount": amount}, headers=headers
         )
 
-    def new_key(self, account_id: str) -> str:
-        return str(self.ok("POST", f"/admin/accounts/{account_id}/keys")["key"])
+    def new_key(self, account_id: str, **settings: Any) -> str:
+        """A new key of the account (with its budget, expiry, models, limits if given)."""
+        body = settings or None
+        return str(self.ok("POST", f"/admin/accounts/{account_id}/keys", body)["key"])
+
+    def key(self, account_id: str, key: str) -> Any:
+        """GET of the key (its metadata and spend), named by its secret."""
+        return self.ok("GET", f"/admin/accounts/{account_id}/keys/{key.split('.')[1]}")
 
     def subscribe(self, account_id: str, model: str) -> None:
         self.ok("POST", f"/admin/accounts/{account_id}/subscriptions", {"model": model})

@@ -39,9 +39,9 @@ def hash_key(token: str) -> str:
     return hashlib.sha256(token.encode()).hexdigest()
 
 
-def new_api_key(account_id: str) -> NewKey:
-    """A fresh key for `account_id`."""
-    key_id = "key_" + secrets.token_hex(6)
+def new_api_key(account_id: str, key_id: str | None = None) -> NewKey:
+    """A fresh key for `account_id`; with `key_id`, a new secret for that key (a rotation)."""
+    key_id = key_id or "key_" + secrets.token_hex(6)
     token = f"{KEY_PREFIX}{account_id}.{key_id}.{secrets.token_urlsafe(32)}"
     return NewKey(key_id=key_id, secret=token, key_hash=hash_key(token))
 

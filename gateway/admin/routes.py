@@ -13,11 +13,17 @@ import orjson
 from aiohttp import web
 from pydantic import ValidationError
 
-from gateway.accounts.apikeys import KEY_PREFIX, new_api_key
 from gateway.accounts.notifier import load_preferences
 from gateway.accounts.preferences import NotificationPreferences
+from gateway.admin.common import (
+    account_id_param,
+    existing_account,
+    invalid_body,
+    json_body,
+    json_response,
+)
+from gateway.admin.keys import key_routes
 from gateway.admin.views import USAGE_FIELDS, account_view, csv_row, prices_view
-from gateway.api.body import read_body
 from gateway.config.types import check_rate_limit
 from gateway.errors import (
     AccountExists,
@@ -26,13 +32,11 @@ from gateway.errors import (
     IdempotencyConflict,
     InvalidRequest,
     ModelNotFound,
-    NotFound,
 )
 from gateway.history.reader import usage_page
 from gateway.history.reports import statement, summary
 from gateway.keys import CONFIG, HISTORY, LEDGER, RELOADER
-from gateway.ledger import AccountRecord, Ledger
-from gateway.ledger.keys import ACCOUNT_CURSOR, ID_RULE, valid_account_id, valid_id
+from gateway.ledger.keys import ACCOUNT_CURSOR, ID_RULE, valid_id
 from gateway.money import MAX_BALANCE_MICROS, format_micros, parse_amount
 from gateway.ratelimit import rule_spec
 from gateway.timefmt import iso_ms, now_ms, parse_iso_ms
@@ -51,42 +55,9 @@ class BalanceLimitExceeded(InvalidRequest):
     code = "balance_limit_exceeded"
 
 
-def _json(data: Any, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
-    return web.Response(
-        status=status, body=orjson.dumps(data), content_type="application/json", headers=headers
-    )
-
-
-async def _body(request: web.Request) -> dict[str, Any]:
-    server = request.config_dict[CONFIG].snapshot.settings.server
-    # Bounded in size and in time as the data plane's are: a slow sender holds no handler.
-    raw = await read_body(request, server.max_body_bytes, server.read_timeout)
-    try:
-        data = orjson.loads(raw) if raw else None
-    except orjson.JSONDecodeError as exc:
-        raise InvalidRequest(f"request body is not valid JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise InvalidRequest("request body must be a JSON object")
-    return data
-
-
-def _account_id(request: web.Request) -> str:
-    account_id = request.match_info["account_id"]
-    if not valid_account_id(account_id):
-        raise AccountNotFound(f"no account '{account_id}'")
-    return account_id
-
-
-async def _existing(ledger: Ledger, account_id: str) -> AccountRecord:
-    account = await ledger.get_account(account_id)
-    if account is None:
-        raise AccountNotFound(f"no account '{account_id}'")
-    return account
-
-
 async def create_account(request: web.Request) -> web.Response:
     """POST /admin/accounts {"id", "name"?} -> 201, or 409 when the id is taken."""
-    data = await _body(request)
+    data = await json_body(request)
     account_id, name = data.get("id"), data.get("name", "")
     if not valid_id(account_id):
         raise InvalidRequest(f"id must be {ID_RULE}", param="id")
@@ -97,15 +68,15 @@ async def create_account(request: web.Request) -> web.Response:
     ledger = request.config_dict[LEDGER]
     if not await ledger.create_account(account_id, name, now_ms()):
         raise AccountExists(f"account '{account_id}' already exists")
-    account = await _existing(ledger, account_id)
-    return _json(account_view(account, request.config_dict[CONFIG].snapshot.settings), 201)
+    account = await existing_account(ledger, account_id)
+    return json_response(account_view(account, request.config_dict[CONFIG].snapshot.settings), 201)
 
 
 async def get_account(request: web.Request) -> web.Response:
     """GET /admin/accounts/{id}"""
     ledger = request.config_dict[LEDGER]
-    account = await _existing(ledger, _account_id(request))
-    return _json(account_view(account, request.config_dict[CONFIG].snapshot.settings))
+    account = await existing_account(ledger, account_id_param(request))
+    return json_response(account_view(account, request.config_dict[CONFIG].snapshot.settings))
 
 
 async def list_accounts(request: web.Request) -> web.Response:
@@ -120,13 +91,13 @@ async def list_accounts(request: web.Request) -> web.Response:
         raise InvalidRequest(f"state must be one of {', '.join(ACCOUNT_STATES)}", param="state")
     accounts, cursor = await request.config_dict[LEDGER].list_accounts(limit, after, state)
     settings = request.config_dict[CONFIG].snapshot.settings
-    return _json({"data": [account_view(a, settings) for a in accounts], "next": cursor})
+    return json_response({"data": [account_view(a, settings) for a in accounts], "next": cursor})
 
 
 async def create_topup(request: web.Request) -> web.Response:
     """POST /admin/accounts/{id}/topups {"amount"}: idempotent under `Idempotency-Key`."""
-    account_id = _account_id(request)
-    data = await _body(request)
+    account_id = account_id_param(request)
+    data = await json_body(request)
     try:
         amount = parse_amount(data.get("amount"))
     except ValueError as exc:
@@ -159,56 +130,13 @@ async def create_topup(request: web.Request) -> web.Response:
         "created_at": iso_ms(result.created_at),
     }
     headers = {"Idempotent-Replayed": "true"} if result.code == "replay" else None
-    return _json(answer, 201, headers)
-
-
-async def create_key(request: web.Request) -> web.Response:
-    """POST /admin/accounts/{id}/keys -> 201 with the secret, shown this once."""
-    account_id = _account_id(request)
-    ledger = request.config_dict[LEDGER]
-    await _existing(ledger, account_id)
-    key = new_api_key(account_id)
-    created = now_ms()
-    meta = {
-        "id": key.key_id,
-        "prefix": f"{KEY_PREFIX}{account_id}.{key.key_id}",
-        "created_at": iso_ms(created),
-        "revoked_at": None,
-    }
-    await ledger.add_api_key(account_id, key.key_id, key.key_hash, orjson.dumps(meta))
-    return _json({**meta, "key": key.secret}, 201)
-
-
-async def list_keys(request: web.Request) -> web.Response:
-    """GET /admin/accounts/{id}/keys: metadata only, never a secret."""
-    account_id = _account_id(request)
-    ledger = request.config_dict[LEDGER]
-    await _existing(ledger, account_id)
-    keys = [orjson.loads(meta) for meta in (await ledger.list_api_keys(account_id)).values()]
-    keys.sort(key=lambda k: (k["created_at"], k["id"]))
-    return _json({"data": keys})
-
-
-async def revoke_key(request: web.Request) -> web.Response:
-    """DELETE /admin/accounts/{id}/keys/{key_id} -> 204; refused everywhere from then on."""
-    account_id = _account_id(request)
-    key_id = request.match_info["key_id"]
-    ledger = request.config_dict[LEDGER]
-    await _existing(ledger, account_id)
-    metas = await ledger.list_api_keys(account_id)
-    if key_id not in metas:
-        raise NotFound(f"no key '{key_id}' on account '{account_id}'")
-    meta = orjson.loads(metas[key_id])
-    if meta.get("revoked_at") is None:
-        meta["revoked_at"] = iso_ms(now_ms())
-    await ledger.revoke_api_key(account_id, key_id, orjson.dumps(meta))
-    return web.Response(status=204)
+    return json_response(answer, 201, headers)
 
 
 async def subscribe(request: web.Request) -> web.Response:
     """POST /admin/accounts/{id}/subscriptions {"model"} -> 201 (200 if already)."""
-    account_id = _account_id(request)
-    data = await _body(request)
+    account_id = account_id_param(request)
+    data = await json_body(request)
     model = data.get("model")
     if not isinstance(model, str) or not model:
         raise InvalidRequest("model must be a model name", param="model")
@@ -219,14 +147,16 @@ async def subscribe(request: web.Request) -> web.Response:
         raise AccountNotFound(f"no account '{account_id}'")
     if outcome == "account_in_arrears":
         raise AccountInArrears("an account in arrears cannot subscribe to new models; top up first")
-    return _json({"account": account_id, "model": model}, 201 if outcome == "created" else 200)
+    return json_response(
+        {"account": account_id, "model": model}, 201 if outcome == "created" else 200
+    )
 
 
 async def unsubscribe(request: web.Request) -> web.Response:
     """DELETE /admin/accounts/{id}/subscriptions/{model} -> 204."""
-    account_id = _account_id(request)
+    account_id = account_id_param(request)
     ledger = request.config_dict[LEDGER]
-    await _existing(ledger, account_id)
+    await existing_account(ledger, account_id)
     await ledger.unsubscribe(account_id, request.match_info["model"])
     return web.Response(status=204)
 
@@ -263,11 +193,11 @@ def _time(request: web.Request, name: str) -> int | None:
 async def usage(request: web.Request) -> web.StreamResponse:
     """GET /admin/accounts/{id}/usage?limit=&after=&since=&until= -> {"data", "next"}, across
     the store and the history database (gateway/history/reader.py); CSV on request."""
-    account_id = _account_id(request)
+    account_id = account_id_param(request)
     limit, after = _limit(request), _after(request)
     since, until = _time(request, "since"), _time(request, "until")
     ledger = request.config_dict[LEDGER]
-    await _existing(ledger, account_id)
+    await existing_account(ledger, account_id)
     records, cursor = await usage_page(
         ledger,
         request.config_dict[HISTORY],
@@ -284,18 +214,18 @@ async def usage(request: web.Request) -> web.StreamResponse:
         writer.writerows(csv_row(record) for record in records)
         headers = {"X-Next-Cursor": cursor} if cursor else None
         return web.Response(text=buffer.getvalue(), content_type="text/csv", headers=headers)
-    return _json({"data": records, "next": cursor})
+    return json_response({"data": records, "next": cursor})
 
 
 async def usage_summary(request: web.Request) -> web.Response:
     """GET /admin/accounts/{id}/usage/summary?group_by=day|model|key&since=&until="""
-    account_id = _account_id(request)
+    account_id = account_id_param(request)
     group_by = request.query.get("group_by", "day")
     if group_by not in ("day", "model", "key"):
         raise InvalidRequest("group_by must be day, model or key", param="group_by")
     since, until = _time(request, "since"), _time(request, "until")
     ledger = request.config_dict[LEDGER]
-    await _existing(ledger, account_id)
+    await existing_account(ledger, account_id)
     body = await summary(
         ledger,
         request.config_dict[HISTORY],
@@ -305,7 +235,7 @@ async def usage_summary(request: web.Request) -> web.Response:
         2**62 if until is None else until,
     )
     body["since"], body["until"] = iso_ms(since), iso_ms(until)
-    return _json(body)
+    return json_response(body)
 
 
 _MONTH = re.compile(r"([0-9]{4})-(0[1-9]|1[0-2])")
@@ -326,15 +256,15 @@ STATEMENT_FIELDS = (
 
 async def account_statement(request: web.Request) -> web.Response:
     """GET /admin/accounts/{id}/statements/{YYYY-MM}: JSON, or CSV with Accept: text/csv."""
-    account_id = _account_id(request)
+    account_id = account_id_param(request)
     month = request.match_info["month"]
     if not _MONTH.fullmatch(month):
         raise InvalidRequest("the month must be written YYYY-MM, such as 2026-11", param="month")
     ledger = request.config_dict[LEDGER]
-    record = await _existing(ledger, account_id)
+    record = await existing_account(ledger, account_id)
     body = await statement(ledger, request.config_dict[HISTORY], account_id, month, record.balance)
     if "text/csv" not in request.headers.get("Accept", ""):
-        return _json(body)
+        return json_response(body)
     buffer = io.StringIO()
     writer = csv.DictWriter(buffer, fieldnames=STATEMENT_FIELDS, lineterminator="\n")
     writer.writeheader()
@@ -376,14 +306,14 @@ def _limit_value(data: dict[str, Any], kind: str) -> str:
 async def put_rate_limits(request: web.Request) -> web.Response:
     """PUT /admin/accounts/{id}/rate_limits {"requests", "tokens"}: this account's own limits;
     null returns a limit to the configured default."""
-    account_id = _account_id(request)
-    data = await _body(request)
+    account_id = account_id_param(request)
+    data = await json_body(request)
     unknown = set(data) - {"requests", "tokens"}
     if unknown:
         raise InvalidRequest(f"unknown field(s): {', '.join(sorted(unknown))}")
     requests, tokens = _limit_value(data, "requests"), _limit_value(data, "tokens")
     ledger = request.config_dict[LEDGER]
-    await _existing(ledger, account_id)
+    await existing_account(ledger, account_id)
     specs = (rule_spec(requests), rule_spec(tokens))
     await ledger.set_rate_limits(account_id, requests, tokens, specs)
     return await get_rate_limits(request)
@@ -391,12 +321,12 @@ async def put_rate_limits(request: web.Request) -> web.Response:
 
 async def get_rate_limits(request: web.Request) -> web.Response:
     """GET /admin/accounts/{id}/rate_limits: the account's own limits and those in force."""
-    account_id = _account_id(request)
+    account_id = account_id_param(request)
     ledger = request.config_dict[LEDGER]
-    await _existing(ledger, account_id)
+    await existing_account(ledger, account_id)
     requests, tokens = await ledger.get_rate_limits(account_id)
     defaults = request.config_dict[CONFIG].snapshot.settings.rate_limits
-    return _json(
+    return json_response(
         {
             "account": {"requests": requests or None, "tokens": tokens or None},
             "effective": {
@@ -409,38 +339,35 @@ async def get_rate_limits(request: web.Request) -> web.Response:
 
 async def put_notifications(request: web.Request) -> web.Response:
     """PUT /admin/accounts/{id}/notifications: the account's channels and chosen events."""
-    account_id = _account_id(request)
-    data = await _body(request)
+    account_id = account_id_param(request)
+    data = await json_body(request)
     try:
         prefs = NotificationPreferences.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        path = ".".join(str(p) for p in first["loc"]) or None
-        message = str(first["msg"]).removeprefix("Value error, ")
-        raise InvalidRequest(f"{path}: {message}", param=path) from None
+        raise invalid_body(exc) from None
     ledger = request.config_dict[LEDGER]
-    await _existing(ledger, account_id)
+    await existing_account(ledger, account_id)
     await ledger.set_notifications(
         account_id, prefs.model_dump_json().encode(), prefs.low_balance_threshold
     )
-    return _json(prefs.public())
+    return json_response(prefs.public())
 
 
 async def get_notifications(request: web.Request) -> web.Response:
     """GET /admin/accounts/{id}/notifications"""
-    account_id = _account_id(request)
+    account_id = account_id_param(request)
     ledger = request.config_dict[LEDGER]
-    await _existing(ledger, account_id)
+    await existing_account(ledger, account_id)
     prefs = await load_preferences(ledger, account_id)
-    return _json((prefs or NotificationPreferences()).public())
+    return json_response((prefs or NotificationPreferences()).public())
 
 
 async def dead_letters(request: web.Request) -> web.Response:
     """GET /admin/accounts/{id}/dead-letters: deliveries that kept failing."""
-    account_id = _account_id(request)
+    account_id = account_id_param(request)
     limit = _limit(request)
     ledger = request.config_dict[LEDGER]
-    await _existing(ledger, account_id)
+    await existing_account(ledger, account_id)
     data = [
         {
             "id": entry_id,
@@ -453,13 +380,13 @@ async def dead_letters(request: web.Request) -> web.Response:
         }
         for entry_id, fields in await ledger.dead_letters(account_id, limit)
     ]
-    return _json({"data": data})
+    return json_response({"data": data})
 
 
 async def prices(request: web.Request) -> web.Response:
     """GET /admin/prices: every model's current, scheduled and replaced price sheets."""
     settings = request.config_dict[CONFIG].snapshot.settings
-    return _json(prices_view(settings, now_ms()))
+    return json_response(prices_view(settings, now_ms()))
 
 
 async def reload_config(request: web.Request) -> web.Response:
@@ -471,7 +398,7 @@ async def reload_config(request: web.Request) -> web.Response:
             "config refused; the old config keeps serving: " + "; ".join(outcome.problems)
         )
     settings = request.config_dict[CONFIG].snapshot.settings
-    return _json({"reloaded": outcome.changed, "models": [m.name for m in settings.models]})
+    return json_response({"reloaded": outcome.changed, "models": [m.name for m in settings.models]})
 
 
 routes = [
@@ -481,9 +408,7 @@ routes = [
     web.get("/accounts", list_accounts),
     web.get("/accounts/{account_id}", get_account),
     web.post("/accounts/{account_id}/topups", create_topup),
-    web.post("/accounts/{account_id}/keys", create_key),
-    web.get("/accounts/{account_id}/keys", list_keys),
-    web.delete("/accounts/{account_id}/keys/{key_id}", revoke_key),
+    *key_routes,
     web.post("/accounts/{account_id}/subscriptions", subscribe),
     web.delete("/accounts/{account_id}/subscriptions/{model:.+}", unsubscribe),
     web.get("/accounts/{account_id}/usage", usage),

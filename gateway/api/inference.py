@@ -28,6 +28,9 @@ from gateway.errors import (
     InternalError,
     InvalidApiKey,
     InvalidRequest,
+    KeyBudgetExceeded,
+    KeyExpired,
+    ModelNotAllowedForKey,
     ModelNotFound,
     ModelNotSubscribed,
     NotFound,
@@ -47,6 +50,7 @@ from gateway.keys import (
     STORE,
 )
 from gateway.ledger import Admission, Ledger
+from gateway.ledger.records import KeyBudgetState
 from gateway.metering.prompt import CallKind
 from gateway.metering.usage import CallStatus
 from gateway.money import format_micros
@@ -57,8 +61,9 @@ from gateway.proxy.response_ids import ResponseIds, ResponseOwner
 from gateway.proxy.routing import ANY_API, ModelRoute, Upstream
 from gateway.ratelimit import headers_of
 from gateway.state import Snapshot
+from gateway.timefmt import iso_ms, now_ms
 
-__all__ = ["require_key", "routes"]
+__all__ = ["known_key", "require_key", "routes"]
 
 log = get_logger("gateway.billing")
 
@@ -67,12 +72,14 @@ _REFUSALS: dict[str, type[GatewayError]] = {
     "account_frozen": AccountFrozen,
     "account_cleared": AccountCleared,
     "model_not_subscribed": ModelNotSubscribed,
+    "model_not_allowed_for_key": ModelNotAllowedForKey,
 }
 _MESSAGES = {
     "invalid_api_key": "Incorrect API key provided",
     "account_frozen": "the account is frozen for arrears; top up to use models again",
     "account_cleared": "the account was cleared for arrears; top up and subscribe again",
     "model_not_subscribed": "the account is not subscribed to model '{model}'",
+    "model_not_allowed_for_key": "this API key may not call model '{model}' (its own model list)",
 }
 
 
@@ -91,10 +98,18 @@ def require_key(request: web.Request, anthropic: bool = False) -> ParsedKey:
     return key
 
 
-async def _known_key(ledger: Ledger, key: ParsedKey) -> None:
-    """401 unless the ledger knows the key (an extra round trip, on refusals only)."""
-    if await ledger.authenticate(key.account_id, key.key_id, key.key_hash) is None:
+async def known_key(
+    ledger: Ledger, key: ParsedKey
+) -> tuple[str, tuple[str, ...], tuple[str, ...] | None]:
+    """The key's account state, its subscriptions and the models the key may call (None:
+    all); 401 unless the ledger knows the key and it has not expired (a round trip of its
+    own: for the model list, and for refusals)."""
+    found = await ledger.authenticate(key.account_id, key.key_id, key.key_hash, now_ms())
+    if found == "key_expired":
+        raise KeyExpired("this API key has expired")
+    if isinstance(found, str):
         raise InvalidApiKey(_MESSAGES["invalid_api_key"])
+    return found
 
 
 def _refuse(admission: Admission, model: str, hold: int) -> GatewayError:
@@ -108,10 +123,28 @@ def _refuse(admission: Admission, model: str, hold: int) -> GatewayError:
             f"available balance {available} does not cover this call's hold of "
             f"{format_micros(hold)}"
         )
+    if admission.code == "key_budget_exceeded" and admission.budget is not None:
+        return KeyBudgetExceeded(_budget_message(admission.budget, hold))
+    if admission.code == "key_expired" and admission.expired_ms is not None:
+        return KeyExpired(f"this API key expired at {iso_ms(admission.expired_ms)}")
     error = _REFUSALS.get(admission.code)
     if error is None:
         return InternalError(f"admission failed: {admission.code}")
     return error(_MESSAGES[admission.code].format(model=model))
+
+
+def _budget_message(state: KeyBudgetState, hold: int) -> str:
+    left = max(0, state.budget - state.spent - state.held)
+    when = (
+        "over the key's life"
+        if state.period_end_ms is None
+        else f"until {iso_ms(state.period_end_ms)}"
+    )
+    return (
+        f"this API key's budget of {format_micros(state.budget)} has {format_micros(left)} "
+        f"left {when} ({format_micros(state.spent)} spent, {format_micros(state.held)} held "
+        f"by calls in flight), less than this call's hold of {format_micros(hold)}"
+    )
 
 
 def _route(snapshot: Snapshot, name: str, kind: CallKind, passthrough: bool = False) -> ModelRoute:
@@ -259,7 +292,7 @@ async def _forward(
     except GatewayError:
         # A caller the ledger does not know learns nothing of the configuration (which
         # models exist, their limits): its refusal is the key's, checked first.
-        await _known_key(ledger, key)
+        await known_key(ledger, key)
         raise
     admission = await call.admit()
     if admission.code != "ok":
@@ -456,7 +489,7 @@ async def count_tokens(request: web.Request) -> web.StreamResponse:
     settings = snapshot.settings
     metering = settings.billing.metering
     if metering:  # a caller the ledger does not know learns nothing of the configuration
-        await _known_key(request.app[LEDGER], require_key(request, anthropic=True))
+        await known_key(request.app[LEDGER], require_key(request, anthropic=True))
     body = await read_body(request, settings.server.max_body_bytes, settings.server.read_timeout)
     payload = parse_call_body(body)
     name = payload["model"]
@@ -474,7 +507,7 @@ async def stored_response(request: web.Request) -> web.StreamResponse:
     through the gateway (gateway/proxy/response_ids.py); 404 for anyone else."""
     response_id = request.match_info["response_id"]
     key = require_key(request)
-    await _known_key(request.app[LEDGER], key)
+    await known_key(request.app[LEDGER], key)
     owner = await ResponseIds(request.app[STORE]).owner(response_id)
     missing = NotFound(f"No response found with id '{response_id}'.", param="response_id")
     if owner is None or owner.account_id != key.account_id:

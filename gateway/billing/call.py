@@ -187,8 +187,8 @@ class MeteredCall:
         if prices is None:
             return
         self.hold = prices.hold(self.prompt_tokens, self.output_tokens)
-        if self.strict and not self.stream and kind != "embeddings" and not self._names_limit():
-            self.body_limits[limit_field(kind)] = self.output_tokens  # what the hold covers
+        if self.strict:
+            self._limit_to_hold()
         if self.cap is not None:
             self._fit_cap(prices, self.cap)
 
@@ -284,7 +284,28 @@ class MeteredCall:
             self.services.track(self.release())
             raise
         self.admission = admission
+        if admission.bounded:
+            self._bound_by_hold()
         return admission
+
+    def _bound_by_hold(self) -> None:
+        """A key with a budget never spends past it, so its call is run as strict enforcement
+        runs every call, in either mode: a whole answer's upstream is sent the output limit
+        its hold covers, a stream is gated (and extended only as far as the key's budget and
+        the balance allow), and the call is charged no more than it held."""
+        if self.strict or self.prices is None:
+            return  # strict already, or a flat price: charged exactly what it held
+        self.strict = True
+        self._limit_to_hold()
+
+    def _limit_to_hold(self) -> None:
+        """Send a whole answer's upstream, where the request names no output limit, the one
+        its hold covers (or the cap's, if less)."""
+        if not self.stream and self.kind != "embeddings" and not self._names_limit():
+            field = limit_field(self.kind)
+            self.body_limits[field] = min(
+                self.body_limits.get(field, self.output_tokens), self.output_tokens
+            )
 
     # while it runs ---------------------------------------------------------------------
 

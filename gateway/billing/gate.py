@@ -33,6 +33,7 @@ import tiktoken
 
 from gateway.ledger import Ledger
 from gateway.metering.completion import CompletionMeter
+from gateway.timefmt import now_ms
 
 __all__ = ["OutputGate", "limited_charge"]
 
@@ -87,7 +88,7 @@ class OutputGate:
         """A gate whose extensions are held from the account's available balance."""
 
         async def extend(amount: int) -> bool:
-            return await ledger.extend(account_id, request_id, amount)
+            return await ledger.extend(account_id, request_id, amount, now_ms())
 
         return cls(meter, covered_tokens, extend_hold=extend, **options)
 

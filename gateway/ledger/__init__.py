@@ -8,6 +8,8 @@ from gateway.ledger.ledger import Ledger
 from gateway.ledger.records import (
     AccountRecord,
     Admission,
+    KeyLimits,
+    KeySpend,
     Reservation,
     SettleResult,
     TokenCharge,
@@ -17,6 +19,8 @@ from gateway.ledger.records import (
 __all__ = [
     "AccountRecord",
     "Admission",
+    "KeyLimits",
+    "KeySpend",
     "Ledger",
     "Reservation",
     "SettleResult",

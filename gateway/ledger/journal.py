@@ -89,9 +89,7 @@ class Entry:
                 "c": self.cost,
                 "t": self.now_ms,
                 "rec": self.record,
-                "ch": None
-                if charge is None
-                else [charge.model, charge.tokens, charge.windows[0], charge.windows[1]],
+                "ch": None if charge is None else [charge.model, charge.tokens, *charge.windows],
                 "n": self.actual_tokens,
             }
         )
@@ -100,7 +98,12 @@ class Entry:
     def decode(cls, line: bytes) -> Entry:
         raw = orjson.loads(line)
         ch = raw["ch"]
-        charge = None if ch is None else TokenCharge(ch[0], int(ch[1]), (ch[2], ch[3]))
+        # An entry of an earlier version has no key window (its keys had no token limits).
+        charge = (
+            None
+            if ch is None
+            else TokenCharge(ch[0], int(ch[1]), (ch[2], ch[3], ch[4] if len(ch) > 4 else ""))
+        )
         return cls(
             account_id=raw["a"],
             request_id=raw["r"],

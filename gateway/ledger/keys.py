@@ -137,6 +137,23 @@ class AccountKeys:
         return f"{PREFIX}:{self.tag}:keymeta"
 
     @property
+    def key_limits(self) -> str:
+        """Hash: each key's own limits, as admission reads them (`<key id>:budget`, `:period`,
+        `:expires`, `:models`, `:rq`, `:rt`; see key_limits in lua/_prelude.lua)."""
+        return f"{PREFIX}:{self.tag}:keylimits"
+
+    @property
+    def key_spend(self) -> str:
+        """Hash: each key's spend and holds (`<key id>:p` its budget period's start, `:s` its
+        spend in it, `:h` its open holds, `:t` its spend over its life) and, for each open hold,
+        `h:<request id>` -> the key it was held under (see key_state in lua/_prelude.lua)."""
+        return f"{PREFIX}:{self.tag}:keyspend"
+
+    def key_rate(self, key_id: str, kind: str) -> str:
+        """Hash: a key's own rate-limit counter (as `rate`), `kind` requests or tokens."""
+        return f"{PREFIX}:{self.tag}:rate:key:{key_id}:{kind}"
+
+    @property
     def subscriptions(self) -> str:
         """Set of model names the account may call."""
         return f"{PREFIX}:{self.tag}:subs"

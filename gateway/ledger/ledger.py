@@ -29,6 +29,9 @@ from gateway.ledger.records import (
     AccountRecord,
     Admission,
     AdvanceResult,
+    KeyBudgetState,
+    KeyLimits,
+    KeySpend,
     Reservation,
     SettleResult,
     TokenCharge,
@@ -134,11 +137,26 @@ class Ledger:
 
     # API keys ---------------------------------------------------------------------------
 
-    async def add_api_key(self, account_id: str, key_id: str, key_hash: str, meta: bytes) -> None:
+    async def write_key(
+        self,
+        account_id: str,
+        key_id: str,
+        meta: bytes,
+        limits: KeyLimits | None = None,
+        key_hash: str = "",
+        previous_until_ms: int | None = None,
+    ) -> str:
+        """Write a key's metadata with its limits in one step. Without `key_hash`, an update
+        of an existing key's limits; with `limits`, a new key; else a rotation: the new hash
+        replaces the old, which stays valid until `previous_until_ms` (None: not at all).
+        Answers `ok`, `account_not_found`, `key_not_found` or `key_revoked`."""
         k = account_keys(account_id)
-        async with guard():  # metadata first: a key works only once both are written
-            await self.client.hset(k.api_key_meta, key_id, meta)
-            await self.client.hset(k.api_keys, key_id, key_hash)
+        mode = "update" if not key_hash else ("create" if limits is not None else "rotate")
+        until = "" if previous_until_ms is None else str(previous_until_ms)
+        fields = (limits or KeyLimits()).fields()
+        keys = [k.account, k.api_keys, k.api_key_meta, k.key_limits]
+        args = [mode, key_id, meta, key_hash, until, *fields]
+        return text(await self.scripts.run_upkeep("write_key", keys, args))
 
     async def list_api_keys(self, account_id: str) -> dict[str, str]:
         """Key id -> its metadata JSON."""
@@ -147,23 +165,45 @@ class Ledger:
             raw = await self.client.hgetall(k.api_key_meta)
         return {text(key): text(value) for key, value in raw.items()}
 
-    async def revoke_api_key(self, account_id: str, key_id: str, meta: bytes) -> None:
-        """The key stops working at once, on every instance: its hash is gone."""
+    async def key_spend(
+        self, account_id: str, key_ids: Sequence[str], now_ms: int
+    ) -> dict[str, KeySpend]:
+        """Each key's spend in its current budget period and its open holds, as admission
+        sees them at `now_ms`."""
+        if not key_ids:
+            return {}
         k = account_keys(account_id)
-        async with guard():  # the hash first: the key stops working before anything else
-            await self.client.hdel(k.api_keys, key_id)
+        reply = await self.scripts.run_upkeep(
+            "key_status", [k.key_limits, k.key_spend], [now_ms, *key_ids]
+        )
+        out = [int(x) if text(x) else None for x in reply]
+        spends: dict[str, KeySpend] = {}
+        for i, key_id in enumerate(key_ids):
+            spent, held, total, start, stop = out[5 * i : 5 * i + 5]
+            spends[key_id] = KeySpend(spent or 0, held or 0, total or 0, start or 0, stop)
+        return spends
+
+    async def revoke_api_key(self, account_id: str, key_id: str, meta: bytes) -> None:
+        """The key stops working at once, on every instance: its hash is gone (and the
+        previous one of a rotation in its grace)."""
+        k = account_keys(account_id)
+        async with guard():  # the hashes first: the key stops working before anything else
+            await self.client.hdel(k.api_keys, key_id, f"{key_id}:prev")
             await self.client.hset(k.api_key_meta, key_id, meta)
 
     async def authenticate(
-        self, account_id: str, key_id: str, key_hash: str
-    ) -> tuple[str, tuple[str, ...]] | None:
-        """(state, subscriptions) of the key's account, or None for a bad key."""
+        self, account_id: str, key_id: str, key_hash: str, now_ms: int
+    ) -> tuple[str, tuple[str, ...], tuple[str, ...] | None] | str:
+        """(state, subscriptions, the models the key may call or None for all) of the key's
+        account, or the refusal's code: `invalid_api_key` or `key_expired`."""
         k = account_keys(account_id)
-        keys = [k.account, k.api_keys, k.subscriptions]
-        out = [text(x) for x in await self.scripts.run("authenticate", keys, [key_id, key_hash])]
+        keys = [k.account, k.api_keys, k.subscriptions, k.key_limits]
+        args = [key_id, key_hash, now_ms]
+        out = [text(x) for x in await self.scripts.run("authenticate", keys, args)]
         if out[0] != "ok":
-            return None
-        return out[1], tuple(out[2:])
+            return out[0]
+        models = None if out[2] == "*" else tuple(out[2].split("\n"))
+        return out[1], tuple(out[3:]), models
 
     async def set_rate_limits(
         self, account_id: str, requests: str, tokens: str, specs: tuple[str, str]
@@ -279,6 +319,10 @@ class Ledger:
             k.rate("tokens"),
             k.rate("requests", r.model),
             k.rate("tokens", r.model),
+            k.key_limits,
+            k.key_spend,
+            k.key_rate(r.key_id, "requests"),
+            k.key_rate(r.key_id, "tokens"),
         ]
         args = [
             r.key_id,
@@ -297,15 +341,25 @@ class Ledger:
         out = [text(x) for x in await self.scripts.run("reserve", keys, args)]
         code = out[0]
         if code == "ok":
-            charge = TokenCharge(r.model, r.tokens, (out[2], out[3]))
-            available = int(out[10]) if len(out) > 10 else None  # after the hold is placed
+            charge = TokenCharge(r.model, r.tokens, (out[2], out[3], out[11]))
             return Admission(
-                "ok", held=int(out[1]), available=available, charge=charge, rate=tuple(out[4:10])
+                "ok",
+                held=int(out[1]),
+                available=int(out[10]),  # after the hold is placed
+                charge=charge,
+                rate=tuple(out[4:10]),
+                bounded=out[12] == "1",
             )
         if code == "rate_limited":
             return Admission(code, retry_after_ms=int(out[1]), refused=out[2], rate=tuple(out[3:9]))
         if code == "insufficient_balance":
             return Admission(code, available=int(out[1]))
+        if code == "key_budget_exceeded":
+            end = int(out[4]) if out[4] else None
+            state = KeyBudgetState(int(out[1]), int(out[2]), int(out[3]), end)
+            return Admission(code, budget=state)
+        if code == "key_expired":
+            return Admission(code, expired_ms=int(out[1]))
         return Admission(code)
 
     async def settle(
@@ -324,6 +378,8 @@ class Ledger:
         With `charge`, the token limits are corrected from its estimate to `actual_tokens`."""
         k = account_keys(account_id)
         model = charge.model if charge else ""
+        key_id = str(record.get("key_id") or "")
+        windows = charge.windows if charge else ("", "", "")
         keys = [
             k.account,
             k.holds,
@@ -335,6 +391,9 @@ class Ledger:
             k.checkpoints,
             k.rate("tokens"),
             k.rate("tokens", model),
+            k.key_limits,
+            k.key_spend,
+            k.key_rate(key_id, "tokens") if key_id else k.key_spend,
         ]
         args: list[Any] = [
             request_id,
@@ -344,7 +403,10 @@ class Ledger:
             account_id,
             "1" if only_if_lease_ended else "0",
             actual_tokens - charge.tokens if charge else 0,
-            *(charge.windows if charge else ("", "")),
+            windows[0],
+            windows[1],
+            key_id,
+            windows[2] if key_id else "",
         ]
         for field, value in record.items():
             args.extend((field, value))
@@ -365,7 +427,7 @@ class Ledger:
     ) -> bool:
         """Drop a hold without charging; False if there was none (or its lease is still on)."""
         k = account_keys(account_id)
-        keys = [k.account, k.holds, k.hold_leases, k.hold_info, k.checkpoints]
+        keys = [k.account, k.holds, k.hold_leases, k.hold_info, k.checkpoints, k.key_spend]
         cutoff = "" if only_if_lease_ended_by is None else str(only_if_lease_ended_by)
         return int(await self.scripts.run("release", keys, [request_id, cutoff])) == 1
 
@@ -381,10 +443,12 @@ class Ledger:
             self.indexes.index_hold(account_id, lease_until_ms)
         return done
 
-    async def extend(self, account_id: str, request_id: str, extra: int) -> bool:
-        """Grow a live call's hold by `extra` if the available balance covers it."""
+    async def extend(self, account_id: str, request_id: str, extra: int, now_ms: int) -> bool:
+        """Grow a live call's hold by `extra` if the available balance covers it, and its
+        key's budget (in the period holding `now_ms`)."""
         k = account_keys(account_id)
-        return int(await self.scripts.run("extend", [k.account, k.holds], [request_id, extra])) == 1
+        keys = [k.account, k.holds, k.key_limits, k.key_spend]
+        return int(await self.scripts.run("extend", keys, [request_id, extra, now_ms])) == 1
 
     async def expired_holds(
         self, account_id: str, now_ms: int, limit: int = 100

@@ -17,6 +17,9 @@ __all__ = [
     "AccountRecord",
     "Admission",
     "AdvanceResult",
+    "KeyBudgetState",
+    "KeyLimits",
+    "KeySpend",
     "Reservation",
     "SettleResult",
     "TokenCharge",
@@ -69,9 +72,10 @@ class TokenCharge:
 
     model: str
     tokens: int
-    # Where the charge landed in the account's and the account+model's token counters, as the
-    # reserve script answered it (opaque here, see rl_landed in _prelude.lua; '' = no rule).
-    windows: tuple[str, str] = ("", "")
+    # Where the charge landed in the account's, the account+model's and the key's token
+    # counters, as the reserve script answered it (opaque here, see rl_landed in _prelude.lua;
+    # '' = no rule).
+    windows: tuple[str, str, str] = ("", "", "")
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,6 +91,20 @@ class Admission:
     rate: tuple[str, ...] = ()  # the x-ratelimit-* values (see ratelimit.headers_of)
     retry_after_ms: int = 0  # rate_limited: when the call would fit
     refused: str = ""  # rate_limited: the rules that refused it
+    # ok: the key has a budget, so the call may be charged no more than it holds
+    bounded: bool = False
+    budget: KeyBudgetState | None = None  # key_budget_exceeded: where the key's budget stands
+    expired_ms: int | None = None  # key_expired: when
+
+
+@dataclass(frozen=True, slots=True)
+class KeyBudgetState:
+    """A key's budget against its spend in the current period and its open holds."""
+
+    budget: int
+    spent: int
+    held: int
+    period_end_ms: int | None  # None: a budget over the key's life
 
 
 @dataclass(frozen=True, slots=True)
@@ -138,3 +156,37 @@ class Reservation:
     now_ms: int
     tokens: int
     rules: Sequence[str]  # a tuple: the record stays frozen
+
+
+@dataclass(frozen=True, slots=True)
+class KeySpend:
+    """What a key has spent and holds, as admission sees it now (`Ledger.key_spend`)."""
+
+    spent: int  # in the current budget period
+    held: int  # by its open calls
+    total: int  # over its life
+    period_start_ms: int  # 0 for a budget over the key's life (or none)
+    period_end_ms: int | None  # None: the period never ends
+
+
+@dataclass(frozen=True, slots=True)
+class KeyLimits:
+    """A key's own limits, as admission enforces them (`Ledger.write_key`)."""
+
+    budget: int | None = None  # micro-units; None: no budget
+    period: str = ""  # day | week | month | a length in ms | '': the key's life
+    expires_ms: int | None = None
+    models: tuple[str, ...] | None = None  # None: every subscribed model
+    requests_spec: str = ""  # ratelimit.rule_spec of its request limit ('' = none)
+    tokens_spec: str = ""
+
+    def fields(self) -> list[str]:
+        """The values write_key.lua stores ('' = none)."""
+        return [
+            "" if self.budget is None else str(self.budget),
+            self.period,
+            "" if self.expires_ms is None else str(self.expires_ms),
+            "" if self.models is None else "\n".join(self.models),
+            self.requests_spec,
+            self.tokens_spec,
+        ]

@@ -49,8 +49,9 @@ SCRIPT_NAMES = (
     "subscribe",
     "topup",
 )
-# The indexes' and locks' own scripts: off the hot path, so plain client commands, unmetered.
-UPKEEP_SCRIPT_NAMES = ("remove_if_score", "trim_usage", "unlock")
+# The indexes', locks' and admin API's own scripts: off the hot path, so plain client
+# commands, unmetered.
+UPKEEP_SCRIPT_NAMES = ("key_status", "remove_if_score", "trim_usage", "unlock", "write_key")
 
 # The classes a store client is expected to raise; any other (redis-py's cluster code has
 # raised AttributeError and uvloop's RuntimeError on connections it closed under a command) is

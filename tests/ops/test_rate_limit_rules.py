@@ -19,7 +19,7 @@ import redis.asyncio as aioredis
 
 from gateway.config import ConfigError, parse_settings
 from gateway.config.types import LimitRule, check_rate_limit, parse_rate_limit
-from gateway.ledger import Admission, Ledger, Reservation, TokenCharge
+from gateway.ledger import Admission, KeyLimits, Ledger, Reservation, TokenCharge
 from gateway.ledger.keys import account_keys
 from gateway.ratelimit import rule_spec
 from gateway.store.embedded import EmbeddedStore
@@ -127,7 +127,7 @@ class Caller:
     async def setup(self) -> Caller:
         await self.ledger.create_account(self.account_id, "", 0)
         assert await self.ledger.subscribe(self.account_id, MODEL) == "created"
-        await self.ledger.add_api_key(self.account_id, "k1", "h1", b"{}")
+        await self.ledger.write_key(self.account_id, "k1", b"{}", KeyLimits(), "h1")
         return self
 
     async def call(
@@ -276,6 +276,7 @@ async def test_settlement_corrects_every_token_rule(
     assert first.charge.windows == (
         f"1000:{(T0 + 100) // 1000},10000:{T0 // 10000},60000:{T0 // 60000}",
         f"{T0 // 10000}",
+        "",
     )
     # A second call one second later moves the 1 s window on: the first charge is its `p`.
     second = await caller.call(T0 + 1_100, rules, tokens=50, request_id=second_id)
@@ -314,12 +315,12 @@ async def test_a_one_rule_limit_keeps_the_earlier_format(
     admission = await caller.call(T0 + 5, rules, tokens=100)
     assert admission.code == "ok"
     assert admission.rate == ("2", "0", "995", "1000", "800", "995")
-    assert admission.charge == TokenCharge(MODEL, 100, (str(idx), ""))
+    assert admission.charge == TokenCharge(MODEL, 100, (str(idx), "", ""))
     # The earlier version's call settles here with its marker: 100 estimated, 10 used.
     earlier = "req_" + uuid.uuid4().hex
     caller.admitted.append(earlier)
     await caller.settle(
-        earlier, Admission("ok", charge=TokenCharge(MODEL, 100, (str(idx), ""))), 10
+        earlier, Admission("ok", charge=TokenCharge(MODEL, 100, (str(idx), "", ""))), 10
     )
     assert _counts(redis_client, k.rate("tokens")) == {"w": idx, "c": 110, "p": 0}
     assert (await caller.call(T0 + 6, rules)).refused == "requests (2 per 1s)"
@@ -340,7 +341,7 @@ async def test_a_multi_rule_limit_ignores_the_one_rule_fields(
     admission = await caller.call(T0, rules, tokens=100, request_id=request_id)
     assert admission.code == "ok"
     assert admission.rate == ("2", "1", "1000", "1000", "900", "1000")
-    stale = Admission("ok", charge=TokenCharge(MODEL, 100, (str(idx), "")))
+    stale = Admission("ok", charge=TokenCharge(MODEL, 100, (str(idx), "", "")))
     await caller.settle(request_id, stale, actual_tokens=10)
     assert _counts(redis_client, k.rate("tokens")) == {
         **{"w": idx, "c": 999_999 - 90, "p": 999_999},

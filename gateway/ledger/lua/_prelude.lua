@@ -160,3 +160,132 @@ local function rl_correct(key, landed, delta)
     redis.call('HSET', key, unpack(out))
   end
 end
+
+-- API keys. A key's secret is checked against its hash in the account's keys hash (field
+-- `<key id>`), or, for the grace after a rotation, against the previous one (field
+-- `<key id>:prev`, '<sha256>:<valid until ms>'): refused by every instance once that time has
+-- passed, by the same clock check.
+local function key_matches(keys_hash, key_id, key_hash, now)
+  local v = redis.call('HMGET', keys_hash, key_id, key_id .. ':prev')
+  if v[1] and v[1] == key_hash then
+    return true
+  end
+  if v[2] then
+    local old, until_ms = string.match(v[2], '^(%x+):(%d+)$')
+    if old == key_hash and tonumber(until_ms) > now then
+      return true
+    end
+  end
+  return false
+end
+
+-- A key's own limits, as the admin API wrote them in the account's key-limits hash:
+-- `<key id>:budget` (micro-units; absent: none), `:period` ('day' | 'week' | 'month', a
+-- length in ms, or absent: the budget is for the key's life), `:expires` (ms), `:models`
+-- (the names it may call, one per line; absent: every subscribed model), `:rq` and `:rt` (its
+-- request and token rate-limit specs, as rl_spec reads them).
+local function key_limits(limits_hash, key_id)
+  local v = redis.call('HMGET', limits_hash, key_id .. ':budget', key_id .. ':period',
+    key_id .. ':expires', key_id .. ':models', key_id .. ':rq', key_id .. ':rt')
+  return {budget = tonumber(v[1]), period = v[2] or '', expires = tonumber(v[3]),
+    models = v[4] or nil, rq = v[5] or '', rt = v[6] or ''}
+end
+
+local function key_allows(limits, model)
+  if not limits.models then
+    return true
+  end
+  return string.find('\n' .. limits.models .. '\n', '\n' .. model .. '\n', 1, true) ~= nil
+end
+
+-- The first day (days since 1970-01-01) of the month `ahead` months after the one holding day
+-- `z`: Howard Hinnant's civil_from_days and days_from_civil, proleptic Gregorian.
+local function month_start(z, ahead)
+  z = z + 719468
+  local era = math.floor(z / 146097)
+  local doe = z - era * 146097
+  local yoe = math.floor((doe - math.floor(doe / 1460) + math.floor(doe / 36524)
+    - math.floor(doe / 146096)) / 365)
+  local doy = doe - (365 * yoe + math.floor(yoe / 4) - math.floor(yoe / 100))
+  local mp = math.floor((5 * doy + 2) / 153)
+  local y, m = yoe + era * 400, mp < 10 and mp + 3 or mp - 9
+  if m <= 2 then
+    y = y + 1
+  end
+  m = m + ahead
+  while m > 12 do
+    m, y = m - 12, y + 1
+  end
+  if m <= 2 then
+    y = y - 1
+  end
+  era = math.floor(y / 400)
+  yoe = y - era * 400
+  doy = math.floor((153 * (m > 2 and m - 3 or m + 9) + 2) / 5)
+  doe = yoe * 365 + math.floor(yoe / 4) - math.floor(yoe / 100) + doy
+  return era * 146097 + doe - 719468
+end
+
+local DAY_MS = 86400000
+
+-- The budget period holding `now` (ms): its start and end on UTC calendar boundaries (a week
+-- starts on Monday, ISO 8601), or of a fixed length counted from the epoch; a budget for
+-- the key's life has one period, from 0, that never ends (end nil).
+local function key_period(period, now)
+  if period == 'day' then
+    local start = math.floor(now / DAY_MS) * DAY_MS
+    return start, start + DAY_MS
+  elseif period == 'week' then
+    local day = math.floor(now / DAY_MS)
+    local start = (day - (day + 3) % 7) * DAY_MS  -- 1970-01-01 was a Thursday
+    return start, start + 7 * DAY_MS
+  elseif period == 'month' then
+    local day = math.floor(now / DAY_MS)
+    return month_start(day, 0) * DAY_MS, month_start(day, 1) * DAY_MS
+  end
+  local length = tonumber(period)
+  if not length or length < 1 then
+    return 0, nil
+  end
+  local start = math.floor(now / length) * length
+  return start, start + length
+end
+
+-- A key's spend in the period holding `now` and its open holds, from the account's key-spend
+-- hash: `<key id>:p` the start of the period its spend `:s` belongs to, `:h` what its open
+-- calls hold, `:t` its spend over its life. A spend of an earlier period counts as 0 (the
+-- rollover: written by the next charge, see key_charge); holds carry over until settled.
+local function key_state(spend_hash, key_id, period, now)
+  local v = redis.call('HMGET', spend_hash, key_id .. ':p', key_id .. ':s', key_id .. ':h',
+    key_id .. ':t')
+  local start, stop = key_period(period, now)
+  local spent = tonumber(v[2]) or 0
+  if tonumber(v[1]) ~= start then
+    spent = 0
+  end
+  return {spent = spent, held = tonumber(v[3]) or 0, total = tonumber(v[4]) or 0,
+    start = start, stop = stop, rolled = tonumber(v[1]) ~= start}
+end
+
+-- Add a settled call's cost to the key's spend in the period holding `now` (rolled over
+-- first) and to its life's.
+local function key_charge(spend_hash, limits_hash, key_id, cost, now)
+  local period = redis.call('HGET', limits_hash, key_id .. ':period') or ''
+  local state = key_state(spend_hash, key_id, period, now)
+  if state.rolled then
+    redis.call('HSET', spend_hash, key_id .. ':p', state.start, key_id .. ':s', cost)
+  else
+    redis.call('HINCRBY', spend_hash, key_id .. ':s', cost)
+  end
+  redis.call('HINCRBY', spend_hash, key_id .. ':t', cost)
+end
+
+-- Drop a call's part of its key's open holds (`hold` micro-units), if admission placed one:
+-- `h:<request id>` names the key it was held under.
+local function key_unhold(spend_hash, request_id, hold)
+  local key_id = redis.call('HGET', spend_hash, 'h:' .. request_id)
+  if key_id then
+    redis.call('HDEL', spend_hash, 'h:' .. request_id)
+    redis.call('HINCRBY', spend_hash, key_id .. ':h', -hold)
+  end
+end

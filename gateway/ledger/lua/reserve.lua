@@ -4,7 +4,8 @@
 -- KEYS[1] account hash, KEYS[2] api key hashes, KEYS[3] subscriptions set,
 -- KEYS[4] holds hash, KEYS[5] hold leases zset, KEYS[6] hold info hash,
 -- KEYS[7..10] rate-limit counters: account requests, account tokens, account+model requests,
--- account+model tokens
+-- account+model tokens, KEYS[11] key limits hash, KEYS[12] key spend hash, KEYS[13..14] the
+-- key's own rate-limit counters: requests, tokens
 -- ARGV[1] key id, ARGV[2] sha256 of the secret, ARGV[3] model, ARGV[4] hold (micro-units),
 -- ARGV[5] request id, ARGV[6] lease end (ms), ARGV[7] '1' if the model is dedicated,
 -- ARGV[8] what a sweeper needs to settle the call if its gateway dies (see keys.py),
@@ -13,8 +14,14 @@
 -- _prelude.lua): default account requests, default account tokens, model requests, model
 -- tokens. The account's own limits (admin API) replace the two defaults. Every rule of every
 -- limit is checked: one refusing refuses the call, and charges nothing anywhere.
--- Replies: {'ok', hold, account tokens landed, model tokens landed, headers..., available},
--- {'rate_limited', retry ms, refused rules, headers...} or {refusal code[, detail]};
+-- The key's own limits (see key_limits) come first after its secret: 'key_expired' at or
+-- after its expiry, 'model_not_allowed_for_key' for a model outside its list; its rate limits
+-- are checked with the account's; its budget with the balance: the key's spend in its
+-- current period plus its open holds plus this hold may not pass it.
+-- Replies: {'ok', hold, account tokens landed, model tokens landed, headers..., available,
+-- key tokens landed, '1' if the key has a budget},
+-- {'rate_limited', retry ms, refused rules, headers...},
+-- {'key_budget_exceeded', budget, spent, held, period end ms or ''} or {refusal code[, detail]};
 -- "landed" is where the token charge landed, for settlement (rl_landed, '' = no rule);
 -- headers are 6 values: limit, remaining, reset ms for requests, then for tokens ('' = none),
 -- each kind's of its tightest rule (see below); available is the balance less every hold, this
@@ -27,8 +34,8 @@
 -- read from the counters, which already hold the first run's charge: the first answer's value
 -- unless another call of the account was charged in between, which it then counts too.) The
 -- key, state and subscription checks still come first: a hold never stands in for them.
-local stored = redis.call('HGET', KEYS[2], ARGV[1])
-if not stored or stored ~= ARGV[2] then
+local now, tokens = tonumber(ARGV[9]), tonumber(ARGV[10])
+if not key_matches(KEYS[2], ARGV[1], ARGV[2], now) then
   return {'invalid_api_key'}
 end
 local acct = redis.call('HMGET', KEYS[1], 'state', 'balance', 'held', 'rl_requests_spec',
@@ -44,12 +51,18 @@ end
 if state == 'frozen' and not dedicated then
   return {'account_frozen'}
 end
+local own = key_limits(KEYS[11], ARGV[1])
+if own.expires and now >= own.expires then
+  return {'key_expired', own.expires}
+end
+if not key_allows(own, ARGV[3]) then
+  return {'model_not_allowed_for_key'}
+end
 if redis.call('SISMEMBER', KEYS[3], ARGV[3]) == 0 then
   return {'model_not_subscribed'}
 end
 local resent = redis.call('HGET', KEYS[4], ARGV[5])
 
-local now, tokens = tonumber(ARGV[9]), tonumber(ARGV[10])
 local limits = {}  -- {rules, cost, kind, label}: every limit that applies, each one hash
 local function add(spec, key, kind, label, cost)
   local rules = rl_spec(spec)
@@ -64,6 +77,9 @@ add(rl_spec(acct[4]) and acct[4] or ARGV[11], KEYS[7], 'requests', 'requests', 1
 local acct_tok = add(rl_spec(acct[5]) and acct[5] or ARGV[12], KEYS[8], 'tokens', 'tokens', tokens)
 add(ARGV[13], KEYS[9], 'requests', 'requests' .. to_model, 1)
 local model_tok = add(ARGV[14], KEYS[10], 'tokens', 'tokens' .. to_model, tokens)
+local of_key = ' for key ' .. ARGV[1]
+add(own.rq, KEYS[13], 'requests', 'requests' .. of_key, 1)
+local key_tok = add(own.rt, KEYS[14], 'tokens', 'tokens' .. of_key, tokens)
 
 local refused, retry = {}, 0
 for _, limit in ipairs(limits) do
@@ -112,11 +128,13 @@ end
 -- Where the token charge landed, for settlement to correct it there.
 local acct_window = rl_landed(acct_tok)
 local model_window = rl_landed(model_tok)
+local key_window = rl_landed(key_tok)
+local budgeted = own.budget and '1' or '0'
 
 if resent then
   local rq_l, rq_r, rq_t, tk_l, tk_r, tk_t = headers()
   return {'ok', tonumber(resent), acct_window, model_window, rq_l, rq_r, rq_t, tk_l, tk_r, tk_t,
-    balance - held}
+    balance - held, key_window, budgeted}
 end
 if not charged then
   return {'rate_limited', math.ceil(retry), table.concat(refused, ', '), headers()}
@@ -128,6 +146,10 @@ if dedicated then
 elseif balance - held < hold then
   return {'insufficient_balance', balance - held}
 end
+local spend = key_state(KEYS[12], ARGV[1], own.period, now)
+if own.budget and spend.spent + spend.held + hold > own.budget then
+  return {'key_budget_exceeded', own.budget, spend.spent, spend.held, spend.stop or ''}
+end
 for _, limit in ipairs(limits) do
   rl_charge(limit[1], limit[2])
 end
@@ -135,6 +157,8 @@ redis.call('HSET', KEYS[4], ARGV[5], hold)
 redis.call('ZADD', KEYS[5], ARGV[6], ARGV[5])
 redis.call('HSET', KEYS[6], ARGV[5], ARGV[8])
 redis.call('HINCRBY', KEYS[1], 'held', hold)
+redis.call('HSET', KEYS[12], 'h:' .. ARGV[5], ARGV[1])
+redis.call('HINCRBY', KEYS[12], ARGV[1] .. ':h', hold)
 local rq_l, rq_r, rq_t, tk_l, tk_r, tk_t = headers()
 return {'ok', hold, acct_window, model_window, rq_l, rq_r, rq_t, tk_l, tk_r, tk_t,
-  balance - held - hold}
+  balance - held - hold, key_window, budgeted}
