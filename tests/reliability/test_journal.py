@@ -17,7 +17,8 @@ import redis
 import redis.asyncio as aioredis
 
 from gateway.accounts.apikeys import parse_api_key
-from gateway.ledger import Ledger, Reservation
+from gateway.ledger import Ledger, Reservation, TokenCharge
+from gateway.ledger.journal import Entry
 from gateway.ledger.keys import HOLDS_DUE
 from gateway.store.channel import channel_for
 from gateway.store.embedded import EmbeddedStore
@@ -278,3 +279,23 @@ async def test_adopted_settlement_older_than_the_settled_marker_is_set_aside(
     records = admin.usage(account_id)
     assert [r["request_id"] for r in records] == ["req_fresh"]
     assert admin.account(account_id)["balance"] == "0.999000"
+
+
+def test_an_entry_of_the_earlier_format_replays_with_no_key_window() -> None:
+    """A journal written before keys had token limits holds two token windows; it still
+    decodes (the key's window empty), and a current entry round-trips all three."""
+    old = orjson.dumps(
+        {
+            "a": "acct",
+            "r": "req_1",
+            "x": False,
+            "c": 42,
+            "t": 1,
+            "rec": {"key_id": "key_1"},
+            "ch": ["m", 10, "5", "7"],
+            "n": 12,
+        }
+    )
+    assert Entry.decode(old).charge == TokenCharge("m", 10, ("5", "7", ""))
+    entry = Entry("acct", "req_2", cost=1, charge=TokenCharge("m", 3, ("1", "", "9")))
+    assert Entry.decode(entry.encode()) == entry
