@@ -217,6 +217,57 @@ async def test_account_listing_across_primaries(
         assert item == admin.account(item["id"])
 
 
+async def test_key_budget_across_instances(
+    make_gateway: Callable[..., Proc],
+    mock_a: Proc,
+    cluster: ValkeyCluster,
+    cluster_client: redis.RedisCluster,
+) -> None:
+    """On the cluster, 100 concurrent calls over two instances on a key whose budget covers
+    10 holds: 10 are admitted, 90 get 402 `key_budget_exceeded`, the key's spend is its
+    records' costs; a rotation there keeps the old secret for its grace on both instances."""
+    gateways = [make_gateway([_model(mock_a.url)], store={"url": cluster.url}) for _ in range(2)]
+    admin = Admin(gateways[0].url)
+    messages = [{"role": "user", "content": "scale out"}]
+    _, probe_key = admin.funded(["m"], amount="1.00")
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {probe_key}"}) as s:
+        body = {"model": "m", "messages": messages, "max_tokens": MAX_TOKENS}
+        async with s.post(gateways[1].url + "/v1/chat/completions", data=orjson.dumps(body)) as r:
+            prompt = orjson.loads(await r.read())["usage"]["prompt_tokens"]
+    hold = prompt + 2 * MAX_TOKENS
+    budget = 10 * hold + hold // 3
+    account_id, _ = admin.funded(["m"], amount="10.00")
+    amount = f"{budget // 1_000_000}.{budget % 1_000_000:06d}"
+    key = admin.new_key(account_id, budget={"amount": amount, "period": "month"})
+    async with aiohttp.ClientSession(
+        headers={"Authorization": f"Bearer {key}", "x-mock-ttft": "0.3"},
+        connector=aiohttp.TCPConnector(limit=100),
+    ) as session:
+        statuses = await asyncio.gather(
+            *(_post(session, gateways[i % 2], body) for i in range(100))
+        )
+    assert statuses.count(200) == 10, (sorted(set(statuses)), FAILURES[:3])
+    assert statuses.count(402) == 90
+    other = Admin(gateways[1].url)
+    _, records = assert_invariant(other, cluster_client, account_id, micros("10.00"))
+    assert len(records) == 10
+    view = other.key(account_id, key)
+    assert micros(view["spend"]["spent"]) == sum(micros(r["cost"]) for r in records) == 10 * hold
+    assert view["spend"]["held"] == "0.000000"
+    key_id = key.split(".")[1]
+    rotated = admin.ok("POST", f"/admin/accounts/{account_id}/keys/{key_id}/rotate")
+    admin.ok("PATCH", f"/admin/accounts/{account_id}/keys/{key_id}", {"budget": None})
+    async with aiohttp.ClientSession() as session:
+        for secret in (key, rotated["key"]):
+            for gw in gateways:
+                async with session.post(
+                    gw.url + "/v1/chat/completions",
+                    data=orjson.dumps(body),
+                    headers={"Authorization": f"Bearer {secret}"},
+                ) as resp:
+                    assert resp.status == 200, await resp.read()
+
+
 def test_cluster_keys_share_one_slot_per_account(tmp_path: Path) -> None:
     """Every key the ledger builds for an account hashes to that account's one slot."""
     from redis.crc import key_slot
@@ -242,6 +293,10 @@ def test_cluster_keys_share_one_slot_per_account(tmp_path: Path) -> None:
         k.notifications,
         k.settled("req_1"),
         k.idempotency("idem-1"),
+        k.key_limits,
+        k.key_spend,
+        k.key_rate("key_1", "requests"),
+        k.key_rate("key_1", "tokens"),
     ]
     assert len({key_slot(name.encode()) for name in names}) == 1
 
