@@ -24,6 +24,7 @@ from gateway.api.middleware import attach_request_id, errors_middleware
 from gateway.api.protocol import answer_protocol_errors_in_json
 from gateway.config.reload import Reloader
 from gateway.config.schema import Settings
+from gateway.console import create_console_app
 from gateway.errors import GatewayError
 from gateway.history.reader import HistoryReader, settled_in_history
 from gateway.keys import (
@@ -273,4 +274,11 @@ def create_app(
     app.on_startup.append(_warm_up)
     app.add_routes([*inference.routes, *models.routes, *ops.routes])
     app.add_subapp("/admin", create_admin_app())
+    if settings.console.enabled:  # read at start: turning it on or off takes a restart
+        app.router.add_get("/console", _to_console)
+        app.add_subapp("/console", create_console_app())
     return app
+
+
+async def _to_console(request: web.Request) -> web.StreamResponse:
+    raise web.HTTPSeeOther("/console/")

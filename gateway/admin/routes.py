@@ -3,9 +3,7 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
-import os
 import re
 from typing import Any
 
@@ -15,6 +13,7 @@ from pydantic import ValidationError
 
 from gateway.accounts.notifier import load_preferences
 from gateway.accounts.preferences import NotificationPreferences
+from gateway.admin.actions import top_up
 from gateway.admin.common import (
     account_id_param,
     existing_account,
@@ -29,7 +28,6 @@ from gateway.errors import (
     AccountExists,
     AccountInArrears,
     AccountNotFound,
-    IdempotencyConflict,
     InvalidRequest,
     ModelNotFound,
 )
@@ -37,7 +35,7 @@ from gateway.history.reader import usage_page
 from gateway.history.reports import statement, summary
 from gateway.keys import CONFIG, HISTORY, LEDGER, RELOADER
 from gateway.ledger.keys import ACCOUNT_CURSOR, ID_RULE, valid_id
-from gateway.money import MAX_BALANCE_MICROS, format_micros, parse_amount
+from gateway.money import format_micros
 from gateway.ratelimit import rule_spec
 from gateway.timefmt import iso_ms, now_ms, parse_iso_ms
 
@@ -46,13 +44,6 @@ __all__ = ["routes"]
 MAX_USAGE_PAGE = 1000
 ACCOUNT_STATES = ("active", "frozen", "cleared")
 MAX_STREAM_PART = 2**64 - 1  # each half of a Redis stream id is an unsigned 64-bit number
-
-
-class BalanceLimitExceeded(InvalidRequest):
-    """A top-up that would take the balance above MAX_BALANCE_MICROS (refused by topup.lua,
-    which credits nothing)."""
-
-    code = "balance_limit_exceeded"
 
 
 async def create_account(request: web.Request) -> web.Response:
@@ -98,30 +89,8 @@ async def create_topup(request: web.Request) -> web.Response:
     """POST /admin/accounts/{id}/topups {"amount"}: idempotent under `Idempotency-Key`."""
     account_id = account_id_param(request)
     data = await json_body(request)
-    try:
-        amount = parse_amount(data.get("amount"))
-    except ValueError as exc:
-        raise InvalidRequest(str(exc), param="amount") from None
     idem_key = request.headers.get("Idempotency-Key")
-    if idem_key is not None and not valid_id(idem_key):
-        raise InvalidRequest(
-            f"the Idempotency-Key header must be {ID_RULE}", param="Idempotency-Key"
-        )
-    idem_key = idem_key or ""
-    fingerprint = hashlib.sha256(orjson.dumps(data, option=orjson.OPT_SORT_KEYS)).hexdigest()
-    topup_id = "topup_" + os.urandom(12).hex()
-    ledger = request.config_dict[LEDGER]
-    result = await ledger.topup(account_id, amount, fingerprint, idem_key, now_ms(), topup_id)
-    if result.code == "account_not_found":
-        raise AccountNotFound(f"no account '{account_id}'")
-    if result.code == "idempotency_conflict":
-        raise IdempotencyConflict("this Idempotency-Key was used with another request body")
-    if result.code == "balance_limit_exceeded":
-        raise BalanceLimitExceeded(
-            f"a top-up of {format_micros(amount)} would take the balance above the maximum "
-            f"balance of {format_micros(MAX_BALANCE_MICROS)}; nothing was credited",
-            param="amount",
-        )
+    result = await top_up(request.config_dict[LEDGER], account_id, data, idem_key)
     answer = {
         "id": result.id,
         "account": account_id,

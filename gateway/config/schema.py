@@ -268,6 +268,14 @@ class HistoryConfig(_Frozen):
         return self
 
 
+class ConsoleConfig(_Frozen):
+    """The browser console at /console (gateway/console): its pages, and how long a login
+    lasts."""
+
+    enabled: bool = True
+    session_ttl: Annotated[Duration, bounded("1m", "30d")] = 8 * 3600.0
+
+
 class TimeoutsConfig(_Frozen):
     # At 0 aiohttp sets no connect timeout at all: a silent upstream is never failed over.
     connect: Annotated[Duration, bounded("100ms")] = 5.0
@@ -679,6 +687,7 @@ class Settings(_Frozen):
     rate_limits: RateLimitsConfig = RateLimitsConfig(requests="600/minute", tokens="1000000/minute")
     notifications: NotificationsConfig = NotificationsConfig()
     history: HistoryConfig = HistoryConfig()
+    console: ConsoleConfig = ConsoleConfig()
     models: tuple[ModelConfig, ...] = ()
 
     @field_validator("models")

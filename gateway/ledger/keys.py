@@ -25,6 +25,7 @@ __all__ = [
     "account_id_of",
     "account_index_member",
     "account_keys",
+    "console_session_key",
     "response_owner_key",
     "stream_id_after",
     "valid_account_id",
@@ -79,6 +80,11 @@ def account_index_member(account_id: str, created_ms: int) -> str:
 
 
 ACCOUNT_KEY_PATTERN = f"{PREFIX}:{{a:*}}:account"  # SCAN pattern matching every account
+
+
+def console_session_key(token_hash: str) -> str:
+    """A console login (its own slot): role, account and CSRF token, expiring with it."""
+    return f"{PREFIX}:console:session:{token_hash}"
 
 
 def response_owner_key(response_id: str) -> str:

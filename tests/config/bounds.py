@@ -42,6 +42,7 @@ DURATIONS = (
     Bound("history.keep_in_store", "1s", "3650d"),
     Bound("history.export_interval", "50ms", "1h"),
     Bound("history.settled_ttl", "10m", "7d"),
+    Bound("console.session_ttl", "1m", "30d"),
 )
 
 INTS = (

@@ -1,0 +1,229 @@
+"""The console's pages: log in and out, the accounts, an account and its top-up form.
+
+Handlers read through the same ledger calls as the admin API and act through the same code
+(gateway/admin/actions.py), so a form does exactly what the JSON route does.
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import secrets
+from typing import Any
+
+import aiohttp_jinja2
+from aiohttp import web
+
+from gateway.accounts.apikeys import parse_api_key
+from gateway.admin.actions import top_up
+from gateway.admin.views import account_view
+from gateway.api.inference import known_key
+from gateway.console.sessions import COOKIE, Session, Sessions
+from gateway.errors import AccountNotFound, GatewayError
+from gateway.history.reports import summary
+from gateway.keys import CONFIG, HISTORY, LEDGER, STORE
+from gateway.ledger.keys import valid_account_id, valid_id
+from gateway.timefmt import now_ms
+
+__all__ = ["OPEN_POSTS", "SESSION", "check_csrf", "error_page", "routes"]
+
+SESSION = web.RequestKey("console_session", Session)
+PRE_COOKIE = "gw_console_login"  # the login form's CSRF token, before there is a session
+OPEN_POSTS = frozenset({"/console/login"})
+PAGE_SIZE = 50
+SCAN_PAGES = 20  # a search reads at most this many pages of 250 accounts
+CHART_DAYS = 30  # the account page's usage: the last 30 days
+
+
+class Forbidden(GatewayError):
+    status = 403
+    type = "permission_error"
+    code = "forbidden"
+
+
+def _session(request: web.Request) -> Session | None:
+    return request.get(SESSION)
+
+
+def _needs(request: web.Request, operator: bool = False) -> Session:
+    """The login, or a redirect to the login page; an owner asking for an operator page is
+    refused."""
+    session = _session(request)
+    if session is None:
+        raise web.HTTPSeeOther("/console/login")
+    if operator and session.role != "operator":
+        raise Forbidden("This page is for operators; you are logged in with an account's key.")
+    return session
+
+
+async def check_csrf(request: web.Request) -> None:
+    session = _session(request)
+    form = await request.post()
+    if session is None or not session.csrf_ok(form.get("csrf")):
+        raise Forbidden(
+            "This form was not sent from a page of this console (its CSRF token is missing or "
+            "stale); reload the page and try again."
+        )
+
+
+def error_page(request: web.Request, status: int, message: str) -> web.Response:
+    return aiohttp_jinja2.render_template(
+        "error.html", request, _context(request, message=message), status=status
+    )
+
+
+def _context(request: web.Request, **values: Any) -> dict[str, Any]:
+    session = _session(request)
+    return {"session": session, "csrf": session.csrf if session else "", **values}
+
+
+def _cookie(response: web.StreamResponse, request: web.Request, name: str, value: str) -> None:
+    ttl = int(request.config_dict[CONFIG].snapshot.settings.console.session_ttl)
+    response.set_cookie(
+        name,
+        value,
+        max_age=ttl,
+        path="/console",
+        httponly=True,
+        samesite="Strict",
+        secure=request.secure,
+    )
+
+
+async def index(request: web.Request) -> web.StreamResponse:
+    session = _needs(request)
+    if session.role == "owner":
+        raise web.HTTPSeeOther(f"/console/accounts/{session.account_id}")
+    raise web.HTTPSeeOther("/console/accounts")
+
+
+async def login_form(request: web.Request, message: str = "", status: int = 200) -> web.Response:
+    token = secrets.token_urlsafe(24)
+    response = aiohttp_jinja2.render_template(
+        "login.html", request, {"session": None, "csrf": token, "message": message}, status=status
+    )
+    _cookie(response, request, PRE_COOKIE, token)
+    return response
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    """An admin token logs in an operator; one of an account's API keys, its owner."""
+    form = await request.post()
+    pre = request.cookies.get(PRE_COOKIE, "")
+    given = form.get("csrf")
+    if not pre or not isinstance(given, str) or not hmac.compare_digest(given, pre):
+        raise Forbidden("This login form was not sent from this console; reload and try again.")
+    token = str(form.get("token", "")).strip()
+    settings = request.config_dict[CONFIG].snapshot.settings
+    admin_token = os.environ.get(settings.server.admin_token_env, "")
+    role, account_id = "", ""
+    if admin_token and hmac.compare_digest(token.encode(), admin_token.encode()):
+        role = "operator"
+    else:
+        key = parse_api_key(f"Bearer {token}")
+        if key is not None:
+            try:
+                await known_key(request.config_dict[LEDGER], key)
+            except GatewayError:
+                key = None
+        if key is not None:
+            role, account_id = "owner", key.account_id
+    if not role:
+        return await login_form(
+            request, "That is neither the admin token nor an API key this gateway knows.", 401
+        )
+    ttl = int(settings.console.session_ttl)
+    sessions = Sessions(request.config_dict[STORE])
+    cookie, _ = await sessions.open("operator" if role == "operator" else "owner", account_id, ttl)
+    response = web.HTTPSeeOther("/console/")
+    _cookie(response, request, COOKIE, cookie)
+    response.del_cookie(PRE_COOKIE, path="/console")
+    raise response
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    await Sessions(request.config_dict[STORE]).close(request.cookies.get(COOKIE))
+    response = web.HTTPSeeOther("/console/login")
+    response.del_cookie(COOKIE, path="/console")
+    raise response
+
+
+@aiohttp_jinja2.template("accounts.html")
+async def accounts(request: web.Request) -> dict[str, Any]:
+    """Accounts whose id starts with `prefix`, in `state`, oldest first, a page at a time."""
+    _needs(request, operator=True)
+    prefix = request.query.get("prefix", "").strip()
+    state = request.query.get("state") or None
+    if state not in (None, "active", "frozen", "cleared"):
+        state = None
+    after = request.query.get("after") or None
+    ledger = request.config_dict[LEDGER]
+    settings = request.config_dict[CONFIG].snapshot.settings
+    found: list[dict[str, Any]] = []
+    cursor = after
+    for _ in range(SCAN_PAGES):
+        page, cursor = await ledger.list_accounts(250, cursor, state)
+        for account in page:
+            if account.id.startswith(prefix) and len(found) < PAGE_SIZE:
+                found.append(account_view(account, settings))
+        if cursor is None or len(found) >= PAGE_SIZE:
+            break
+    return _context(
+        request, accounts=found, prefix=prefix, state=state or "", next=cursor, after=after
+    )
+
+
+@aiohttp_jinja2.template("account.html")
+async def account(request: web.Request) -> dict[str, Any]:
+    session = _needs(request)
+    account_id = request.match_info["account_id"]
+    if not valid_account_id(account_id) or not session.may_see(account_id):
+        raise AccountNotFound("There is no such account for this login.")
+    ledger = request.config_dict[LEDGER]
+    record = await ledger.get_account(account_id)
+    if record is None:
+        raise AccountNotFound(f"There is no account '{account_id}'.")
+    settings = request.config_dict[CONFIG].snapshot.settings
+    until = now_ms() + 1
+    since = until - CHART_DAYS * 86_400_000
+    reader = request.config_dict[HISTORY]
+    by_day = await summary(ledger, reader, account_id, "day", since, until)
+    by_model = await summary(ledger, reader, account_id, "model", since, until)
+    return _context(
+        request,
+        account=account_view(record, settings),
+        by_day=by_day,
+        by_model=by_model,
+        chart_days=CHART_DAYS,
+        idempotency_key=secrets.token_hex(16),
+        topped_up=request.query.get("topped_up", ""),
+    )
+
+
+async def topup(request: web.Request) -> web.StreamResponse:
+    """The top-up form: the admin API's top-up, under the Idempotency-Key the page was given,
+    so a second submit of the same page credits nothing more."""
+    _needs(request, operator=True)
+    account_id = request.match_info["account_id"]
+    if not valid_account_id(account_id):
+        raise AccountNotFound(f"There is no account '{account_id}'.")
+    form = await request.post()
+    idem = form.get("idempotency_key")
+    result = await top_up(
+        request.config_dict[LEDGER],
+        account_id,
+        {"amount": str(form.get("amount", "")).strip()},
+        idem if isinstance(idem, str) and valid_id(idem) else None,
+    )
+    raise web.HTTPSeeOther(f"/console/accounts/{account_id}?topped_up={result.id}")
+
+
+routes = [
+    web.get("/", index),
+    web.get("/login", login_form),
+    web.post("/login", login),
+    web.post("/logout", logout),
+    web.get("/accounts", accounts),
+    web.get("/accounts/{account_id}", account),
+    web.post("/accounts/{account_id}/topups", topup),
+]

@@ -1,0 +1,43 @@
+// Draws the account page's usage chart (cost and calls per day) with the vendored uPlot, from
+// the JSON the page carries (no inline script: the Content-Security-Policy admits none).
+"use strict";
+(function () {
+  const source = document.getElementById("usage-by-day");
+  const box = document.getElementById("usage-chart");
+  if (!source || !box || typeof uPlot === "undefined") return;
+  const rows = JSON.parse(source.textContent);
+  const byDay = new Map(rows.map((r) => [r.day, r]));
+  const span = Number(box.dataset.days || 30);
+  const today = Math.floor(Date.now() / 86400000);
+  const days = [], cost = [], calls = [];
+  for (let d = today - span + 1; d <= today; d++) {
+    const key = new Date(d * 86400000).toISOString().slice(0, 10);
+    const row = byDay.get(key);
+    days.push(d * 86400);
+    cost.push(row ? Number(row.cost) : 0); // for drawing only: the table shows the exact amounts
+    calls.push(row ? row.calls : 0);
+  }
+  const money = (u, splits) => splits.map((v) => v.toFixed(v !== 0 && v < 0.01 ? 6 : 2));
+  const width = () => Math.max(280, Math.min(box.clientWidth || 600, 1100));
+  const chart = new uPlot(
+    {
+      width: width(),
+      height: 220,
+      series: [
+        {},
+        { label: "cost", stroke: "#1c64f2", fill: "rgba(28,100,242,.12)", scale: "cost" },
+        { label: "calls", stroke: "#9b1c1c", scale: "calls" },
+      ],
+      axes: [
+        {},
+        { scale: "cost", values: money, size: 84 },
+        { scale: "calls", side: 1, grid: { show: false } },
+      ],
+      scales: { x: { time: true }, cost: { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1] } },
+    },
+    [days, cost, calls],
+    box,
+  );
+  box.dataset.points = String(rows.length); // the days that had calls
+  window.addEventListener("resize", () => chart.setSize({ width: width(), height: 220 }));
+})();

@@ -1,0 +1,216 @@
+"""The console in a real browser (issue 18, first part): log in, find an account, top it up
+and see the balance change, a double submit credited once, a form without its CSRF token
+refused, an owner kept to their own account, and the security headers and cookie."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+from playwright.sync_api import Browser, BrowserContext, Page
+
+from tests.admin_client import ADMIN_TOKEN, Admin
+from tests.billing.checks import micros
+from tests.conftest import model_entry
+from tests.procs import Proc
+
+
+@pytest.fixture
+def console(make_gateway: Callable[..., Proc], mock_a: Proc) -> Proc:
+    return make_gateway([model_entry("m", mock_a.url, upstream_model="mock-model")])
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    opened = browser.new_context(viewport={"width": 1100, "height": 800})
+    yield opened
+    opened.close()
+
+
+def _login(page: Page, url: str, token: str) -> None:
+    page.goto(url + "/console")
+    page.fill("#token", token)
+    page.click("button[type=submit]")
+    page.wait_for_load_state()
+
+
+def test_an_operator_finds_an_account_and_tops_it_up(
+    console: Proc, context: BrowserContext, shots: Path
+) -> None:
+    """Logged in with the admin token, the operator finds the account by its id's prefix,
+    tops it up, and sees the new balance, which the admin API agrees with."""
+    admin = Admin(console.url)
+    account_id, _ = admin.funded(["m"], amount="1.50")
+    page = context.new_page()
+    _login(page, console.url, ADMIN_TOKEN)
+    assert page.url.endswith("/console/accounts")
+    page.fill("#prefix", account_id[:10])
+    page.select_option("#state", "active")
+    page.click("form.filters button")
+    page.screenshot(path=shots / "accounts.png", full_page=True)
+    page.click(f"a[href='/console/accounts/{account_id}']")
+    assert page.inner_text("#balance").startswith("1.500000")
+    page.fill("#amount", "2.25")
+    page.click("#topup button")
+    page.wait_for_load_state()
+    assert "credited" in page.inner_text("[role=status]")
+    assert page.inner_text("#balance").startswith("3.750000")
+    assert admin.account(account_id)["balance"] == "3.750000"
+    page.screenshot(path=shots / "account.png", full_page=True)
+
+
+def test_a_double_submitted_top_up_is_credited_once(console: Proc, context: BrowserContext) -> None:
+    """The same rendered form sent three times (a double click and two resends of its very
+    fields) credits once: the page's Idempotency-Key goes with every send."""
+    admin = Admin(console.url)
+    account_id, _ = admin.funded(["m"], amount="1.00")
+    page = context.new_page()
+    _login(page, console.url, ADMIN_TOKEN)
+    page.goto(f"{console.url}/console/accounts/{account_id}")
+    page.fill("#amount", "5.00")
+    statuses = page.evaluate(
+        """async () => {
+            const form = document.querySelector('#topup');
+            const sent = [];
+            for (let i = 0; i < 2; i++) {
+                const body = new URLSearchParams(new FormData(form));
+                const r = await fetch(form.action, {method: 'POST', body});
+                sent.push(r.status);
+            }
+            return sent;
+        }"""
+    )
+    assert statuses == [200, 200]  # each answered with the account page, after its redirect
+    page.dblclick("#topup button")
+    page.wait_for_load_state()
+    assert admin.account(account_id)["balance"] == "6.000000"
+
+
+def test_a_form_without_its_csrf_token_is_refused(console: Proc, context: BrowserContext) -> None:
+    """A POST with the session's cookie but without the form's CSRF token (what another site
+    could make the browser send) is 403 with a sentence, and credits nothing."""
+    admin = Admin(console.url)
+    account_id, _ = admin.funded(["m"], amount="1.00")
+    page = context.new_page()
+    _login(page, console.url, ADMIN_TOKEN)
+    for form in ({"amount": "9.00"}, {"amount": "9.00", "csrf": "not-the-token"}):
+        answer = page.request.post(
+            f"{console.url}/console/accounts/{account_id}/topups", form=form, max_redirects=0
+        )
+        assert answer.status == 403
+        assert "CSRF" in answer.text()
+        assert "Traceback" not in answer.text()
+    assert admin.account(account_id)["balance"] == "1.000000"
+
+
+def test_an_owner_sees_only_their_account(console: Proc, context: BrowserContext) -> None:
+    """Logged in with an account's API key, the owner lands on that account, read only (no
+    top-up form); another account, the account list and a top-up are refused."""
+    admin = Admin(console.url)
+    account_id, key = admin.funded(["m"], amount="4.00")
+    other_id, _ = admin.funded(["m"], amount="4.00")
+    page = context.new_page()
+    _login(page, console.url, key)
+    assert page.url.endswith(f"/console/accounts/{account_id}")
+    assert page.inner_text("#balance").startswith("4.000000")
+    assert page.locator("#topup").count() == 0
+    refused = page.goto(f"{console.url}/console/accounts/{other_id}")
+    assert refused is not None
+    assert refused.status == 404
+    assert "no such account" in page.inner_text("[role=alert]")
+    listing = page.goto(f"{console.url}/console/accounts")
+    assert listing is not None
+    assert listing.status == 403
+    csrf = page.evaluate("document.querySelector('input[name=csrf]').value")
+    answer = page.request.post(
+        f"{console.url}/console/accounts/{account_id}/topups",
+        form={"amount": "1.00", "csrf": csrf},
+        max_redirects=0,
+    )
+    assert answer.status == 403
+    assert admin.account(account_id)["balance"] == "4.000000"
+
+
+def test_a_bad_login_and_the_security_headers(console: Proc, context: BrowserContext) -> None:
+    """A wrong token is a sentence on the login page; a good login sets an HttpOnly,
+    SameSite=Strict cookie; every page has a Content-Security-Policy; logging out ends the
+    session in the store."""
+    page = context.new_page()
+    _login(page, console.url, "sk-gw-nobody.key_000000000000.nothing")
+    assert "neither the admin token nor an API key" in page.inner_text("[role=alert]")
+    answer = page.goto(console.url + "/console/login")
+    assert answer is not None
+    assert "default-src 'none'" in answer.headers["content-security-policy"]
+    assert answer.headers["x-frame-options"] == "DENY"
+    _login(page, console.url, ADMIN_TOKEN)
+    (cookie,) = [c for c in context.cookies() if c["name"] == "gw_console"]
+    assert cookie["httpOnly"] is True
+    assert cookie["sameSite"] == "Strict"
+    assert cookie["expires"] > 0
+    page.click("nav button")
+    page.wait_for_load_state()
+    assert page.url.endswith("/console/login")
+    context.add_cookies([{**cookie}])  # the old cookie again: its session is gone
+    page.goto(console.url + "/console/accounts")
+    assert page.url.endswith("/console/login")
+
+
+@pytest.mark.parametrize("path", ["/console/login", "/console/accounts", "account"])
+def test_pages_fit_a_360px_screen(console: Proc, browser: Browser, shots: Path, path: str) -> None:
+    """No page is wider than a 360 px phone screen (tables scroll inside their box)."""
+    admin = Admin(console.url)
+    account_id, _ = admin.funded(["m"], amount="1.00")
+    context = browser.new_context(viewport={"width": 360, "height": 740})
+    try:
+        page = context.new_page()
+        if path != "/console/login":
+            _login(page, console.url, ADMIN_TOKEN)
+        page.goto(console.url + (f"/console/accounts/{account_id}" if path == "account" else path))
+        width = page.evaluate("document.documentElement.scrollWidth")
+        page.screenshot(path=shots / f"narrow-{path.strip('/').replace('/', '-')}.png")
+        assert width <= 360, width
+        assert micros(admin.account(account_id)["balance"]) == 1_000_000
+    finally:
+        context.close()
+
+
+def test_the_account_page_charts_the_accounts_usage(
+    console: Proc, context: BrowserContext, shots: Path
+) -> None:
+    """After calls on the account, its page draws the usage chart (uPlot's canvas, one point
+    per day the admin API's summary has) and the by-model table shows the summary's calls and
+    cost; an account without calls says so, with no chart."""
+    admin = Admin(console.url)
+    account_id, key = admin.funded(["m"], amount="5.00")
+    idle_id, _ = admin.funded(["m"], amount="5.00")
+    plain = Admin(console.url, token=None)
+    for i in range(3):
+        reply = plain.call(
+            "POST",
+            "/v1/chat/completions",
+            {"model": "m", "messages": [{"role": "user", "content": f"call {i}"}]},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        assert reply.status == 200
+    expected = admin.ok("GET", f"/admin/accounts/{account_id}/usage/summary?group_by=model")
+    by_day = admin.ok("GET", f"/admin/accounts/{account_id}/usage/summary?group_by=day")
+    assert expected["total"]["calls"] == 3
+    page = context.new_page()
+    _login(page, console.url, ADMIN_TOKEN)
+    page.goto(f"{console.url}/console/accounts/{account_id}")
+    page.wait_for_selector("#usage-chart canvas")
+    assert page.get_attribute("#usage-chart", "data-points") == str(len(by_day["data"]))
+    cells = page.locator("#by-model tbody tr").first.locator("td").all_inner_texts()
+    (row,) = expected["data"]
+    assert cells == [
+        "m",
+        "3",
+        str(row["prompt_tokens"]),
+        str(row["completion_tokens"]),
+        row["cost"],
+    ]
+    page.screenshot(path=shots / "account-usage.png", full_page=True)
+    page.goto(f"{console.url}/console/accounts/{idle_id}")
+    assert page.locator("#usage-chart").count() == 0
+    assert "No calls in the last 30 days" in page.inner_text("main")
