@@ -9,14 +9,21 @@ from typing import Any
 
 import orjson
 
-from gateway.errors import AccountNotFound, IdempotencyConflict, InvalidRequest
+from gateway.config.schema import Settings
+from gateway.errors import (
+    AccountInArrears,
+    AccountNotFound,
+    IdempotencyConflict,
+    InvalidRequest,
+    ModelNotFound,
+)
 from gateway.ledger import Ledger
 from gateway.ledger.keys import ID_RULE, valid_id
 from gateway.ledger.records import TopupResult
 from gateway.money import MAX_BALANCE_MICROS, format_micros, parse_amount
 from gateway.timefmt import now_ms
 
-__all__ = ["BalanceLimitExceeded", "top_up"]
+__all__ = ["BalanceLimitExceeded", "subscribe_to", "top_up"]
 
 
 class BalanceLimitExceeded(InvalidRequest):
@@ -53,3 +60,18 @@ async def top_up(
             param="amount",
         )
     return result
+
+
+async def subscribe_to(ledger: Ledger, settings: Settings, account_id: str, model: object) -> str:
+    """Subscribe the account to a configured model: `created` or `exists`; 403 for a new model
+    while in arrears, 404 for no such account or model."""
+    if not isinstance(model, str) or not model:
+        raise InvalidRequest("model must be a model name", param="model")
+    if settings.model(model) is None:
+        raise ModelNotFound(f"the model '{model}' does not exist", param="model")
+    outcome = await ledger.subscribe(account_id, model)
+    if outcome == "account_not_found":
+        raise AccountNotFound(f"no account '{account_id}'")
+    if outcome == "account_in_arrears":
+        raise AccountInArrears("an account in arrears cannot subscribe to new models; top up first")
+    return outcome

@@ -30,13 +30,14 @@ from gateway.ledger import KeySpend, Ledger
 from gateway.money import format_micros
 from gateway.timefmt import iso_ms, now_ms
 
-__all__ = ["key_routes"]
+__all__ = ["key_routes", "keys_of", "new_key", "parse_settings", "revoke"]
 
 # The metadata fields that are not settings: set by the gateway, never by a request.
 _OWN_FIELDS = ("id", "prefix", "created_at", "revoked_at", "rotated_at", "previous_valid_until")
 
 
-def _settings(request: web.Request, data: dict[str, Any]) -> KeySettings:
+def parse_settings(request: web.Request, data: dict[str, Any]) -> KeySettings:
+    """A body's key settings, checked against the configured models; 400 naming a bad one."""
     try:
         settings = KeySettings.parse(data)
     except ValidationError as exc:
@@ -87,12 +88,10 @@ def _written(outcome: str, account_id: str, key_id: str) -> None:
         raise KeyRevoked(f"key '{key_id}' is revoked; create a new one")
 
 
-async def create_key(request: web.Request) -> web.Response:
-    """POST /admin/accounts/{id}/keys {name?, budget?, expires_at?, models?, rate_limits?}
-    -> 201 with the secret, shown this once."""
-    account_id = account_id_param(request)
-    settings = _settings(request, await json_body(request, optional=True))
-    ledger = request.config_dict[LEDGER]
+async def new_key(
+    ledger: Ledger, account_id: str, settings: KeySettings
+) -> tuple[dict[str, Any], str]:
+    """Make a key with `settings`: its metadata and its secret (to be shown once)."""
     key = new_api_key(account_id)
     meta = {
         "id": key.key_id,
@@ -105,7 +104,24 @@ async def create_key(request: web.Request) -> web.Response:
         account_id, key.key_id, orjson.dumps(meta), settings.limits(), key.key_hash
     )
     _written(outcome, account_id, key.key_id)
-    return json_response({**meta, "key": key.secret}, 201)
+    return meta, key.secret
+
+
+async def create_key(request: web.Request) -> web.Response:
+    """POST /admin/accounts/{id}/keys {name?, budget?, expires_at?, models?, rate_limits?}
+    -> 201 with the secret, shown this once."""
+    account_id = account_id_param(request)
+    settings = parse_settings(request, await json_body(request, optional=True))
+    meta, secret = await new_key(request.config_dict[LEDGER], account_id, settings)
+    return json_response({**meta, "key": secret}, 201)
+
+
+async def keys_of(ledger: Ledger, account_id: str) -> list[dict[str, Any]]:
+    """The account's keys as the admin API shows them, oldest first."""
+    metas = [orjson.loads(meta) for meta in (await ledger.list_api_keys(account_id)).values()]
+    metas.sort(key=lambda k: (k["created_at"], k["id"]))
+    spends = await ledger.key_spend(account_id, [m["id"] for m in metas], now_ms())
+    return [_view(m, spends.get(m["id"])) for m in metas]
 
 
 async def list_keys(request: web.Request) -> web.Response:
@@ -113,10 +129,7 @@ async def list_keys(request: web.Request) -> web.Response:
     account_id = account_id_param(request)
     ledger = request.config_dict[LEDGER]
     await existing_account(ledger, account_id)
-    metas = [orjson.loads(meta) for meta in (await ledger.list_api_keys(account_id)).values()]
-    metas.sort(key=lambda k: (k["created_at"], k["id"]))
-    spends = await ledger.key_spend(account_id, [m["id"] for m in metas], now_ms())
-    return json_response({"data": [_view(m, spends.get(m["id"])) for m in metas]})
+    return json_response({"data": await keys_of(ledger, account_id)})
 
 
 async def get_key(request: web.Request) -> web.Response:
@@ -141,7 +154,7 @@ async def update_key(request: web.Request) -> web.Response:
     meta = await _meta(ledger, account_id, key_id)
     own = {name: meta.get(name) for name in _OWN_FIELDS}
     current = KeySettings.parse({k: v for k, v in meta.items() if k not in _OWN_FIELDS})
-    settings = _settings(request, {**current.public(), **patch})
+    settings = parse_settings(request, {**current.public(), **patch})
     meta = {**own, **settings.public()}
     _written(
         await ledger.write_key(account_id, key_id, orjson.dumps(meta), settings.limits()),
@@ -188,14 +201,18 @@ async def revoke_key(request: web.Request) -> web.Response:
     """DELETE /admin/accounts/{id}/keys/{key_id} -> 204; refused everywhere from then on (the
     previous secret of a rotation too)."""
     account_id = account_id_param(request)
-    key_id = request.match_info["key_id"]
     ledger = request.config_dict[LEDGER]
     await existing_account(ledger, account_id)
+    await revoke(ledger, account_id, request.match_info["key_id"])
+    return web.Response(status=204)
+
+
+async def revoke(ledger: Ledger, account_id: str, key_id: str) -> None:
+    """Revoke the key (404 if the account has none of that id)."""
     meta = await _meta(ledger, account_id, key_id)
     if meta.get("revoked_at") is None:
         meta["revoked_at"] = iso_ms(now_ms())
     await ledger.revoke_api_key(account_id, key_id, orjson.dumps(meta))
-    return web.Response(status=204)
 
 
 key_routes = [

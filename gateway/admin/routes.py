@@ -13,7 +13,7 @@ from pydantic import ValidationError
 
 from gateway.accounts.notifier import load_preferences
 from gateway.accounts.preferences import NotificationPreferences
-from gateway.admin.actions import top_up
+from gateway.admin.actions import subscribe_to, top_up
 from gateway.admin.common import (
     account_id_param,
     existing_account,
@@ -26,10 +26,7 @@ from gateway.admin.views import USAGE_FIELDS, account_view, csv_row, prices_view
 from gateway.config.types import check_rate_limit
 from gateway.errors import (
     AccountExists,
-    AccountInArrears,
-    AccountNotFound,
     InvalidRequest,
-    ModelNotFound,
 )
 from gateway.history.reader import usage_page
 from gateway.history.reports import statement, summary
@@ -107,15 +104,8 @@ async def subscribe(request: web.Request) -> web.Response:
     account_id = account_id_param(request)
     data = await json_body(request)
     model = data.get("model")
-    if not isinstance(model, str) or not model:
-        raise InvalidRequest("model must be a model name", param="model")
-    if request.config_dict[CONFIG].snapshot.settings.model(model) is None:
-        raise ModelNotFound(f"the model '{model}' does not exist", param="model")
-    outcome = await request.config_dict[LEDGER].subscribe(account_id, model)
-    if outcome == "account_not_found":
-        raise AccountNotFound(f"no account '{account_id}'")
-    if outcome == "account_in_arrears":
-        raise AccountInArrears("an account in arrears cannot subscribe to new models; top up first")
+    settings = request.config_dict[CONFIG].snapshot.settings
+    outcome = await subscribe_to(request.config_dict[LEDGER], settings, account_id, model)
     return json_response(
         {"account": account_id, "model": model}, 201 if outcome == "created" else 200
     )

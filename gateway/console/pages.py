@@ -15,7 +15,10 @@ import aiohttp_jinja2
 from aiohttp import web
 
 from gateway.accounts.apikeys import parse_api_key
-from gateway.admin.actions import top_up
+from gateway.accounts.notifier import load_preferences
+from gateway.accounts.preferences import NotificationPreferences
+from gateway.admin.actions import subscribe_to, top_up
+from gateway.admin.keys import keys_of, new_key, parse_settings, revoke
 from gateway.admin.views import account_view
 from gateway.api.inference import known_key
 from gateway.console.sessions import COOKIE, Session, Sessions
@@ -24,6 +27,7 @@ from gateway.history.reports import summary
 from gateway.keys import CONFIG, HISTORY, LEDGER, STORE
 from gateway.ledger.keys import valid_account_id, valid_id
 from gateway.timefmt import now_ms
+from gateway.usage_record import UsageRecord
 
 __all__ = ["OPEN_POSTS", "SESSION", "check_csrf", "error_page", "routes"]
 
@@ -33,6 +37,7 @@ OPEN_POSTS = frozenset({"/console/login"})
 PAGE_SIZE = 50
 SCAN_PAGES = 20  # a search reads at most this many pages of 250 accounts
 CHART_DAYS = 30  # the account page's usage: the last 30 days
+RECENT_CALLS = 20
 
 
 class Forbidden(GatewayError):
@@ -173,8 +178,11 @@ async def accounts(request: web.Request) -> dict[str, Any]:
     )
 
 
-@aiohttp_jinja2.template("account.html")
-async def account(request: web.Request) -> dict[str, Any]:
+async def account(request: web.Request) -> web.Response:
+    return aiohttp_jinja2.render_template("account.html", request, await _account_page(request))
+
+
+async def _account_page(request: web.Request) -> dict[str, Any]:
     session = _needs(request)
     account_id = request.match_info["account_id"]
     if not valid_account_id(account_id) or not session.may_see(account_id):
@@ -189,9 +197,20 @@ async def account(request: web.Request) -> dict[str, Any]:
     reader = request.config_dict[HISTORY]
     by_day = await summary(ledger, reader, account_id, "day", since, until)
     by_model = await summary(ledger, reader, account_id, "model", since, until)
+    owner_view = session.role == "owner"
+    prefs = await load_preferences(ledger, account_id)
     return _context(
         request,
         account=account_view(record, settings),
+        keys=await keys_of(ledger, account_id),
+        calls=[
+            UsageRecord.from_fields(fields).view(entry_id)
+            for entry_id, fields in await ledger.recent_usage(account_id, RECENT_CALLS)
+        ],
+        notifications=(prefs or NotificationPreferences()).public(),
+        dead_letters=[] if owner_view else await ledger.dead_letters(account_id, 20),
+        models=[m.name for m in settings.models if m.name not in record.subscriptions],
+        created_key=None,
         by_day=by_day,
         by_model=by_model,
         chart_days=CHART_DAYS,
@@ -218,6 +237,62 @@ async def topup(request: web.Request) -> web.StreamResponse:
     raise web.HTTPSeeOther(f"/console/accounts/{account_id}?topped_up={result.id}")
 
 
+def _operator_account(request: web.Request) -> str:
+    _needs(request, operator=True)
+    account_id = request.match_info["account_id"]
+    if not valid_account_id(account_id):
+        raise AccountNotFound(f"There is no account '{account_id}'.")
+    return account_id
+
+
+def _back(account_id: str, anchor: str) -> web.HTTPSeeOther:
+    return web.HTTPSeeOther(f"/console/accounts/{account_id}#{anchor}")
+
+
+async def subscribe(request: web.Request) -> web.StreamResponse:
+    account_id = _operator_account(request)
+    form = await request.post()
+    settings = request.config_dict[CONFIG].snapshot.settings
+    await subscribe_to(request.config_dict[LEDGER], settings, account_id, form.get("model"))
+    raise _back(account_id, "subscriptions")
+
+
+async def unsubscribe(request: web.Request) -> web.StreamResponse:
+    account_id = _operator_account(request)
+    form = await request.post()
+    await request.config_dict[LEDGER].unsubscribe(account_id, str(form.get("model", "")))
+    raise _back(account_id, "subscriptions")
+
+
+async def create_key(request: web.Request) -> web.Response:
+    """The new-key form: the admin API's key settings; the page that answers shows the secret
+    this once."""
+    account_id = _operator_account(request)
+    form = await request.post()
+    data: dict[str, Any] = {"name": str(form.get("name", "")).strip()}
+    amount = str(form.get("budget_amount", "")).strip()
+    if amount:
+        period = str(form.get("budget_period", ""))
+        data["budget"] = {"amount": amount, "period": period or None}
+    expires = str(form.get("expires_at", "")).strip()
+    if expires:
+        data["expires_at"] = expires
+    models = [str(m) for m in form.getall("models", []) if m]
+    if models:
+        data["models"] = models
+    settings = parse_settings(request, data)
+    meta, secret = await new_key(request.config_dict[LEDGER], account_id, settings)
+    page = await _account_page(request)
+    page["created_key"] = {**meta, "key": secret}
+    return aiohttp_jinja2.render_template("account.html", request, page, status=201)
+
+
+async def revoke_key(request: web.Request) -> web.StreamResponse:
+    account_id = _operator_account(request)
+    await revoke(request.config_dict[LEDGER], account_id, request.match_info["key_id"])
+    raise _back(account_id, "keys")
+
+
 routes = [
     web.get("/", index),
     web.get("/login", login_form),
@@ -226,4 +301,8 @@ routes = [
     web.get("/accounts", accounts),
     web.get("/accounts/{account_id}", account),
     web.post("/accounts/{account_id}/topups", topup),
+    web.post("/accounts/{account_id}/subscriptions", subscribe),
+    web.post("/accounts/{account_id}/subscriptions/remove", unsubscribe),
+    web.post("/accounts/{account_id}/keys", create_key),
+    web.post("/accounts/{account_id}/keys/{key_id}/revoke", revoke_key),
 ]

@@ -510,6 +510,12 @@ class Ledger:
         cursor = records[-1][0] if len(entries) > limit else None
         return records, cursor
 
+    async def recent_usage(self, account_id: str, limit: int) -> list[tuple[str, dict[str, str]]]:
+        """The account's newest `limit` usage records still in the store, newest first."""
+        async with guard():
+            entries: Any = await self.client.xrevrange(account_keys(account_id).usage, count=limit)
+        return stream_entries(entries)
+
     # arrears lifecycle ------------------------------------------------------------------
 
     async def advance(

@@ -214,3 +214,54 @@ def test_the_account_page_charts_the_accounts_usage(
     page.goto(f"{console.url}/console/accounts/{idle_id}")
     assert page.locator("#usage-chart").count() == 0
     assert "No calls in the last 30 days" in page.inner_text("main")
+
+
+def _chat(url: str, key: str, model: str = "m") -> int:
+    reply = Admin(url, token=None).call(
+        "POST",
+        "/v1/chat/completions",
+        {"model": model, "messages": [{"role": "user", "content": "hello"}]},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    return reply.status
+
+
+def test_keys_made_and_revoked_on_the_page_work_and_stop(
+    console: Proc, context: BrowserContext, shots: Path
+) -> None:
+    """A key created on the account page is shown once and calls with it work; its budget and
+    spend are in the key list after a call; revoked there, calls with it are refused (401)
+    on the data plane. Subscribing on the page lets the account call a model."""
+    admin = Admin(console.url)
+    account_id = admin.create_account()
+    admin.topup(account_id, "5.00")
+    page = context.new_page()
+    _login(page, console.url, ADMIN_TOKEN)
+    page.goto(f"{console.url}/console/accounts/{account_id}")
+    page.select_option("#model", "m")
+    page.click("#subscribe button")
+    page.wait_for_load_state()
+    assert admin.account(account_id)["subscriptions"] == ["m"]
+    page.fill("#key-name", "from the console")
+    page.fill("#budget-amount", "1.00")
+    page.select_option("select[name=budget_period]", "day")
+    page.click("#new-key button")
+    page.wait_for_load_state()
+    secret = page.inner_text("#created-key code.secret").strip()
+    key_id = secret.split(".")[1]
+    assert _chat(console.url, secret) == 200
+    page.goto(f"{console.url}/console/accounts/{account_id}")
+    assert page.locator("#created-key").count() == 0  # shown that once only
+    row = page.locator(f"#key-list tr[data-key='{key_id}']")
+    spent = admin.key(account_id, secret)["spend"]["spent"]
+    assert spent != "0.000000"
+    cells = row.locator("td").all_inner_texts()
+    assert cells[1] == "from the console"
+    assert cells[2] == "1.000000 / day"
+    assert cells[3] == spent
+    assert page.locator("#recent-calls tbody tr").count() == 1
+    page.screenshot(path=shots / "account-keys.png", full_page=True)
+    row.locator("button").click()
+    page.wait_for_load_state()
+    assert "revoked" in page.locator(f"#key-list tr[data-key='{key_id}']").inner_text()
+    assert _chat(console.url, secret) == 401
