@@ -25,6 +25,7 @@ from gateway.api.protocol import answer_protocol_errors_in_json
 from gateway.config.reload import Reloader
 from gateway.config.schema import Settings
 from gateway.console import create_console_app
+from gateway.console.overview import sampler_ctx
 from gateway.errors import GatewayError
 from gateway.history.reader import HistoryReader, settled_in_history
 from gateway.keys import (
@@ -276,6 +277,7 @@ def create_app(
     app.add_subapp("/admin", create_admin_app())
     if settings.console.enabled:  # read at start: turning it on or off takes a restart
         app.router.add_get("/console", _to_console)
+        app.cleanup_ctx.append(sampler_ctx)
         app.add_subapp("/console", create_console_app())
     return app
 

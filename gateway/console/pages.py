@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hmac
 import os
+import re
 import secrets
 from typing import Any
 
@@ -19,14 +20,15 @@ from gateway.accounts.notifier import load_preferences
 from gateway.accounts.preferences import NotificationPreferences
 from gateway.admin.actions import subscribe_to, top_up
 from gateway.admin.keys import keys_of, new_key, parse_settings, revoke
-from gateway.admin.views import account_view
+from gateway.admin.views import account_view, prices_view
 from gateway.api.inference import known_key
+from gateway.console.overview import SAMPLER
 from gateway.console.sessions import COOKIE, Session, Sessions
-from gateway.errors import AccountNotFound, GatewayError
-from gateway.history.reports import summary
+from gateway.errors import AccountNotFound, GatewayError, InvalidRequest
+from gateway.history.reports import statement, summary
 from gateway.keys import CONFIG, HISTORY, LEDGER, STORE
 from gateway.ledger.keys import valid_account_id, valid_id
-from gateway.timefmt import now_ms
+from gateway.timefmt import iso_ms, now_ms
 from gateway.usage_record import UsageRecord
 
 __all__ = ["OPEN_POSTS", "SESSION", "check_csrf", "error_page", "routes"]
@@ -38,6 +40,7 @@ PAGE_SIZE = 50
 SCAN_PAGES = 20  # a search reads at most this many pages of 250 accounts
 CHART_DAYS = 30  # the account page's usage: the last 30 days
 RECENT_CALLS = 20
+MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
 
 
 class Forbidden(GatewayError):
@@ -211,6 +214,7 @@ async def _account_page(request: web.Request) -> dict[str, Any]:
         dead_letters=[] if owner_view else await ledger.dead_letters(account_id, 20),
         models=[m.name for m in settings.models if m.name not in record.subscriptions],
         created_key=None,
+        month=(iso_ms(now_ms()) or "")[:7],
         by_day=by_day,
         by_model=by_model,
         chart_days=CHART_DAYS,
@@ -235,6 +239,41 @@ async def topup(request: web.Request) -> web.StreamResponse:
         idem if isinstance(idem, str) and valid_id(idem) else None,
     )
     raise web.HTTPSeeOther(f"/console/accounts/{account_id}?topped_up={result.id}")
+
+
+@aiohttp_jinja2.template("statement.html")
+async def account_statement(request: web.Request) -> dict[str, Any]:
+    """A month's statement (GET /admin/accounts/{id}/statements/{month}), for an operator or
+    the account's owner."""
+    session = _needs(request)
+    account_id = request.match_info["account_id"]
+    month = request.query.get("month") or request.match_info.get("month", "")
+    if not valid_account_id(account_id) or not session.may_see(account_id):
+        raise AccountNotFound("There is no such account for this login.")
+    if not MONTH.fullmatch(month):
+        raise InvalidRequest("A month is written YYYY-MM, such as 2026-11.", param="month")
+    ledger = request.config_dict[LEDGER]
+    record = await ledger.get_account(account_id)
+    if record is None:
+        raise AccountNotFound(f"There is no account '{account_id}'.")
+    reader = request.config_dict[HISTORY]
+    body = await statement(ledger, reader, account_id, month, record.balance)
+    return _context(request, statement=body, account_id=account_id)
+
+
+@aiohttp_jinja2.template("overview.html")
+async def overview(request: web.Request) -> dict[str, Any]:
+    """Calls per second, errors and amount billed per minute, from this instance's metrics."""
+    _needs(request, operator=True)
+    return _context(request, series=request.config_dict[SAMPLER].series())
+
+
+@aiohttp_jinja2.template("prices.html")
+async def prices(request: web.Request) -> dict[str, Any]:
+    """Every model's current, scheduled and replaced price sheets (GET /admin/prices)."""
+    _needs(request, operator=True)
+    settings = request.config_dict[CONFIG].snapshot.settings
+    return _context(request, models=prices_view(settings, now_ms())["data"])
 
 
 def _operator_account(request: web.Request) -> str:
@@ -299,7 +338,10 @@ routes = [
     web.post("/login", login),
     web.post("/logout", logout),
     web.get("/accounts", accounts),
+    web.get("/overview", overview),
+    web.get("/prices", prices),
     web.get("/accounts/{account_id}", account),
+    web.get("/accounts/{account_id}/statement", account_statement),
     web.post("/accounts/{account_id}/topups", topup),
     web.post("/accounts/{account_id}/subscriptions", subscribe),
     web.post("/accounts/{account_id}/subscriptions/remove", unsubscribe),

@@ -209,8 +209,25 @@ class Metrics:
 
     def exposition(self) -> bytes:
         """The text format for /metrics (every worker's values with several workers)."""
+        return generate_latest(self._collected())
+
+    def totals(self) -> dict[str, float]:
+        """The sums the console's overview charts (every worker's, with several): calls
+        answered, those answered with an error status (4xx or 5xx), micro-units billed."""
+        sums = {"calls": 0.0, "errors": 0.0, "billed_micros": 0.0}
+        for family in self._collected().collect():
+            for sample in family.samples:
+                if sample.name == "gateway_requests_total":
+                    sums["calls"] += sample.value
+                    if not sample.labels.get("status", "").startswith(("1", "2", "3")):
+                        sums["errors"] += sample.value
+                elif sample.name == "gateway_billed_micros_total":
+                    sums["billed_micros"] += sample.value
+        return sums
+
+    def _collected(self) -> CollectorRegistry:
         if self.multiprocess_dir:
             registry = CollectorRegistry()
             MultiProcessCollector(registry, path=self.multiprocess_dir)  # type: ignore[no-untyped-call]
-            return generate_latest(registry)
-        return generate_latest(self.registry)
+            return registry
+        return self.registry

@@ -265,3 +265,84 @@ def test_keys_made_and_revoked_on_the_page_work_and_stop(
     page.wait_for_load_state()
     assert "revoked" in page.locator(f"#key-list tr[data-key='{key_id}']").inner_text()
     assert _chat(console.url, secret) == 401
+
+
+def test_the_overview_and_the_prices_pages(
+    console: Proc, context: BrowserContext, shots: Path
+) -> None:
+    """The overview's totals are the gateway's own /metrics sums (calls answered, errors,
+    amount billed) and its chart is drawn; the prices page shows the sheet in force as
+    GET /admin/prices does. An owner can see neither."""
+    admin = Admin(console.url)
+    account_id, key = admin.funded(["m"], amount="5.00")
+    assert _chat(console.url, key) == 200
+    assert _chat(console.url, key, model="nope") == 404
+    page = context.new_page()
+    _login(page, console.url, ADMIN_TOKEN)
+    page.goto(f"{console.url}/console/overview")
+    metrics = Admin(console.url, token=None).call("GET", "/metrics").body.decode()
+    calls = errors = billed = 0.0
+    for line in metrics.splitlines():
+        if line.startswith("gateway_requests_total{"):
+            value = float(line.rsplit(" ", 1)[1])
+            calls += value
+            errors += value if 'status="2' not in line else 0
+        elif line.startswith("gateway_billed_micros_total{"):
+            billed += float(line.rsplit(" ", 1)[1])
+    assert page.inner_text("#total-calls") == str(int(calls))
+    assert page.inner_text("#total-errors") == str(int(errors))
+    assert micros(page.inner_text("#total-billed")) == int(billed) > 0
+    page.wait_for_selector("#overview-chart canvas")
+    assert int(page.get_attribute("#overview-chart", "data-points") or 0) >= 1
+    page.screenshot(path=shots / "overview.png", full_page=True)
+    page.goto(f"{console.url}/console/prices")
+    (entry,) = [m for m in admin.ok("GET", "/admin/prices")["data"] if m["model"] == "m"]
+    cells = page.locator("#model-m tr.current td").all_inner_texts()
+    assert cells[2:4] == [
+        entry["current"]["input_per_million"],
+        entry["current"]["output_per_million"],
+    ]
+    page.screenshot(path=shots / "prices.png", full_page=True)
+    owner = context.browser.new_context() if context.browser else None
+    assert owner is not None
+    try:
+        owner_page = owner.new_page()
+        _login(owner_page, console.url, key)
+        for path in ("/console/overview", "/console/prices"):
+            answer = owner_page.goto(console.url + path)
+            assert answer is not None
+            assert answer.status == 403
+    finally:
+        owner.close()
+    assert account_id
+
+
+def test_an_owner_reads_their_statement_and_not_anothers(
+    console: Proc, context: BrowserContext, shots: Path
+) -> None:
+    """The owner's statement page for this month is the admin API's statement (opening,
+    top-ups, usage, closing; reconciled); another account's statement is refused, and a month
+    that is not YYYY-MM is a sentence, not a traceback."""
+    admin = Admin(console.url)
+    account_id, key = admin.funded(["m"], amount="3.00")
+    other_id, _ = admin.funded(["m"], amount="3.00")
+    assert _chat(console.url, key) == 200
+    page = context.new_page()
+    _login(page, console.url, key)
+    page.click("#statement-form button")
+    page.wait_for_load_state()
+    month = page.url.rsplit("month=", 1)[1]
+    expected = admin.ok("GET", f"/admin/accounts/{account_id}/statements/{month}")
+    assert page.inner_text("#opening") == expected["opening_balance"]
+    assert page.inner_text("#topups-total") == expected["topups_total"]
+    assert page.inner_text("#usage-total") == "-" + expected["usage_total"]
+    assert page.inner_text("#closing") == expected["closing_balance"]
+    assert "adds up" in page.inner_text("#reconciles")
+    page.screenshot(path=shots / "statement.png", full_page=True)
+    refused = page.goto(f"{console.url}/console/accounts/{other_id}/statement?month={month}")
+    assert refused is not None
+    assert refused.status == 404
+    bad = page.goto(f"{console.url}/console/accounts/{account_id}/statement?month=13-2026")
+    assert bad is not None
+    assert bad.status == 400
+    assert "YYYY-MM" in page.inner_text("[role=alert]")

@@ -41,3 +41,33 @@
   box.dataset.points = String(rows.length); // the days that had calls
   window.addEventListener("resize", () => chart.setSize({ width: width(), height: 220 }));
 })();
+
+// The overview's chart: calls per second and errors per minute, from the page's JSON.
+(function () {
+  const source = document.getElementById("overview-data");
+  const box = document.getElementById("overview-chart");
+  if (!source || !box || typeof uPlot === "undefined") return;
+  const series = JSON.parse(source.textContent);
+  const width = () => Math.max(280, Math.min(box.clientWidth || 600, 1100));
+  const chart = new uPlot(
+    {
+      width: width(),
+      height: 220,
+      series: [
+        {},
+        { label: "calls/s", stroke: "#1c64f2", scale: "rate" },
+        { label: "errors/min", stroke: "#9b1c1c", scale: "errors" },
+      ],
+      axes: [{}, { scale: "rate" }, { scale: "errors", side: 1, grid: { show: false } }],
+      scales: {
+        x: { time: true, range: () => [Date.now() / 1000 - 3600, Date.now() / 1000] },
+        rate: { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1] },
+        errors: { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1] },
+      },
+    },
+    [series.time, series.calls_per_s, series.errors_per_min],
+    box,
+  );
+  box.dataset.points = String(series.time.length);
+  window.addEventListener("resize", () => chart.setSize({ width: width(), height: 220 }));
+})();
