@@ -6,6 +6,7 @@ Handlers read through the same ledger calls as the admin API and act through the
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import os
 import re
@@ -27,7 +28,7 @@ from gateway.console.sessions import COOKIE, Session, Sessions
 from gateway.errors import AccountNotFound, GatewayError, InvalidRequest
 from gateway.history.reports import statement, summary
 from gateway.keys import CONFIG, HISTORY, LEDGER, STORE
-from gateway.ledger.keys import valid_account_id, valid_id
+from gateway.ledger.keys import ACCOUNT_CURSOR, valid_account_id, valid_id
 from gateway.timefmt import iso_ms, now_ms
 from gateway.usage_record import UsageRecord
 
@@ -37,7 +38,7 @@ SESSION = web.RequestKey("console_session", Session)
 PRE_COOKIE = "gw_console_login"  # the login form's CSRF token, before there is a session
 OPEN_POSTS = frozenset({"/console/login"})
 PAGE_SIZE = 50
-SCAN_PAGES = 20  # a search reads at most this many pages of 250 accounts
+SCAN_PAGES = 20  # a state-filtered search reads at most this many pages of ids
 CHART_DAYS = 30  # the account page's usage: the last 30 days
 RECENT_CALLS = 20
 MONTH = re.compile(r"[0-9]{4}-(0[1-9]|1[0-2])")
@@ -158,24 +159,32 @@ async def logout(request: web.Request) -> web.StreamResponse:
 
 @aiohttp_jinja2.template("accounts.html")
 async def accounts(request: web.Request) -> dict[str, Any]:
-    """Accounts whose id starts with `prefix`, in `state`, oldest first, a page at a time."""
+    """Accounts whose id starts with `prefix` (in id order), or all (oldest first), in
+    `state`, a page at a time."""
     _needs(request, operator=True)
     prefix = request.query.get("prefix", "").strip()
     state = request.query.get("state") or None
     if state not in (None, "active", "frozen", "cleared"):
         state = None
     after = request.query.get("after") or None
+    if after is not None and not prefix and ACCOUNT_CURSOR.fullmatch(after) is None:
+        after = None
     ledger = request.config_dict[LEDGER]
     settings = request.config_dict[CONFIG].snapshot.settings
     found: list[dict[str, Any]] = []
-    cursor = after
-    for _ in range(SCAN_PAGES):
-        page, cursor = await ledger.list_accounts(250, cursor, state)
-        for account in page:
-            if account.id.startswith(prefix) and len(found) < PAGE_SIZE:
-                found.append(account_view(account, settings))
-        if cursor is None or len(found) >= PAGE_SIZE:
-            break
+    if prefix:  # by id, from the account-id index
+        if not valid_id(prefix):
+            raise InvalidRequest("An id has only letters, digits, '_' and '-'.", param="prefix")
+        cursor = after if after and valid_id(after) else None
+        for _ in range(SCAN_PAGES):
+            ids, cursor = await ledger.ids_by_prefix(prefix, PAGE_SIZE - len(found), cursor)
+            records = await asyncio.gather(*(ledger.get_account(i) for i in ids))
+            found += [account_view(r, settings) for r in records if r and state in (None, r.state)]
+            if cursor is None or len(found) >= PAGE_SIZE:
+                break
+    else:
+        page, cursor = await ledger.list_accounts(PAGE_SIZE, after, state)
+        found = [account_view(account, settings) for account in page]
     return _context(
         request, accounts=found, prefix=prefix, state=state or "", next=cursor, after=after
     )

@@ -16,6 +16,8 @@ from typing import Any
 
 from gateway.errors import GatewayError
 from gateway.ledger.keys import (
+    ACCOUNT_IDS,
+    ACCOUNT_IDS_BACKFILLED,
     ACCOUNT_KEY_PATTERN,
     ACCOUNTS,
     ACCOUNTS_BACKFILLED,
@@ -62,7 +64,40 @@ class Indexes:
         member = account_index_member(account_id, created_ms)
         async with guard("index accounts"):
             await self.client.zadd(ACCOUNTS, {member: 0})
+            await self.client.zadd(ACCOUNT_IDS, {account_id: 0})
         return member
+
+    async def ids_by_prefix(
+        self, prefix: str, limit: int, after: str | None = None
+    ) -> tuple[list[str], str | None]:
+        """Up to `limit` account ids that start with `prefix` (a valid id's characters), in
+        id order, after id `after`; and the id to continue after (None: no more). An id whose
+        creation was refused may be listed: its account does not exist."""
+        await self._ensure_ids_backfilled()
+        low = f"({after}" if after else f"[{prefix}"
+        async with guard("search accounts"):
+            found: Any = await self.client.zrangebylex(
+                ACCOUNT_IDS, low, f"[{prefix}\xff", start=0, num=limit + 1
+            )
+        ids = [text(x) for x in found]
+        return ids[:limit], (ids[limit - 1] if len(ids) > limit else None)
+
+    async def _ensure_ids_backfilled(self) -> None:
+        """Fill ACCOUNT_IDS from the account index once (a store from a version without it):
+        idempotent, so instances racing to do it do no harm."""
+        async with guard("backfill the account-id index"):
+            if await self.client.exists(ACCOUNT_IDS_BACKFILLED):
+                return
+            await self.ensure_accounts_backfilled()
+            start = 0
+            while True:
+                members: Any = await self.client.zrange(ACCOUNTS, start, start + BACKFILL_BATCH - 1)
+                if not members:
+                    break
+                ids = {text(m).split(":", 1)[1]: 0 for m in members}
+                await self.client.zadd(ACCOUNT_IDS, ids)
+                start += len(members)
+            await self.client.set(ACCOUNT_IDS_BACKFILLED, "1")
 
     async def tidy_account(self, account_id: str, member: str) -> None:
         """After a refused creation: drop the member it wrote unless it is the account's own
@@ -205,6 +240,7 @@ class Indexes:
         if not members:
             return 0
         added: Any = await self.client.zadd(ACCOUNTS, members)
+        await self.client.zadd(ACCOUNT_IDS, {member.split(":", 1)[1]: 0 for member in members})
         return int(added)
 
     # the due indexes --------------------------------------------------------------------

@@ -14,6 +14,8 @@ __all__ = [
     "ACCOUNTS",
     "ACCOUNTS_BACKFILLED",
     "ACCOUNT_CURSOR",
+    "ACCOUNT_IDS",
+    "ACCOUNT_IDS_BACKFILLED",
     "ACCOUNT_KEY_PATTERN",
     "HOLDS_DUE",
     "ID_PATTERN",
@@ -70,6 +72,11 @@ HOLDS_DUE = f"{PREFIX}:index:holds"
 # absent; the backfill sets it when done.
 ACCOUNTS = f"{PREFIX}:index:accounts"
 ACCOUNTS_BACKFILLED = f"{PREFIX}:index:accounts:backfilled"
+# Every account id, for a search by id prefix (its own slot, every score 0: ZRANGEBYLEX).
+# Written with the ACCOUNTS member, before the account; built once from ACCOUNTS on a store
+# from a version without it (ACCOUNT_IDS_BACKFILLED set when done).
+ACCOUNT_IDS = f"{PREFIX}:index:account-ids"
+ACCOUNT_IDS_BACKFILLED = f"{PREFIX}:index:account-ids:backfilled"
 # An ACCOUNTS member, as the listing's cursor (matched whole).
 ACCOUNT_CURSOR = re.compile(r"([0-9]{15}):([A-Za-z0-9_-]{1,64})")
 

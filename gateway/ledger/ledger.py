@@ -538,6 +538,11 @@ class Ledger:
     ) -> tuple[list[AccountRecord], str | None]:
         return await self.indexes.list_accounts(limit, after, state)
 
+    async def ids_by_prefix(
+        self, prefix: str, limit: int, after: str | None = None
+    ) -> tuple[list[str], str | None]:
+        return await self.indexes.ids_by_prefix(prefix, limit, after)
+
     async def ensure_accounts_backfilled(self) -> None:
         await self.indexes.ensure_accounts_backfilled()
 

@@ -30,13 +30,15 @@ def _chromium() -> str:
     return found
 
 
-@pytest.fixture(scope="session")
+# Module-scoped: sync Playwright runs an event loop on this thread while it is open, which
+# the async tests of the other packages (pytest-asyncio) must not meet.
+@pytest.fixture(scope="module")
 def playwright() -> Iterator[Playwright]:
     with sync_playwright() as running:
         yield running
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def browser(playwright: Playwright) -> Iterator[Browser]:
     launched = playwright.chromium.launch(executable_path=_chromium(), args=["--no-sandbox"])
     yield launched

@@ -4,6 +4,8 @@ refused, an owner kept to their own account, and the security headers and cookie
 
 from __future__ import annotations
 
+import threading
+import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -201,6 +203,8 @@ def test_the_account_page_charts_the_accounts_usage(
     page.goto(f"{console.url}/console/accounts/{account_id}")
     page.wait_for_selector("#usage-chart canvas")
     assert page.get_attribute("#usage-chart", "data-points") == str(len(by_day["data"]))
+    page.wait_for_selector("#model-chart canvas")
+    assert page.get_attribute("#model-chart", "data-points") == str(len(expected["data"]))
     cells = page.locator("#by-model tbody tr").first.locator("td").all_inner_texts()
     (row,) = expected["data"]
     assert cells == [
@@ -346,3 +350,67 @@ def test_an_owner_reads_their_statement_and_not_anothers(
     assert bad is not None
     assert bad.status == 400
     assert "YYYY-MM" in page.inner_text("[role=alert]")
+
+
+def test_the_console_can_be_turned_off(make_gateway: Callable[..., Proc], mock_a: Proc) -> None:
+    """With `console.enabled: false` nothing is served under /console."""
+    off = make_gateway(
+        [model_entry("m", mock_a.url, upstream_model="mock-model")], console={"enabled": False}
+    )
+    plain = Admin(off.url, token=None)
+    for path in ("/console", "/console/login", "/console/static/console.css"):
+        assert plain.call("GET", path).status == 404
+
+
+def test_a_frozen_account_shows_its_arrears_timeline(
+    make_gateway: Callable[..., Proc], mock_a: Proc, context: BrowserContext, shots: Path
+) -> None:
+    """An account a call took below zero is frozen: its page says so and shows when its grace
+    and its retention end, as the admin API does."""
+    # One output token held, while the mock answers 16 when no max_tokens is given: postpaid,
+    # the call costs more than the balance that admitted it.
+    entry = model_entry("m", mock_a.url, upstream_model="mock-model")
+    entry["pricing"] = {"input_per_million": "1", "output_per_million": "100"}
+    console = make_gateway([entry], billing={"hold_output_tokens": 1})
+    admin = Admin(console.url)
+    account_id, key = admin.funded(["m"], amount="0.000150")
+    reply = Admin(console.url, token=None).call(
+        "POST",
+        "/v1/chat/completions",
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}]},
+        headers={"Authorization": f"Bearer {key}"},
+    )
+    assert reply.status == 200
+    for _ in range(100):
+        account = admin.account(account_id)
+        if account["state"] == "frozen":
+            break
+        threading.Event().wait(0.05)
+    assert account["state"] == "frozen"
+    page = context.new_page()
+    _login(page, console.url, ADMIN_TOKEN)
+    page.goto(f"{console.url}/console/accounts/{account_id}")
+    assert "frozen" in page.inner_text("#state")
+    timeline = page.inner_text("ol.timeline")
+    assert account["grace_ends_at"] in timeline
+    assert account["retention_ends_at"] in timeline
+    assert page.inner_text("#balance").startswith(account["balance"])
+    page.screenshot(path=shots / "account-frozen.png", full_page=True)
+
+
+def test_the_account_list_pages_through_a_prefix(console: Proc, context: BrowserContext) -> None:
+    """A search with more matches than a page has a next page, which holds the rest; together
+    they are every account of the prefix, once each."""
+    admin = Admin(console.url)
+    prefix = "pg" + uuid.uuid4().hex[:8]
+    made = {admin.create_account(f"{prefix}-{i:02d}") for i in range(55)}
+    page = context.new_page()
+    _login(page, console.url, ADMIN_TOKEN)
+    page.goto(f"{console.url}/console/accounts?prefix={prefix}")
+    seen = page.locator("#accounts tbody td:first-child a").all_inner_texts()
+    assert len(seen) == 50
+    page.click("a[rel=next]")
+    page.wait_for_load_state()
+    rest = page.locator("#accounts tbody td:first-child a").all_inner_texts()
+    assert sorted(seen + rest) == sorted(made)
+    assert page.locator("a[rel=next]").count() in (0, 1)

@@ -71,3 +71,44 @@
   box.dataset.points = String(series.time.length);
   window.addEventListener("resize", () => chart.setSize({ width: width(), height: 220 }));
 })();
+
+// The account page's cost by model, as bars (one per model, in the table's order).
+(function () {
+  const source = document.getElementById("usage-by-model");
+  const box = document.getElementById("model-chart");
+  if (!source || !box || typeof uPlot === "undefined") return;
+  const rows = JSON.parse(source.textContent);
+  const names = rows.map((r) => r.model || "(notifications)");
+  const xs = rows.map((r, i) => i);
+  const cost = rows.map((r) => Number(r.cost)); // for drawing only
+  const money = (u, splits) => splits.map((v) => v.toFixed(v !== 0 && v < 0.01 ? 6 : 2));
+  const width = () => Math.max(280, Math.min(box.clientWidth || 600, 1100));
+  const chart = new uPlot(
+    {
+      width: width(),
+      height: 200,
+      series: [
+        { label: "model", value: (u, i) => (i == null ? "--" : names[i] || "") },
+        {
+          label: "cost",
+          stroke: "#1c64f2",
+          fill: "rgba(28,100,242,.35)",
+          paths: uPlot.paths.bars({ size: [0.6, 80] }),
+          points: { show: false },
+        },
+      ],
+      axes: [
+        { values: (u, splits) => splits.map((i) => (Number.isInteger(i) ? names[i] || "" : "")) },
+        { values: money, size: 84 },
+      ],
+      scales: {
+        x: { time: false, range: () => [-0.5, rows.length - 0.5] },
+        y: { range: (u, lo, hi) => [0, hi > 0 ? hi * 1.1 : 1] },
+      },
+    },
+    [xs, cost],
+    box,
+  );
+  box.dataset.points = String(rows.length);
+  window.addEventListener("resize", () => chart.setSize({ width: width(), height: 200 }));
+})();
