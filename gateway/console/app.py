@@ -44,7 +44,11 @@ async def console_middleware(request: web.Request, handler: Handler) -> web.Stre
     security headers on every answer."""
     try:
         sessions = Sessions(request.config_dict[STORE])
-        session = await sessions.get(request.cookies.get(COOKIE))
+        token = request.cookies.get(COOKIE)
+        session = await sessions.get(token)
+        if session is not None and not await pages.still_valid(request, session):
+            await sessions.close(token)
+            session = None
         if session is not None:
             request[pages.SESSION] = session
         if request.method == "POST" and request.path not in pages.OPEN_POSTS:

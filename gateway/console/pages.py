@@ -16,7 +16,7 @@ from typing import Any
 import aiohttp_jinja2
 from aiohttp import web
 
-from gateway.accounts.apikeys import parse_api_key
+from gateway.accounts.apikeys import ParsedKey, parse_api_key
 from gateway.accounts.notifier import load_preferences
 from gateway.accounts.preferences import NotificationPreferences
 from gateway.admin.actions import subscribe_to, top_up
@@ -25,14 +25,20 @@ from gateway.admin.views import account_view, prices_view
 from gateway.api.inference import known_key
 from gateway.console.overview import SAMPLER
 from gateway.console.sessions import COOKIE, Session, Sessions
-from gateway.errors import AccountNotFound, GatewayError, InvalidRequest
+from gateway.errors import (
+    AccountNotFound,
+    GatewayError,
+    InvalidApiKey,
+    InvalidRequest,
+    KeyExpired,
+)
 from gateway.history.reports import statement, summary
 from gateway.keys import CONFIG, HISTORY, LEDGER, STORE
 from gateway.ledger.keys import ACCOUNT_CURSOR, valid_account_id, valid_id
 from gateway.timefmt import iso_ms, now_ms
 from gateway.usage_record import UsageRecord
 
-__all__ = ["OPEN_POSTS", "SESSION", "check_csrf", "error_page", "routes"]
+__all__ = ["OPEN_POSTS", "SESSION", "check_csrf", "error_page", "routes", "still_valid"]
 
 SESSION = web.RequestKey("console_session", Session)
 PRE_COOKIE = "gw_console_login"  # the login form's CSRF token, before there is a session
@@ -63,6 +69,19 @@ def _needs(request: web.Request, operator: bool = False) -> Session:
     if operator and session.role != "operator":
         raise Forbidden("This page is for operators; you are logged in with an account's key.")
     return session
+
+
+async def still_valid(request: web.Request, session: Session) -> bool:
+    """An owner's login lasts only while the key it was made with works: a revoked or expired
+    key ends it at the next page."""
+    if session.role != "owner":
+        return True
+    key = ParsedKey(session.account_id, session.key_id, session.key_hash)
+    try:
+        await known_key(request.config_dict[LEDGER], key)
+    except (InvalidApiKey, KeyExpired):
+        return False
+    return True
 
 
 async def check_csrf(request: web.Request) -> None:
@@ -143,7 +162,11 @@ async def login(request: web.Request) -> web.StreamResponse:
         )
     ttl = int(settings.console.session_ttl)
     sessions = Sessions(request.config_dict[STORE])
-    cookie, _ = await sessions.open("operator" if role == "operator" else "owner", account_id, ttl)
+    if role == "operator":
+        cookie, _ = await sessions.open("operator", "", ttl)
+    else:
+        assert key is not None
+        cookie, _ = await sessions.open("owner", account_id, ttl, key.key_id, key.key_hash)
     response = web.HTTPSeeOther("/console/")
     _cookie(response, request, COOKIE, cookie)
     response.del_cookie(PRE_COOKIE, path="/console")

@@ -29,6 +29,8 @@ class Session:
     role: Role
     account_id: str  # the owner's account ('' for an operator)
     csrf: str
+    key_id: str = ""  # the key an owner logged in with, checked again on every page
+    key_hash: str = ""
 
     def csrf_ok(self, given: object) -> bool:
         return isinstance(given, str) and hmac.compare_digest(given, self.csrf)
@@ -45,11 +47,19 @@ class Sessions:
     def __init__(self, store: aioredis.Redis) -> None:
         self.store = store
 
-    async def open(self, role: Role, account_id: str, ttl_s: int) -> tuple[str, Session]:
+    async def open(
+        self, role: Role, account_id: str, ttl_s: int, key_id: str = "", key_hash: str = ""
+    ) -> tuple[str, Session]:
         """A new login: the cookie's token and the session."""
         token = secrets.token_urlsafe(32)
-        session = Session(role, account_id, secrets.token_urlsafe(24))
-        fields: dict[Any, Any] = {"role": role, "account": account_id, "csrf": session.csrf}
+        session = Session(role, account_id, secrets.token_urlsafe(24), key_id, key_hash)
+        fields: dict[Any, Any] = {
+            "role": role,
+            "account": account_id,
+            "csrf": session.csrf,
+            "key_id": key_id,
+            "key_hash": key_hash,
+        }
         async with guard(), self.store.pipeline(transaction=True) as pipe:
             pipe.hset(_key(token), mapping=fields)  # one key: MULTI works on a cluster too
             pipe.expire(_key(token), ttl_s)
@@ -65,7 +75,13 @@ class Sessions:
             return None
         fields = {text(k): text(v) for k, v in found.items()}
         role: Role = "operator" if fields.get("role") == "operator" else "owner"
-        return Session(role, fields.get("account", ""), fields["csrf"])
+        return Session(
+            role,
+            fields.get("account", ""),
+            fields["csrf"],
+            fields.get("key_id", ""),
+            fields.get("key_hash", ""),
+        )
 
     async def close(self, token: str | None) -> None:
         if token and len(token) <= 100:

@@ -158,7 +158,17 @@ def test_a_bad_login_and_the_security_headers(console: Proc, context: BrowserCon
     assert page.url.endswith("/console/login")
 
 
-@pytest.mark.parametrize("path", ["/console/login", "/console/accounts", "account"])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/console/login",
+        "/console/accounts",
+        "account",
+        "statement",
+        "/console/overview",
+        "/console/prices",
+    ],
+)
 def test_pages_fit_a_360px_screen(console: Proc, browser: Browser, shots: Path, path: str) -> None:
     """No page is wider than a 360 px phone screen (tables scroll inside their box)."""
     admin = Admin(console.url)
@@ -168,7 +178,13 @@ def test_pages_fit_a_360px_screen(console: Proc, browser: Browser, shots: Path, 
         page = context.new_page()
         if path != "/console/login":
             _login(page, console.url, ADMIN_TOKEN)
-        page.goto(console.url + (f"/console/accounts/{account_id}" if path == "account" else path))
+        pages = {
+            "account": f"/console/accounts/{account_id}",
+            "statement": f"/console/accounts/{account_id}/statement?month=2026-12",
+        }
+        answer = page.goto(console.url + pages.get(path, path))
+        assert answer is not None
+        assert answer.status == 200
         width = page.evaluate("document.documentElement.scrollWidth")
         page.screenshot(path=shots / f"narrow-{path.strip('/').replace('/', '-')}.png")
         assert width <= 360, width
@@ -414,3 +430,16 @@ def test_the_account_list_pages_through_a_prefix(console: Proc, context: Browser
     rest = page.locator("#accounts tbody td:first-child a").all_inner_texts()
     assert sorted(seen + rest) == sorted(made)
     assert page.locator("a[rel=next]").count() in (0, 1)
+
+
+def test_an_owners_login_ends_with_its_key(console: Proc, context: BrowserContext) -> None:
+    """An owner's console login lasts only while the key it was made with works: once the key
+    is revoked, the next page is the login page."""
+    admin = Admin(console.url)
+    account_id, key = admin.funded(["m"], amount="1.00")
+    page = context.new_page()
+    _login(page, console.url, key)
+    assert page.url.endswith(f"/console/accounts/{account_id}")
+    admin.ok("DELETE", f"/admin/accounts/{account_id}/keys/{key.split('.')[1]}")
+    page.goto(f"{console.url}/console/accounts/{account_id}")
+    assert page.url.endswith("/console/login")
