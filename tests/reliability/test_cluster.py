@@ -61,6 +61,23 @@ async def _post(session: aiohttp.ClientSession, gw: Proc, body: dict[str, Any]) 
         return resp.status
 
 
+MESSAGES = [{"role": "user", "content": "scale out"}]
+BODY = {"model": "m", "messages": MESSAGES, "max_tokens": MAX_TOKENS}
+
+
+async def _probe_hold(admin: Admin, gw: Proc) -> tuple[str, int]:
+    """A funded probe account, and what one call of BODY holds (and costs: it runs to its
+    limit), from the upstream's own count of the prompt."""
+    probe_id, probe_key = admin.funded(["m"], amount="1.00")
+    headers = {"Authorization": f"Bearer {probe_key}"}
+    async with (
+        aiohttp.ClientSession(headers=headers) as s,
+        s.post(gw.url + "/v1/chat/completions", data=orjson.dumps(BODY)) as r,
+    ):
+        prompt = orjson.loads(await r.read())["usage"]["prompt_tokens"]
+    return probe_id, prompt + 2 * MAX_TOKENS
+
+
 async def test_concurrency_invariant_across_instances(
     make_gateway: Callable[..., Proc],
     mock_a: Proc,
@@ -71,25 +88,18 @@ async def test_concurrency_invariant_across_instances(
     covers exactly 25 holds: 25 are admitted, 75 get 402, and the ledger adds up exactly."""
     gateways = [make_gateway([_model(mock_a.url)], store={"url": cluster.url}) for _ in range(2)]
     admin = Admin(gateways[0].url)
-    messages = [{"role": "user", "content": "scale out"}]
-    probe_id, probe_key = admin.funded(["m"], amount="1.00")
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {probe_key}"}) as s:
-        body = {"model": "m", "messages": messages, "max_tokens": MAX_TOKENS}
-        async with s.post(gateways[1].url + "/v1/chat/completions", data=orjson.dumps(body)) as r:
-            prompt = orjson.loads(await r.read())["usage"]["prompt_tokens"]
-    hold = prompt + 2 * MAX_TOKENS
+    probe_id, hold = await _probe_hold(admin, gateways[1])
     balance = 25 * hold + hold // 3
     account_id = admin.create_account()
     admin.topup(account_id, f"{balance // 1_000_000}.{balance % 1_000_000:06d}")
     admin.subscribe(account_id, "m")
     key = admin.new_key(account_id)
-    body = {"model": "m", "messages": messages, "max_tokens": MAX_TOKENS}
     async with aiohttp.ClientSession(
         headers={"Authorization": f"Bearer {key}", "x-mock-ttft": "0.05"},
         connector=aiohttp.TCPConnector(limit=100),
     ) as session:
         statuses = await asyncio.gather(
-            *(_post(session, gateways[i % 2], body) for i in range(100))
+            *(_post(session, gateways[i % 2], BODY) for i in range(100))
         )
     assert statuses.count(200) == 25, (sorted(set(statuses)), FAILURES[:3])
     assert statuses.count(402) == 75
@@ -228,13 +238,7 @@ async def test_key_budget_across_instances(
     records' costs; a rotation there keeps the old secret for its grace on both instances."""
     gateways = [make_gateway([_model(mock_a.url)], store={"url": cluster.url}) for _ in range(2)]
     admin = Admin(gateways[0].url)
-    messages = [{"role": "user", "content": "scale out"}]
-    _, probe_key = admin.funded(["m"], amount="1.00")
-    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {probe_key}"}) as s:
-        body = {"model": "m", "messages": messages, "max_tokens": MAX_TOKENS}
-        async with s.post(gateways[1].url + "/v1/chat/completions", data=orjson.dumps(body)) as r:
-            prompt = orjson.loads(await r.read())["usage"]["prompt_tokens"]
-    hold = prompt + 2 * MAX_TOKENS
+    _, hold = await _probe_hold(admin, gateways[1])
     budget = 10 * hold + hold // 3
     account_id, _ = admin.funded(["m"], amount="10.00")
     amount = f"{budget // 1_000_000}.{budget % 1_000_000:06d}"
@@ -244,7 +248,7 @@ async def test_key_budget_across_instances(
         connector=aiohttp.TCPConnector(limit=100),
     ) as session:
         statuses = await asyncio.gather(
-            *(_post(session, gateways[i % 2], body) for i in range(100))
+            *(_post(session, gateways[i % 2], BODY) for i in range(100))
         )
     assert statuses.count(200) == 10, (sorted(set(statuses)), FAILURES[:3])
     assert statuses.count(402) == 90
@@ -262,7 +266,7 @@ async def test_key_budget_across_instances(
             for gw in gateways:
                 async with session.post(
                     gw.url + "/v1/chat/completions",
-                    data=orjson.dumps(body),
+                    data=orjson.dumps(BODY),
                     headers={"Authorization": f"Bearer {secret}"},
                 ) as resp:
                     assert resp.status == 200, await resp.read()
