@@ -76,7 +76,14 @@ async def still_valid(request: web.Request, session: Session) -> bool:
     key ends it at the next page."""
     if session.role != "owner":
         return True
-    key = ParsedKey(session.account_id, session.key_id, session.key_hash)
+    return await _key_works(
+        request, ParsedKey(session.account_id, session.key_id, session.key_hash)
+    )
+
+
+async def _key_works(request: web.Request, key: ParsedKey) -> bool:
+    """False for a key the ledger refuses (unknown, revoked, expired); a store that does not
+    answer is its own error (503), not a refusal."""
     try:
         await known_key(request.config_dict[LEDGER], key)
     except (InvalidApiKey, KeyExpired):
@@ -144,29 +151,17 @@ async def login(request: web.Request) -> web.StreamResponse:
     token = str(form.get("token", "")).strip()
     settings = request.config_dict[CONFIG].snapshot.settings
     admin_token = os.environ.get(settings.server.admin_token_env, "")
-    role, account_id = "", ""
-    if admin_token and hmac.compare_digest(token.encode(), admin_token.encode()):
-        role = "operator"
-    else:
-        key = parse_api_key(f"Bearer {token}")
-        if key is not None:
-            try:
-                await known_key(request.config_dict[LEDGER], key)
-            except GatewayError:
-                key = None
-        if key is not None:
-            role, account_id = "owner", key.account_id
-    if not role:
-        return await login_form(
-            request, "That is neither the admin token nor an API key this gateway knows.", 401
-        )
     ttl = int(settings.console.session_ttl)
     sessions = Sessions(request.config_dict[STORE])
-    if role == "operator":
+    if admin_token and hmac.compare_digest(token.encode(), admin_token.encode()):
         cookie, _ = await sessions.open("operator", "", ttl)
     else:
-        assert key is not None
-        cookie, _ = await sessions.open("owner", account_id, ttl, key.key_id, key.key_hash)
+        key = parse_api_key(f"Bearer {token}")
+        if key is None or not await _key_works(request, key):
+            return await login_form(
+                request, "That is neither the admin token nor an API key this gateway knows.", 401
+            )
+        cookie, _ = await sessions.open("owner", key.account_id, ttl, key.key_id, key.key_hash)
     response = web.HTTPSeeOther("/console/")
     _cookie(response, request, COOKIE, cookie)
     response.del_cookie(PRE_COOKIE, path="/console")

@@ -15,6 +15,8 @@ from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+import anthropic
+import openai
 import orjson
 import pytest
 import redis
@@ -386,29 +388,52 @@ def test_a_key_rate_limit_is_its_own(make_gateway: Callable[..., Proc], mock_a: 
     assert len(admin.usage(account_id)) == 3
 
 
-def test_a_budget_refusal_in_anthropic_shape(
+def test_each_key_refusal_reaches_the_real_sdks_as_their_documented_errors(
     make_gateway: Callable[..., Proc], mock_a: Proc
 ) -> None:
-    """On /v1/messages the key's budget refusal is Anthropic's `billing_error`, with the
-    gateway's code kept."""
+    """OpenAI's and Anthropic's own SDKs read the key refusals: 402 `key_budget_exceeded` as
+    an APIStatusError carrying the code (Anthropic's as its `billing_error`), 401 `key_expired`
+    as AuthenticationError, 403 `model_not_allowed_for_key` as PermissionDeniedError, the key's
+    own 429 as RateLimitError. None of them is charged."""
     entry = model_entry("m", mock_a.url, upstream_model="mock-model")
     entry["upstreams"][0]["apis"] = ["chat", "messages"]
-    gw = make_gateway([entry])
+    other = model_entry("other", mock_a.url, upstream_model="mock-model")
+    gw = make_gateway([entry, other])
     admin = Admin(gw.url)
-    account_id, _ = admin.funded(["m"], amount="10.00")
-    key = admin.new_key(account_id, budget={"amount": "0.000001"})
+    account_id, _ = admin.funded(["m", "other"], amount="10.00")
+    broke = admin.new_key(account_id, budget={"amount": "0.000001"})
+    expired = admin.new_key(account_id, expires_at="2020-01-01T00:00:00Z")
+    narrow = admin.new_key(account_id, models=["other"])
+    limited = admin.new_key(account_id, rate_limits={"requests": "1/minute"})
 
-    async def go() -> tuple[int, dict[str, str], bytes]:
-        async with aiohttp.ClientSession() as session:
-            payload = {"model": "m", "max_tokens": 5, "messages": MESSAGES}
-            return await _post(session, gw.url, key, payload, path="/v1/messages")
+    def chat(key: str) -> Any:
+        client = openai.OpenAI(base_url=gw.url + "/v1", api_key=key, max_retries=0)
+        return client.chat.completions.create(model="m", messages=MESSAGES, max_tokens=5)
 
-    status, _, body = asyncio.run(go())
-    assert status == 402, body
-    error = orjson.loads(body)
-    assert error["type"] == "error"
-    assert error["error"]["type"] == "billing_error"
-    assert error["error"]["code"] == "key_budget_exceeded"
+    with pytest.raises(openai.APIStatusError) as refused:
+        chat(broke)
+    assert refused.value.status_code == 402
+    assert refused.value.code == "key_budget_exceeded"
+    with pytest.raises(openai.AuthenticationError) as auth:
+        chat(expired)
+    assert auth.value.code == "key_expired"
+    with pytest.raises(openai.PermissionDeniedError) as denied:
+        chat(narrow)
+    assert denied.value.code == "model_not_allowed_for_key"
+    assert chat(limited).usage is not None
+    with pytest.raises(openai.RateLimitError) as limit:
+        chat(limited)
+    assert limit.value.code == "rate_limit_exceeded"
+
+    client = anthropic.Anthropic(base_url=gw.url, api_key=broke, max_retries=0)
+    with pytest.raises(anthropic.APIStatusError) as billing:
+        client.messages.create(model="m", max_tokens=5, messages=MESSAGES)
+    assert billing.value.status_code == 402
+    body = billing.value.body
+    assert isinstance(body, dict)
+    assert body["error"]["type"] == "billing_error"
+    assert body["error"]["code"] == "key_budget_exceeded"
+    assert len(admin.usage(account_id)) == 1  # the one call the rate limit let through
 
 
 async def test_holds_of_a_killed_gateway_or_a_failed_call_do_not_leak_into_the_budget(

@@ -146,9 +146,11 @@ if dedicated then
 elseif balance - held < hold then
   return {'insufficient_balance', balance - held}
 end
-local spend = key_state(KEYS[12], ARGV[1], own.period, now)
-if own.budget and spend.spent + spend.held + hold > own.budget then
-  return {'key_budget_exceeded', own.budget, spend.spent, spend.held, spend.stop or ''}
+if own.budget then
+  local spend = key_state(KEYS[12], ARGV[1], own.period, now)
+  if spend.spent + spend.held + hold > own.budget then
+    return {'key_budget_exceeded', own.budget, spend.spent, spend.held, spend.stop or ''}
+  end
 end
 for _, limit in ipairs(limits) do
   rl_charge(limit[1], limit[2])
