@@ -52,6 +52,7 @@ from gateway.observability.metrics import Metrics
 from gateway.state import ConfigHolder, Snapshot
 from gateway.store.channel import channel_for
 from gateway.store.client import check_eviction_policy, connect_store, exposure_warning
+from gateway.store.durability import FsyncConfirmer
 
 __all__ = ["create_app"]
 
@@ -70,7 +71,9 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("store check", warning=exposed)
     app[STORE] = client
     channel = channel_for(app[STORE_URL])
-    ledger = app[LEDGER] = Ledger(client, channel)
+    cluster = "+cluster://" in app[STORE_URL]
+    confirmer = None if cluster else FsyncConfirmer(client)
+    ledger = app[LEDGER] = Ledger(client, channel, confirmer)
     settings = app[CONFIG].snapshot.settings
     if app[HISTORY_URL] and settings.billing.metering:
         # Settled markers need only outlive the export: an older replay asks the database.
@@ -97,6 +100,8 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
     replayer.cancel()
     await asyncio.gather(replayer, return_exceptions=True)
     await journal.close()
+    if confirmer is not None:
+        await confirmer.aclose()
     if channel is not None:
         await channel.aclose()
     await client.aclose()

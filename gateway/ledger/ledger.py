@@ -40,6 +40,7 @@ from gateway.ledger.records import (
 from gateway.ledger.transport import ScriptRunner, guard, stream_entries, text
 from gateway.money import MAX_BALANCE_MICROS
 from gateway.store.channel import ScriptChannel
+from gateway.store.durability import FsyncConfirmer
 
 __all__ = ["Ledger"]
 
@@ -47,9 +48,17 @@ __all__ = ["Ledger"]
 class Ledger:
     """Money operations on one Redis (or Redis Cluster) store."""
 
-    def __init__(self, client: aioredis.Redis, channel: ScriptChannel | None = None) -> None:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        channel: ScriptChannel | None = None,
+        confirmer: FsyncConfirmer | None = None,
+    ) -> None:
         self.client = client
         self.channel = channel  # the scripts' pipelined connection (single-node stores)
+        # Confirms that answered writes are on the store's disk (single-node stores; None on
+        # a cluster, whose nodes' own appendfsync holds).
+        self.confirmer = confirmer
         self.scripts = ScriptRunner(client, channel)
         self.indexes = Indexes(self.scripts)
         # How long a settled request id is remembered (history.settled_ttl with history on).
@@ -63,6 +72,15 @@ class Ledger:
     @observe.setter
     def observe(self, hook: Callable[[str, float], None] | None) -> None:
         self.scripts.observe = hook
+
+    async def confirm(self) -> None:
+        """Return once every write the store answered before this call is on its disk
+        (`FsyncConfirmer`); LedgerUnavailable when that cannot be learnt. Settlements and
+        releases (through the journal), top-ups and key changes wait for it; admissions do
+        not: a hold lost in a crash of the store costs nothing."""
+        if self.confirmer is not None:
+            async with guard("confirm"):
+                await self.confirmer.confirm()
 
     # accounts ---------------------------------------------------------------------------
 
@@ -119,6 +137,7 @@ class Ledger:
         if out[0] not in ("ok", "replay"):
             return TopupResult(out[0])
         result = TopupResult(out[0], out[1], int(out[2]), int(out[3]), int(out[4]), int(out[5]))
+        await self.confirm()  # a credit is answered only once a crash cannot undo it
         if result.events:
             await self.indexes.mark_due(OUTBOX_DUE, account_id, now_ms)
         return result
@@ -156,7 +175,9 @@ class Ledger:
         fields = (limits or KeyLimits()).fields()
         keys = [k.account, k.api_keys, k.api_key_meta, k.key_limits]
         args = [mode, key_id, meta, key_hash, until, *fields]
-        return text(await self.scripts.run_upkeep("write_key", keys, args))
+        outcome = text(await self.scripts.run_upkeep("write_key", keys, args))
+        await self.confirm()  # a new secret, limit or rotation a store crash cannot undo
+        return outcome
 
     async def list_api_keys(self, account_id: str) -> dict[str, str]:
         """Key id -> its metadata JSON."""
@@ -190,6 +211,7 @@ class Ledger:
         async with guard():  # the hashes first: the key stops working before anything else
             await self.client.hdel(k.api_keys, key_id, f"{key_id}:prev")
             await self.client.hset(k.api_key_meta, key_id, meta)
+        await self.confirm()  # a crash of the store must not bring the key back
 
     async def authenticate(
         self, account_id: str, key_id: str, key_hash: str, now_ms: int

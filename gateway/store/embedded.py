@@ -136,7 +136,7 @@ class EmbeddedStore:
         *,
         host: str = "127.0.0.1",
         port: int | None = None,
-        appendfsync: str = "always",
+        appendfsync: str = "everysec",
     ) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.host = host

@@ -81,7 +81,10 @@ async def test_one_script_at_admission_one_at_settlement(
     """After a first call (which loads the scripts), each call sends exactly two commands,
     both EVALSHA on the ledger's one connection: admission (key, state, subscription, rate
     limits and hold) and settlement (debit, usage record, token-limit correction). The only
-    other command a burst of calls causes is one batched hold-index ZADD."""
+    other commands a burst of calls causes are one batched hold-index ZADD and the
+    settlements' fsync confirmation (the marker's INCRBY and WAITAOF on a connection of its
+    own, off the call's path: at most one round a call here, one sequential call after
+    another; rounds are shared under load, tests/reliability/test_durability.py)."""
     gw = make_gateway(
         [model_entry("m", mock_a.url, upstream_model="mock-model")],
         store={"url": own_store.url},
@@ -109,5 +112,8 @@ async def test_one_script_at_admission_one_at_settlement(
         next(client for client, command in seen if command == "EVALSHA")
     }  # one pipelined connection carries them all
     others = {command for command in by_command if command != "EVALSHA"}
-    assert others <= {"ZADD"}, seen
+    assert others <= {"ZADD", "INCRBY", "WAITAOF"}, seen
     assert by_command["ZADD"] <= calls  # batched: at most one a call, usually one in all
+    assert 1 <= by_command["WAITAOF"] == by_command["INCRBY"] <= calls, seen
+    confirming = {client for client, command in seen if command == "WAITAOF"}
+    assert not confirming & {client for client, command in seen if command == "EVALSHA"}
