@@ -106,7 +106,7 @@ ACCOUNT = "bench"
 ADMIN_TOKEN_ENV = "BENCH_ADMIN_TOKEN"  # noqa: S105 - the name of a variable, not a secret
 MODELS = ("bench-model", "bench-model-paced")  # the gateways' models: plain and paced
 UPSTREAM_MODEL = "mock-model"  # the model name every gateway and peer sends upstream
-PEERS = ("litellm", "portkey")
+PEERS = ("litellm", "portkey", "rolter")
 TARGETS = ("direct", "proxy", "gateway", *PEERS)  # the targets' labels, in the table's order
 WORKERS = 2  # server.workers of the scaling row
 WORKERS_LABEL = f"gateway-{WORKERS}w"
@@ -117,6 +117,7 @@ LABELS = {
     WORKERS_LABEL: f"gateway (metering on), {WORKERS} workers",
     "litellm": "LiteLLM proxy",
     "portkey": "Portkey gateway",
+    "rolter": "rolter gateway",
 }
 CACHE = Path(__file__).with_name(".cache")  # where peers.py keeps what it installs
 TOKENIZER_SECONDS = 0.3  # bench_tokenizer.py --seconds, run after the table
@@ -428,7 +429,7 @@ def gateway_config(
     upstreams: dict[str, str],
     metering: bool = True,
     workers: int = 1,
-    appendfsync: str = "always",
+    appendfsync: str = "everysec",
 ) -> dict[str, Any]:
     """A gateway's config: one model per upstream base URL, an embedded store of its own.
 
@@ -469,7 +470,7 @@ def start_gateway(
     admin_token: str,
     metering: bool = True,
     workers: int = 1,
-    appendfsync: str = "always",
+    appendfsync: str = "everysec",
 ) -> Proc:
     """`gateway serve` with WORKDIR/NAME.yaml, its store in WORKDIR/NAME-store."""
     port = free_port()
@@ -617,7 +618,7 @@ class Stack:
     names: dict[str, str] = field(default_factory=dict)  # by label: the name in the table
     paced_skipped: dict[str, str] = field(default_factory=dict)  # by label: why not paced
     peers: dict[str, Any] = field(default_factory=dict)  # by label: its PeerSpec
-    appendfsync: str = "always"  # the gateways' embedded stores' fsync policy
+    appendfsync: str = "everysec"  # the gateways' embedded stores' fsync policy
 
     def drop(self, label: str, why: str) -> None:
         """Stop measuring a target: its remaining rows say `not run: why`."""
@@ -1544,9 +1545,10 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument(
         "--appendfsync",
         choices=("always", "everysec"),
-        default="always",
+        default="everysec",
         help="the gateways' embedded Valkey fsync policy (default: the gateway's own default, "
-        "always: every acknowledged write is on disk)",
+        "everysec, with settlements and top-ups confirmed on disk by WAITAOF; always: every "
+        "write waits for the disk, admissions included)",
     )
     parser.add_argument(
         "--store-cpu",

@@ -1,12 +1,12 @@
-"""Peer gateways for the benchmark: LiteLLM's proxy and Portkey's gateway, installed and described.
+"""Peer gateways for the benchmark: LiteLLM's proxy, Portkey's gateway and rolter, installed.
 
-`prepare_litellm` and `prepare_portkey` install a peer once into a persistent cache directory
-(`benchmarks/.cache`, git-ignored) and return a `PeerSpec`: the command that starts it in the
-foreground, its environment, the port it listens on (127.0.0.1 only), the request path,
-headers and model a chat completion through it needs, and a health path that answers 200 once
-it serves. Nothing is started here; the caller runs `spec.argv` (with its own CPU pinning in
-front) and stops it with SIGTERM. A second call with everything installed reads one small
-marker file per peer and touches no network. A peer that cannot be installed raises
+`prepare_litellm`, `prepare_portkey` and `prepare_rolter` install a peer once into a persistent
+cache directory (`benchmarks/.cache`, git-ignored) and return a `PeerSpec`: the command that
+starts it in the foreground, its environment, the port it listens on (127.0.0.1 only), the
+request path, headers and model a chat completion through it needs, and a health path that
+answers 200 once it serves. Nothing is started here; the caller runs `spec.argv` (with its own
+CPU pinning in front) and stops it with SIGTERM. A second call with everything installed reads
+one small marker file per peer and touches no network. A peer that cannot be installed raises
 `PeerUnavailable`, whose message is a one-line reason.
 
 LiteLLM (PyPI `litellm`, pinned by LITELLM_REQUIREMENT) goes into its own virtualenv,
@@ -48,9 +48,28 @@ upstream is per request: `x-portkey-provider: openai`, `x-portkey-custom-host: <
 `Authorization: Bearer dummy`; the model name passes through unchanged. Health: `GET /`
 ("AI Gateway says hey!").
 
+rolter (PyPI `rolter`, ROLTER_REQUIREMENT), a gateway written in Rust, is compiled: its wheel
+holds nothing but the native binary (as a wheel script), so `pip install --target
+<cache>/rolter` with the running interpreter's pip puts it at `<cache>/rolter/bin/rolter`, and
+no Python runs when it serves. It is started as `rolter gateway -c rolter.toml --host 127.0.0.1
+--port N` with a config written here: one provider, `kind = "openai_compatible"`, whose
+`api_base` is the upstream URL without its `/v1` (rolter appends `/v1/chat/completions`
+itself), and one route, `bench-model` -> `<upstream_model>` on it (`round_robin` over its one
+target). With no `[[virtual_keys]]` it asks for no key, so no headers are needed. No database,
+no Redis, no control plane (it logs "running with static bootstrap config"). Health:
+`GET /healthz`.
+
+Found but not here: TensorZero (PyPI `tensorzero`) has its gateway only inside the Python
+client's extension, started by a private function on a port the OS picks (it binds
+127.0.0.1:0 and ignores `[gateway] bind_address`) and without a GET route that answers 200,
+so it does not fit a `PeerSpec`; ferrogw (PyPI `ferrogw`, Go) listens on every interface
+(`PORT` only sets the port; no host option), which the benchmark does not run.
+benchmarks/README.md lists these and the gateways that cannot be installed here.
+
 Smoke check: `python benchmarks/peers.py --smoke` starts the project's mock upstream, installs
-(or reuses) both peers, starts each, waits for health, sends one non-streamed and one streamed
-chat completion through each, prints one line per peer and stops everything.
+(or reuses) every peer of PEERS (`--peer NAME` for some), starts each, waits for health, sends
+one non-streamed and one streamed chat completion through each, prints one line per peer and
+stops everything.
 `--latency N` adds N sequential non-streamed calls per target (after 20 warm-up calls) and
 prints the p50 of each peer next to the mock's own.
 """
@@ -105,6 +124,12 @@ HONO_NODE_SERVER_VERSION = "1.13.5"
 PORTKEY_HEALTH = "/"
 NODE_MIN_MAJOR = 18
 
+ROLTER_REQUIREMENT = "rolter==0.1.0"  # the native gateway binary, as a wheel script
+ROLTER_MODEL = "bench-model"
+ROLTER_HEALTH = "/healthz"
+
+PEERS = ("litellm", "portkey", "rolter")  # the names prepare_<name> exists for
+
 MARKER = ".peers-install.json"
 INSTALL_TIMEOUT = 1200.0  # seconds for one pip or npm command
 PIP_ENV = {"PIP_DISABLE_PIP_VERSION_CHECK": "1", "PIP_NO_INPUT": "1"}
@@ -156,7 +181,7 @@ class PeerUnavailable(Exception):
 
 @dataclass(frozen=True)
 class PeerSpec:
-    name: str  # "litellm" or "portkey"
+    name: str  # one of PEERS
     version: str  # installed version, e.g. "1.110.2"
     argv: list[str]  # command that starts it in the foreground (no taskset prefix)
     env: dict[str, str]  # extra environment on top of os.environ
@@ -527,6 +552,84 @@ def prepare_portkey(
     )
 
 
+def rolter_install(cache: Path) -> dict[str, Any]:
+    """Install rolter's binary into CACHE/rolter unless its marker says it is there already."""
+    root = cache / "rolter"
+    marker = root / MARKER
+    binary = root / "bin" / "rolter"
+    data = _read_marker(marker)
+    if data is not None and data.get("requirement") == ROLTER_REQUIREMENT and binary.exists():
+        return data
+    cache.mkdir(parents=True, exist_ok=True)
+    if root.exists():
+        shutil.rmtree(root)  # pip --target does not replace what is there
+    log = cache / "rolter-install.log"
+    log.write_text("", encoding="utf-8")
+    env = {**os.environ, **PIP_ENV}
+    env.pop("PYTHONPATH", None)
+    argv = [sys.executable, "-m", "pip", "install", "--quiet", "--no-compile", "--no-deps"]
+    argv += ["--target", str(root), ROLTER_REQUIREMENT]
+    _run(argv, f"pip install {ROLTER_REQUIREMENT}", log, env=env)
+    if not binary.exists():
+        raise PeerUnavailable(f"rolter: {binary} is missing after pip install")
+    out = _run([str(binary), "--version"], "rolter --version", log)
+    match = re.search(r"rolter\s+(\S+)", out)
+    if match is None:
+        raise PeerUnavailable(f"rolter --version said {_one_line(out)!r}")
+    data = {"requirement": ROLTER_REQUIREMENT, "version": match.group(1)}
+    _write_marker(marker, data)
+    return data
+
+
+def _toml_string(text: str) -> str:
+    return json.dumps(text)  # a JSON string is a TOML basic string
+
+
+def prepare_rolter(
+    cache: Path, workdir: Path, port: int, upstream_url: str, upstream_model: str
+) -> PeerSpec:
+    api_base = upstream_url.rstrip("/")
+    if not api_base.endswith("/v1"):
+        raise PeerUnavailable(f"rolter appends /v1 itself: upstream {upstream_url} has no /v1")
+    api_base = api_base.removesuffix("/v1")
+    installed = rolter_install(cache)
+    config = f"""\
+[server]
+host = {_toml_string(HOST)}
+port = {port}
+
+[[providers]]
+name = "upstream"
+kind = "openai_compatible"
+api_base = {_toml_string(api_base)}
+
+[[routes]]
+model = {_toml_string(ROLTER_MODEL)}
+strategy = "round_robin"
+
+[[routes.targets]]
+provider = "upstream"
+model = {_toml_string(upstream_model)}
+"""
+    workdir.mkdir(parents=True, exist_ok=True)
+    path = workdir / "rolter.toml"
+    path.write_text(config, encoding="utf-8")
+    argv = [str(cache / "rolter" / "bin" / "rolter"), "gateway", "--config", str(path)]
+    argv += ["--host", HOST, "--port", str(port)]  # over any ROLTER_HOST / ROLTER_PORT
+    return PeerSpec(
+        name="rolter",
+        version=str(installed["version"]),
+        argv=argv,
+        env={},
+        cwd=workdir,
+        port=port,
+        path=CHAT_PATH,
+        headers={},
+        model=ROLTER_MODEL,
+        health_path=ROLTER_HEALTH,
+    )
+
+
 # --- the smoke check ----------------------------------------------------------------------
 
 REPO = Path(__file__).resolve().parent.parent
@@ -630,7 +733,11 @@ def _p50_ms(port: int, path: str, headers: dict[str, str], model: str, calls: in
 
 
 def _prepare(name: str, cache: Path, workdir: Path, upstream_url: str) -> PeerSpec:
-    prepare = prepare_litellm if name == "litellm" else prepare_portkey
+    prepare = {
+        "litellm": prepare_litellm,
+        "portkey": prepare_portkey,
+        "rolter": prepare_rolter,
+    }[name]
     start = time.monotonic()
     spec = prepare(cache, workdir, free_port(), upstream_url, MOCK_MODEL)
     note = ""
@@ -734,7 +841,7 @@ def smoke(cache: Path, latency_calls: int, peers: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
-    parser.add_argument("--smoke", action="store_true", help="install, start and check both peers")
+    parser.add_argument("--smoke", action="store_true", help="install, start and check every peer")
     parser.add_argument("--cache", type=Path, default=DEFAULT_CACHE, help="install directory")
     parser.add_argument(
         "--latency",
@@ -744,13 +851,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"also time N sequential non-streamed calls per target after {WARMUP_CALLS} warm-up",
     )
     parser.add_argument(
-        "--peer", action="append", choices=["litellm", "portkey"], help="only this peer"
+        "--peer", action="append", choices=PEERS, help="only this peer (repeatable)"
     )
     args = parser.parse_args(argv)
     if not args.smoke:
         parser.print_help()
         return 2
-    return smoke(args.cache.resolve(), max(args.latency, 0), args.peer or ["litellm", "portkey"])
+    return smoke(args.cache.resolve(), max(args.latency, 0), args.peer or list(PEERS))
 
 
 if __name__ == "__main__":

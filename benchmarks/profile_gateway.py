@@ -200,7 +200,7 @@ def main() -> int:
         default="mock",
         help="the python mock, or nginx with the mock's canned answers (as bench_proxy.py)",
     )
-    parser.add_argument("--appendfsync", choices=("always", "everysec"), default="always")
+    parser.add_argument("--appendfsync", choices=("always", "everysec"), default="everysec")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
