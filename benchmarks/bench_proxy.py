@@ -673,11 +673,13 @@ def start_upstream(
 
 
 def move_store(gateway: Proc, cpu: int) -> None:
-    """Pin a gateway's embedded Valkey (every thread of it) to `cpu`: in production the store
-    is a service of its own, so by default it runs beside the upstream, not on the gateway's
-    core. Its CPU still counts in the gateway's CPU column (it is in the process tree)."""
+    """Pin a gateway's embedded Valkey and its embedded PostgreSQL (the usage history; every
+    thread and process of them) to `cpu`: in production the store and the history database
+    are services of their own, so by default they run beside the upstream, not on the
+    gateway's core. Their CPU still counts in the gateway's CPU column (they are in the
+    process tree)."""
     for pid in descendants(gateway.popen.pid):
-        if comm(pid).startswith("valkey"):
+        if comm(pid).startswith(("valkey", "postgres")):
             subprocess.run(
                 ["taskset", "-a", "-p", "-c", str(cpu), str(pid)],
                 check=True,
@@ -1605,7 +1607,8 @@ def choose_pinning(store_cpu: str) -> tuple[bool, str]:
     return True, (
         f"taskset: the gateways and peers under test (with their children) on CPU "
         f"{GATEWAY_CPU}; the upstreams, this process and wrk on CPU {CLIENT_CPU}; the "
-        f"{WORKERS}-worker gateway on both; the 1-worker gateways' embedded Valkeys on CPU "
+        f"{WORKERS}-worker gateway on both; the 1-worker gateways' embedded Valkeys (and the "
+        f"metered one's embedded PostgreSQL, the usage history) on CPU "
         + (
             f"{CLIENT_CPU} beside the upstream, as an external store (--store-cpu upstream)"
             if store_cpu == "upstream"

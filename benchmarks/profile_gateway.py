@@ -201,6 +201,12 @@ def main() -> int:
         help="the python mock, or nginx with the mock's canned answers (as bench_proxy.py)",
     )
     parser.add_argument("--appendfsync", choices=("always", "everysec"), default="everysec")
+    parser.add_argument(
+        "--history",
+        choices=("embedded", "off"),
+        default="embedded",
+        help="the usage history's export to PostgreSQL (the gateway's default: embedded)",
+    )
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
     py_spy = shutil.which("py-spy", path=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
@@ -238,6 +244,7 @@ def main() -> int:
             },
             "rate_limits": {"requests": "1000000/minute", "tokens": "1000000000/minute"},
             "billing": {"metering": args.metering == "on"},
+            "history": {"url": args.history},
             "models": [
                 {
                     "name": "bench-model",

@@ -33,7 +33,16 @@ _Arg = str | bytes | int
 
 
 def _encode(args: tuple[_Arg, ...]) -> bytes:
-    """A RESP array of bulk strings."""
+    """A RESP array of bulk strings, packed by hiredis in C (a script call's 30-odd arguments
+    took some 20 µs in Python: 2% of a metered call, issue 19's profile)."""
+    try:
+        # (hiredis's stub types the argument as a 1-tuple; any length is packed)
+        return cast(bytes, hiredis.pack_command(args))  # type: ignore[arg-type]
+    except TypeError:  # an argument hiredis does not take (a bool, say): as text
+        return _encode_text(args)
+
+
+def _encode_text(args: tuple[_Arg, ...]) -> bytes:
     parts = [b"*%d\r\n" % len(args)]
     for arg in args:
         data = arg if isinstance(arg, bytes) else str(arg).encode()
