@@ -342,6 +342,7 @@ async def _forward(
             send_whole=True,
             passed_headers=settings.proxy.response_headers,
             answer_headers=answer_headers,
+            after_chunk=keeper.on_chunk,
         )
         status = _status_of(outcome)
         if outcome.body is not None and status != "ok":

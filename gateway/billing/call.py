@@ -355,12 +355,9 @@ class MeteredCall:
             else:
                 self.gate = OutputGate(meter, covered, **options)
 
-        def on_chunk(chunk: bytes) -> bytes:
-            out = meter.feed(chunk)
-            keeper.on_chunk()
-            return out
-
-        return on_chunk, self.gate, keeper
+        # The keeper looks at the meter after each chunk is written (the relay's
+        # `after_chunk`), so what the meter reads after the write is not read before it.
+        return meter.feed, self.gate, keeper
 
     # pricing ---------------------------------------------------------------------------
 

@@ -9,7 +9,8 @@ chunk needs) from the available balance (balance minus every open hold, checked 
 script); when the balance cannot cover that, the stream ends cleanly before the chunk (a last
 chunk with `finish_reason: "length"`, then `[DONE]`), and the call is billed for what was
 delivered; the events of that chunk before its first text (a Responses or Messages stream's
-opening events) still go out first. A non-streamed call is sent with a `max_tokens` its hold
+opening events), or the whole events of it that the hold still covers (chat and legacy
+completions), still go out first. A non-streamed call is sent with a `max_tokens` its hold
 covers. Whatever an
 upstream reports beyond that, a strict call is never charged more than it holds
 (`limited_charge`), so the balance, which covers every hold, never goes below zero.
@@ -117,8 +118,14 @@ class OutputGate:
 
     def leading_bytes(self, chunk: bytes) -> bytes:
         """What of `chunk`, where the stream is stopped, still goes out first: its opening
-        events, which carry no text (a stream stopped at its first chunk still opens)."""
-        return self.meter.leading_events(chunk)
+        events, which carry no text (a stream stopped at its first chunk still opens), or,
+        for chat and legacy completions, the whole events the covered output still takes
+        (a fast upstream can send a whole answer in one read)."""
+        lead = self.meter.leading_events(chunk)
+        if lead:
+            return lead
+        room = self.covered - MARGIN - 1 - len(self.meter.texts)  # as `needs_more` counts
+        return self.meter.events_within(chunk, room)
 
     def closing_bytes(self) -> bytes:
         """The clean end of a stopped stream, shaped like the stream's own chunks."""

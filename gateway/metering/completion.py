@@ -264,15 +264,16 @@ class CompletionMeter:
 
     __slots__ = (
         "_choice",
+        "_done",
+        "_last",
         "_marks",
         "_pending",
         "_price",
+        "_queued",
         "_read",
         "_strip_usage",
-        "done",
-        "last",
-        "texts",
-        "usage",
+        "_texts",
+        "_usage",
     )
 
     def __init__(self, strip_usage: bool = False, price: UsagePrice | None = None) -> None:
@@ -284,13 +285,57 @@ class CompletionMeter:
         # Every piece of text, in the order it came, whatever its choice: `_marks` says where
         # the choice changes, as (position in `texts`, choice index) from then on; with one
         # choice (index 0, the usual case) there are none.
-        self.texts: list[str] = []
+        self._texts: list[str] = []
         self._marks: list[tuple[int, int]] = []
         self._choice = 0
-        self.usage: dict[str, Any] | None = None
+        self._usage: dict[str, Any] | None = None
         self._read: tuple[dict[str, Any] | None, TokenUsage | None] = (None, None)
-        self.done = False  # the stream's `[DONE]` was seen
-        self.last: dict[str, Any] | None = None  # the last chunk with choices (for its id)
+        self._done = False  # the stream's `[DONE]` was seen
+        self._last: dict[str, Any] | None = None  # the last chunk with choices (for its id)
+        # Whole events already relayed but not yet read (`_relay_first`): read, in order,
+        # before anything the meter knows is looked at.
+        self._queued: list[bytes] = []
+
+    # What the meter has read; each first reads what was relayed unread.
+
+    @property
+    def texts(self) -> list[str]:
+        """Every piece of text, in the order it came (see `_marks` for the choices)."""
+        if self._queued:
+            self._catch_up()
+        return self._texts
+
+    @property
+    def usage(self) -> dict[str, Any] | None:
+        """The upstream's last `usage` object, if any."""
+        if self._queued:
+            self._catch_up()
+        return self._usage
+
+    @usage.setter
+    def usage(self, value: dict[str, Any] | None) -> None:
+        self._usage = value
+
+    @property
+    def done(self) -> bool:
+        if self._queued:
+            self._catch_up()
+        return self._done
+
+    @done.setter
+    def done(self, value: bool) -> None:
+        self._done = value
+
+    @property
+    def last(self) -> dict[str, Any] | None:
+        if self._queued:
+            self._catch_up()
+        return self._last
+
+    def _catch_up(self) -> None:
+        queued, self._queued = self._queued, []
+        for complete in queued:
+            self._parse(self._payloads(complete, complete.split(b"\n\n")))
 
     # whole answers ----------------------------------------------------------------------
 
@@ -321,18 +366,48 @@ class CompletionMeter:
             self._pending = data
             return chunk if self._passes(chunk, carried) else b""
         complete, self._pending = data[:cut], data[cut + 2 :]
+        if self._strip_usage and (relayed := self._relay_first(complete)) is not None:
+            return relayed
         events = complete.split(b"\n\n")
-        if complete.count(b"\n") == 2 * (len(events) - 1):  # one line per event: the usual
-            payloads = [e[6:] if e[:6] == b"data: " else _payload(e) for e in events]
-        else:
-            payloads = [_payload(e) for e in events]
-        objects = self._parse(payloads)
+        objects = self._parse(self._payloads(complete, events))
         if self._passes(chunk, carried):
             return chunk
         if self._price is not None:
             return _priced(events, objects, b"\n\n", self._price) + b"\n\n"
         out, kept = _stripped(events, objects, b"\n\n")
         return out + b"\n\n" if kept else b""
+
+    @staticmethod
+    def _payloads(complete: bytes, events: list[bytes]) -> list[bytes | None]:
+        if complete.count(b"\n") == 2 * (len(events) - 1):  # one line per event: the usual
+            return [e[6:] if e[:6] == b"data: " else _payload(e) for e in events]
+        return [_payload(e) for e in events]
+
+    def _relay_first(self, complete: bytes) -> bytes | None:
+        """The bytes to send on for these whole events, before they are read: the events
+        ahead of the first that mentions `usage` go on as they came (nothing in them is
+        stripped) and are read after the relay has written them (`_queued`: whatever looks
+        at the meter reads them first). A fast upstream sends dozens of events in one read,
+        and reading them all before the first byte went on was most of a stream's metering
+        cost in its time to first token. The events from the first `usage` on are judged
+        now (parsed, not yet read), and so are those from the first `\\u` escape on (a usage
+        key may be spelled with one). None: the first event is one of those (read it now)."""
+        at = complete.find(_USAGE_KEY)
+        escape = complete.find(b"\\u")
+        if escape >= 0 and (at < 0 or escape < at):
+            at = escape
+        if at < 0:
+            self._queued.append(complete)
+            return complete + b"\n\n"
+        head_end = complete.rfind(b"\n\n", 0, at)
+        if head_end < 0:
+            return None
+        rest = complete[head_end + 2 :]
+        events = rest.split(b"\n\n")
+        objects = self._parse(self._payloads(rest, events), take=False)
+        out, kept = _stripped(events, objects, b"\n\n")
+        self._queued.append(complete)
+        return complete[: head_end + 2] + (out + b"\n\n" if kept else b"")
 
     def _feed_crlf(self, data: bytes, chunk: bytes, carried: bytes) -> bytes:
         events = []
@@ -358,15 +433,21 @@ class CompletionMeter:
             return True
         return not carried and not self._pending and _USAGE_KEY not in chunk
 
-    def _parse(self, payloads: list[bytes | None]) -> list[dict[str, Any] | None]:
+    def _parse(
+        self, payloads: list[bytes | None], take: bool = True
+    ) -> list[dict[str, Any] | None]:
         """Each payload's JSON object (None for `[DONE]`, comments and what is not JSON),
-        taking its text and usage on the way. (`[DONE]` entries become None in place.)"""
+        taking its text and usage on the way unless `take` is false. (`[DONE]` entries
+        become None in place.)"""
+        if take and self._queued:
+            self._catch_up()  # in the order they came
         wanted: list[bytes] = []
         for k, payload in enumerate(payloads):
             if payload is None:
                 continue
             if payload[:1] == b"[" and payload.strip() == b"[DONE]":
-                self.done = True
+                if take:
+                    self._done = True
                 payloads[k] = None
             else:
                 wanted.append(payload)
@@ -381,11 +462,12 @@ class CompletionMeter:
             parsed = []
         found = iter(parsed)
         objects: list[dict[str, Any] | None] = []
-        take = self._take
+        reader = self._take if take else None
         for payload in payloads:
             obj = None if payload is None else next(found)
             if isinstance(obj, dict):
-                take(obj, "delta")
+                if reader is not None:
+                    reader(obj, "delta")
                 objects.append(obj)
             else:
                 objects.append(None)
@@ -401,13 +483,13 @@ class CompletionMeter:
     def _take(self, obj: dict[str, Any], delta_key: str) -> None:
         usage = obj.get("usage")
         if isinstance(usage, dict):
-            self.usage = usage
+            self._usage = usage
         choices = obj.get("choices")
         if not isinstance(choices, list):
             return
         if choices:
-            self.last = obj
-        texts = self.texts
+            self._last = obj
+        texts = self._texts
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
@@ -487,6 +569,21 @@ class CompletionMeter:
         stream is ended there (the Responses and Messages meters: a stream's opening events
         come before its first text; chat's closing chunk needs none)."""
         return b""
+
+    def events_within(self, chunk: bytes, pieces: int) -> bytes:
+        """The head of `chunk`, up to the end of a whole event, that adds at most `pieces`
+        pieces of text (one per event, as `pieces_in` counts them): what a stream stopped in
+        this chunk still delivers of it. A fast upstream's one read may hold far more than
+        the stream's hold covers; without this the whole read would be withheld."""
+        if pieces <= 0 or b"\r" in chunk:
+            return b""
+        carried = 1 if self._pending else 0  # the event this chunk ends began before it
+        end = 0
+        while (boundary := chunk.find(b"\n\n", end)) >= 0:
+            if carried + chunk.count(b"data:", 0, boundary) > pieces:
+                break
+            end = boundary + 2
+        return chunk[:end]
 
     def closing_events(self, prompt_tokens: int, completion_tokens: int) -> bytes | None:
         """The clean end of a stream stopped early, in this API's events; None for chat and

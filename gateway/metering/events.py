@@ -78,6 +78,9 @@ class _TypedEventsMeter(CompletionMeter):
     def pieces_in(self, chunk: bytes) -> int:
         return chunk.count(self._TEXT)
 
+    def events_within(self, chunk: bytes, pieces: int) -> bytes:
+        return b""  # these streams stop after their opening events (`leading_events`)
+
     def leading_events(self, chunk: bytes) -> bytes:
         if self._pending or b"\r" in chunk:  # mid-event, or CRLF framing: nothing to add
             return b""

@@ -140,6 +140,7 @@ async def relay(
     send_whole: bool = False,
     passed_headers: tuple[str, ...] = DEFAULT_RESPONSE_HEADERS,
     answer_headers: Callable[[bytes], Awaitable[Mapping[str, str]]] | None = None,
+    after_chunk: Callable[[], None] | None = None,
 ) -> tuple[web.StreamResponse, RelayOutcome]:
     """Relay the upstream answer to the client.
 
@@ -149,6 +150,7 @@ async def relay(
     kept in the outcome for the meter, and with `send_whole` it is written out here, so that
     what the caller does next (settling the call) adds nothing to the client's wait, as for a
     stream; `answer_headers` reads such a body first and gives headers to add (its cost).
+    A stream's `after_chunk` runs after each chunk is written.
     """
     upstream = call.response
     outcome = RelayOutcome(streamed=_is_event_stream(upstream))
@@ -175,6 +177,7 @@ async def relay(
                 flush,
                 _client_headers(call, extra_headers, passed_headers),
                 gate,
+                after_chunk,
             ),
             outcome,
         )
@@ -262,6 +265,7 @@ async def _relay_stream(
     flush: Callable[[], bytes] | None,
     headers: CIMultiDict[str],
     gate: StreamGate | None,
+    after_chunk: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
     upstream = call.response
     chunk = await _first_chunk(call)
@@ -285,6 +289,8 @@ async def _relay_stream(
                 out = transform(chunk) if transform is not None else chunk
                 if not await _send(response, out, outcome):
                     break
+                if after_chunk is not None:
+                    after_chunk()
                 deadline.reschedule(loop.time() + timeouts.idle)
                 chunk = await content.readany()
             else:
