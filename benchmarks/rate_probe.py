@@ -19,6 +19,7 @@ import argparse
 import asyncio
 import tempfile
 from pathlib import Path
+from typing import Any
 
 import bench_proxy  # the script's directory is first on sys.path
 from rig.openloop import FixedRate
@@ -48,12 +49,25 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=4.0, help="seconds per step")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--appendfsync", choices=("always", "everysec"), default="everysec")
+    parser.add_argument(
+        "--history",
+        choices=("embedded", "off"),
+        default="embedded",
+        help="the metered gateway's usage history export (the gateway's default: embedded)",
+    )
     args = parser.parse_args()
+    if args.history == "off":
+        configure = bench_proxy.gateway_config
+
+        def without_history(*a: Any, **kw: Any) -> dict[str, Any]:
+            return {**configure(*a, **kw), "history": {"url": "off"}}
+
+        bench_proxy.gateway_config = without_history
     stack_args = argparse.Namespace(
         upstream="nginx", peers=[], appendfsync=args.appendfsync, store_cpu="upstream"
     )
     pinned, pinning = bench_proxy.choose_pinning("upstream")
-    print(f"- {pinning}\n- store: appendfsync {args.appendfsync}\n")
+    print(f"- {pinning}\n- store: appendfsync {args.appendfsync}; history {args.history}\n")
     print("| target | rate | step | p50 ms | p99 ms | max ms | max send lag ms | > 8 ms | errors |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     with (

@@ -9,6 +9,7 @@ exported cursor (`MINID` is exclusive), never one the database lacks.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from typing import Any
 
@@ -26,6 +27,8 @@ __all__ = ["BACKLOG_MAX", "Entries", "HistoryFeed"]
 
 # Store entries read after a cursor at most (the unexported backlog: normally seconds of it).
 BACKLOG_MAX = 1_000_000
+# Entries one XRANGE reads of one stream (see `new_entries`).
+READ_SLICE = 64
 # (entry id, fields) of one stream entry, as text.
 Entries = list[tuple[str, dict[str, str]]]
 
@@ -59,16 +62,32 @@ class HistoryFeed:
         self, streams: Sequence[tuple[str, str, str | None]], count: int
     ) -> list[Entries]:
         """For each (account id, `usage` | `topups`, last exported id or None), up to `count`
-        entries after it, oldest first."""
-        async with guard("history: read"):
-            pipe = self.client.pipeline(transaction=False)
-            for account_id, stream, last in streams:
-                keys = account_keys(account_id)
-                key = keys.usage if stream == "usage" else keys.topups
-                start = stream_id_after(last) if last else "-"
-                pipe.xrange(key, min=start or "+", max="+", count=count)
-            replies = await pipe.execute()
-        return [stream_entries(reply) for reply in replies]
+        entries after it, oldest first. Read READ_SLICE at a time (one pipeline of an XRANGE
+        for each stream still short), with the loop's other work between: the loop serves
+        calls too, and one read of thousands of entries stalled them."""
+        out: list[Entries] = [[] for _ in streams]
+        starts = [stream_id_after(last) if last else "-" for _, _, last in streams]
+        todo = list(range(len(streams)))
+        while todo:
+            wanted = {i: min(READ_SLICE, count - len(out[i])) for i in todo}
+            async with guard("history: read"):
+                pipe = self.client.pipeline(transaction=False)
+                for i in todo:
+                    account_id, stream, _ = streams[i]
+                    keys = account_keys(account_id)
+                    key = keys.usage if stream == "usage" else keys.topups
+                    pipe.xrange(key, min=starts[i] or "+", max="+", count=wanted[i])
+                replies = await pipe.execute()
+            more = []
+            for i, reply in zip(todo, replies, strict=True):
+                entries = stream_entries(reply)
+                out[i].extend(entries)
+                if len(entries) == wanted[i] and len(out[i]) < count:
+                    starts[i] = stream_id_after(entries[-1][0])
+                    more.append(i)
+            todo = more
+            await asyncio.sleep(0)
+        return out
 
     async def cleared_at(self, account_ids: Sequence[str]) -> dict[str, int]:
         """When each account that has been cleared was cleared (ms)."""
