@@ -52,7 +52,7 @@ from gateway.observability.metrics import Metrics
 from gateway.state import ConfigHolder, Snapshot
 from gateway.store.channel import channel_for
 from gateway.store.client import check_eviction_policy, connect_store, exposure_warning
-from gateway.store.durability import FsyncConfirmer
+from gateway.store.durability import confirmer_for
 
 __all__ = ["create_app"]
 
@@ -71,8 +71,7 @@ async def _store_ctx(app: web.Application) -> AsyncIterator[None]:
         log.warning("store check", warning=exposed)
     app[STORE] = client
     channel = channel_for(app[STORE_URL])
-    cluster = "+cluster://" in app[STORE_URL]
-    confirmer = None if cluster else FsyncConfirmer(client)
+    confirmer = confirmer_for(client)
     ledger = app[LEDGER] = Ledger(client, channel, confirmer)
     settings = app[CONFIG].snapshot.settings
     if app[HISTORY_URL] and settings.billing.metering:

@@ -162,7 +162,15 @@ class _Segment:
     def flush(self) -> None:
         if self.pending and not self.done:
             data, self.pending = b"".join(self.pending), []
-            os.write(self.fd, data)
+            try:
+                os.write(self.fd, data)
+            except OSError as exc:  # a full disk, say: the settlements are sent all the same
+                log.error(
+                    "journal write failed; these settlements are not journaled",
+                    segment=self.path.name,
+                    entries=data.count(b"\n"),
+                    error=str(exc),
+                )
 
     async def sync(self) -> None:
         """fsync (in a thread) until nothing written meanwhile is left out."""

@@ -30,7 +30,7 @@ from gateway.ledger.journal import Entry, SettlementJournal
 from gateway.ledger.keys import account_keys
 from gateway.store.channel import channel_for
 from gateway.store.client import connect_store
-from gateway.store.durability import FsyncConfirmer
+from gateway.store.durability import FsyncConfirmer, confirmer_for
 from gateway.store.embedded import EmbeddedStore
 from tests.admin_client import Admin
 from tests.billing.checks import assert_invariant, micros, records_by_request
@@ -153,8 +153,8 @@ async def test_journal_keeps_an_entry_until_the_store_has_fsynced_it(
 
 async def test_one_fsync_round_confirms_many_writes(fsync_store: EmbeddedStore) -> None:
     """Group commit: 300 writers on the scripts' channel asking at once share a few rounds
-    (one WAITAOF each), and a confirmation asked after a write covers it (the marker's offset
-    is past it)."""
+    (one WAITAOF each). That a round covers the writes answered before it is what the
+    restore test above shows."""
     client = connect_store(fsync_store.url)
     channel = channel_for(fsync_store.url)
     assert channel is not None
@@ -175,11 +175,11 @@ async def test_one_fsync_round_confirms_many_writes(fsync_store: EmbeddedStore) 
         await _close(client)
 
 
-async def test_a_store_without_an_append_only_file_is_said_once(
+async def test_a_store_without_an_append_only_file_is_not_waited_on(
     fsync_store: EmbeddedStore,
 ) -> None:
-    """A store that keeps no append-only file cannot be waited on: the confirmer says so and
-    stops asking (acknowledged writes are then as durable as that store makes them)."""
+    """A store that keeps no append-only file cannot be waited on: the confirmer marks it
+    so and stops asking (acknowledged writes are then as durable as that store makes them)."""
     client = connect_store(fsync_store.url)
     await client.config_set("appendonly", "no")
     confirmer = FsyncConfirmer(client)
@@ -368,3 +368,16 @@ async def test_gateway_and_store_killed_together_lose_no_answered_call(
         client.close()
     finally:
         again.stop()
+
+
+async def test_a_cluster_store_gets_no_confirmer(fsync_store: EmbeddedStore) -> None:
+    """WAITAOF would reach one node of a cluster, not the account's: a cluster client gets no
+    confirmer (its nodes' own appendfsync holds), a single-node one does."""
+    cluster = connect_store("redis+cluster://127.0.0.1:1")  # not connected until first used
+    single = connect_store(fsync_store.url)
+    try:
+        assert confirmer_for(cluster) is None
+        assert isinstance(confirmer_for(single), FsyncConfirmer)
+    finally:
+        await cluster.aclose()
+        await _close(single)
